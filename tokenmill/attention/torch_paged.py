@@ -1,0 +1,77 @@
+"""Portable paged attention in plain PyTorch (CPU and CUDA): the reference backend.
+
+Decodes are batched: each request's blocks are gathered through its block table into a padded
+(num_decodes, max_len) context and one scaled-dot-product call attends over all of them, with
+the query heads of a KV group folded into the query axis so that K/V are never repeated.
+Prompt chunks are attended one request at a time (a step holds few of them), causally, over the
+cached context plus the chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, PrefillSpan
+
+
+class TorchPagedAttention(AttentionBackend):
+    name = "torch"
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        key_cache, value_cache = kv_cache[0], kv_cache[1]  # (num_blocks, block_size, nkv, d) each
+        num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
+        flat_k = key_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+        flat_v = value_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+        flat_k.index_copy_(0, metadata.slot_mapping, k)
+        flat_v.index_copy_(0, metadata.slot_mapping, v)
+
+        out = torch.empty_like(q)  # (T, nh, d)
+        n = metadata.num_decodes
+        if n:
+            out[:n] = self._decode(q[:n], key_cache, value_cache, metadata, scale)
+        for span in metadata.prefills:
+            out[span.query_start:span.query_end] = self._prefill(
+                q[span.query_start:span.query_end], k[span.query_start:span.query_end],
+                v[span.query_start:span.query_end], key_cache, value_cache, span, scale)
+        return out
+
+    @staticmethod
+    def _decode(q, key_cache, value_cache, md: AttentionMetadata, scale: float) -> torch.Tensor:
+        num_decodes, num_heads, head_dim = q.shape
+        num_kv_heads = key_cache.shape[2]
+        group = num_heads // num_kv_heads
+        max_len = md.max_decode_seq_len
+        # (D, max_blocks, block_size, nkv, d) -> (D, nkv, max_len, d)
+        keys = key_cache[md.decode_block_tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+        values = value_cache[md.decode_block_tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+        positions = torch.arange(max_len, device=q.device)
+        mask = (positions[None, :] < md.decode_seq_lens[:, None])[:, None, None, :]  # (D, 1, 1, max_len)
+        query = q.view(num_decodes, num_kv_heads, group, head_dim)  # heads of one KV group share keys
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+        return out.reshape(num_decodes, num_heads, head_dim)
+
+    @staticmethod
+    def _prefill(q, k, v, key_cache, value_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
+        num_new, num_heads, head_dim = q.shape
+        num_kv_heads = key_cache.shape[2]
+        query = q.transpose(0, 1)  # (nh, n, d)
+        if span.num_computed_tokens == 0:
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)  # (nkv, n, d): the chunk is the context
+            out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
+                                                 enable_gqa=num_heads != num_kv_heads)
+            return out.transpose(0, 1)
+        seq_len = span.seq_len
+        keys = key_cache[span.block_table].flatten(0, 1)[:seq_len].transpose(0, 1)  # (nkv, seq_len, d)
+        values = value_cache[span.block_table].flatten(0, 1)[:seq_len].transpose(0, 1)
+        # New token i sits at position num_computed + i and sees keys 0..num_computed + i.
+        query_pos = torch.arange(span.num_computed_tokens, seq_len, device=q.device)
+        key_pos = torch.arange(seq_len, device=q.device)
+        mask = key_pos[None, :] <= query_pos[:, None]  # (n, seq_len)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
+                                             enable_gqa=num_heads != num_kv_heads)
+        return out.transpose(0, 1)

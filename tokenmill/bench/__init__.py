@@ -1,0 +1,1 @@
+"""Benchmarks: throughput, latency, and the Hugging Face baseline. They print tables and write JSON."""

@@ -1,0 +1,61 @@
+"""Hugging Face ``transformers`` ``generate`` on the same model and workload, in static batches.
+
+transformers is a benchmark-only dependency here: it is imported only when ``--compare-hf`` is given.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from tokenmill.bench.workload import BenchRequest
+from tokenmill.config import ModelConfig
+from tokenmill.models.loader import load_weights
+
+
+def hf_model_like(model_config: ModelConfig, model_path: str, dtype: torch.dtype, ours: nn.Module) -> nn.Module:
+    """The reference model: loaded from the folder, or (for named shapes) built and given our weights' twin."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if Path(model_path).is_dir():
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    c = model_config
+    if c.architecture != "LlamaForCausalLM":
+        raise ValueError(f"--compare-hf supports named Llama shapes and Hugging Face folders, not {model_path}")
+    config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_eps,
+                         rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings,
+                         bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids) or None)
+    hf = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    # Same weights in both: copy the reference's (random) tensors into ours through our loader.
+    load_weights(ours, hf.state_dict().items())
+    return hf
+
+
+@torch.inference_mode()
+def run_hf_static_batches(hf: nn.Module, workload: list[BenchRequest], batch_size: int) -> dict[str, float]:
+    """Runs ``generate`` in static batches (left-padded, each to its longest output); counts useful tokens."""
+    pad_id = 0
+    start = time.perf_counter()
+    for i in range(0, len(workload), batch_size):
+        batch = workload[i:i + batch_size]
+        width = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, r in enumerate(batch):
+            ids[row, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            mask[row, width - len(r.prompt_token_ids):] = 1
+        max_new = max(r.output_len for r in batch)
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
+                    do_sample=False, pad_token_id=pad_id)
+    elapsed = time.perf_counter() - start
+    num_out = sum(r.output_len for r in workload)
+    num_in = sum(len(r.prompt_token_ids) for r in workload)
+    return {"elapsed_s": elapsed, "output_tokens_per_s": num_out / elapsed,
+            "total_tokens_per_s": (num_in + num_out) / elapsed, "batch_size": batch_size}

@@ -1,0 +1,63 @@
+"""``tokenmill bench latency``: batch-1 time to first token and ms per output token, beside the
+memory-bandwidth floor (every weight byte read once per decoded token)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from tokenmill.bench.report import print_table, write_json
+from tokenmill.bench.workload import synthetic_workload
+from tokenmill.llm import LLM
+from tokenmill.sampling_params import SamplingParams
+
+
+def measure_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second that a full read (a sum) of a large float32 tensor reaches, best of ``repeats``."""
+    data = torch.ones(num_bytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def run_latency(llm: LLM, args) -> dict[str, Any]:
+    vocab = llm.engine.model_config.vocab_size
+    request = synthetic_workload(1, vocab, args.seed, args.input_len, args.output_len)[0]
+    prompt = {"prompt_token_ids": request.prompt_token_ids}
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    ttfts, tpots = [], []
+    for _ in range(args.num_iters):
+        llm.engine.core.kv_cache_manager.pool.reset_prefix_cache()  # measure a real prefill each time
+        out = llm.generate(prompt, params, use_tqdm=False)[0]
+        ttfts.append(out.time_to_first_token)
+        tpots.append(out.time_per_output_token)
+    model = llm.engine.core.runner.model
+    num_bytes = weight_bytes(model)
+    bandwidth = measure_read_bandwidth()
+    floor_ms = 1000 * num_bytes / bandwidth
+    tpot_ms = 1000 * statistics.median(tpots)
+    result = {
+        "model": args.model, "dtype": str(next(model.parameters()).dtype), "input_len": args.input_len,
+        "output_len": args.output_len, "ttft_ms": 1000 * statistics.median(ttfts), "tpot_ms": tpot_ms,
+        "decode_tokens_per_s": 1000 / tpot_ms, "weight_bytes": num_bytes, "read_bandwidth_gb_s": bandwidth / 1e9,
+        "bandwidth_floor_ms": floor_ms, "fraction_of_floor": floor_ms / tpot_ms,
+    }
+    print_table(f"latency, batch 1: {args.model} ({result['dtype']})", [
+        ("prompt / output tokens", f"{args.input_len} / {args.output_len}"),
+        ("time to first token (ms)", result["ttft_ms"]), ("ms per output token", tpot_ms),
+        ("decode tokens/s", result["decode_tokens_per_s"]), ("weights (MB)", num_bytes / 1e6),
+        ("measured read bandwidth (GB/s)", result["read_bandwidth_gb_s"]),
+        ("bandwidth floor (ms/token)", floor_ms), ("floor / measured", result["fraction_of_floor"])])
+    write_json(args.output_json, result)
+    return result

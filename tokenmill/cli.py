@@ -1,0 +1,131 @@
+"""The ``tokenmill`` command: generate, demo, bench throughput, bench latency."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="Hugging Face folder, llama2.c .bin checkpoint, or a named shape "
+                                 "(smollm2-135m, llama-1b, tiny-llama) with random weights")
+    p.add_argument("--tokenizer", help="tokenizer path when not in the model folder (llama2.c tokenizer.bin)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB or 512MiB (default: from free memory)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most requests per step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens per step")
+    p.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's context)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _make_llm(args):
+    from tokenmill import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+               kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+               enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+
+
+def _generate(args) -> None:
+    from tokenmill import SamplingParams
+
+    llm = _make_llm(args)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            max_tokens=args.max_tokens, seed=args.seed if args.temperature > 0 else None,
+                            stop=args.stop or [])
+    engine = llm.engine
+    engine.add_request(args.prompt, params)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sys.stdout.write(out.outputs[0].delta_text)
+            sys.stdout.flush()
+            if out.finished:
+                final = out
+    sys.stdout.write("\n")
+    c = final.outputs[0]
+    tpot = final.time_per_output_token
+    print(f"[{len(c.token_ids)} tokens, finish_reason={c.finish_reason}, TTFT {1000 * final.time_to_first_token:.1f} ms"
+          + (f", {1000 * tpot:.2f} ms/token" if tpot else "") + "]", file=sys.stderr)
+
+
+def _bench(args) -> None:
+    llm = _make_llm(args)
+    if args.bench_command == "throughput":
+        from tokenmill.bench.throughput import run_throughput
+
+        run_throughput(llm, args)
+    else:
+        from tokenmill.bench.latency import run_latency
+
+        run_latency(llm, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
+    _engine_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.set_defaults(func=_generate)
+
+    demo = sub.add_parser("demo", help="run a mixed batch on the embedded default model (random weights)")
+    demo.set_defaults(func=lambda args: __import__("tokenmill.demo", fromlist=["run_demo"]).run_demo())
+
+    bench = sub.add_parser("bench", help="benchmarks (tables and JSON; never part of the tests)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    thr = bench_sub.add_parser("throughput", help="offline throughput on a seeded synthetic workload")
+    _engine_args(thr)
+    thr.add_argument("--num-prompts", type=int, default=64)
+    thr.add_argument("--input-len", type=int, help="fixed prompt length (default: random in the range)")
+    thr.add_argument("--output-len", type=int, help="fixed output length (default: random in the range)")
+    thr.add_argument("--min-input-len", type=int, default=16)
+    thr.add_argument("--max-input-len", type=int, default=512)
+    thr.add_argument("--min-output-len", type=int, default=8)
+    thr.add_argument("--max-output-len", type=int, default=256)
+    thr.add_argument("--compare-hf", action="store_true", help="also run transformers generate, same workload")
+    thr.add_argument("--hf-batch-size", type=int, default=16, help="static batch size for --compare-hf")
+    thr.add_argument("--no-progress", action="store_true")
+    thr.add_argument("--output-json")
+    thr.set_defaults(func=_bench)
+    lat = bench_sub.add_parser("latency", help="batch-1 TTFT and ms/token beside the memory-bandwidth floor")
+    _engine_args(lat)
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--num-iters", type=int, default=3)
+    lat.add_argument("--output-json")
+    lat.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tokenmill.errors import TokenmillError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (TokenmillError, ValueError, FileNotFoundError) as e:
+        print(f"tokenmill: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Frozen configuration objects, one per subsystem.
+
+A Hugging Face ``config.json`` (or a llama2.c header) is converted once, here, into a
+:class:`ModelConfig`; model code reads only that. Values discovered at run time (the number of
+KV blocks, EOS ids from the tokenizer) live in their own objects and are never written back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.errors import ModelLoadError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Turns ``"bfloat16"``/``"bf16"``/``torch.bfloat16`` into a torch dtype, or raises ValueError."""
+    if isinstance(name, torch.dtype):
+        if name in _DTYPES.values():
+            return name
+        raise ValueError(f"dtype {name} is not supported; choose one of float32, bfloat16, float16")
+    key = str(name).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; choose one of float32, bfloat16, float16 or auto")
+    return _DTYPES[key]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How rotary frequencies are stretched for long contexts."""
+
+    rope_type: str
+    """``"default"``, ``"linear"`` (positions divided by ``factor``) or ``"llama3"``."""
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    """llama3 only: wavelengths above ``original_max_position_embeddings / low_freq_factor`` are scaled fully."""
+    high_freq_factor: float = 4.0
+    """llama3 only: wavelengths below ``original_max_position_embeddings / high_freq_factor`` stay unscaled."""
+    original_max_position_embeddings: int = 8192
+
+    SUPPORTED = ("default", "linear", "llama3")
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in self.SUPPORTED:
+            raise ModelLoadError(
+                f"rope scaling type {self.rope_type!r} is not supported; supported: {', '.join(self.SUPPORTED)}")
+        if self.factor <= 0:
+            raise ModelLoadError(f"rope scaling factor must be > 0, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape and numerics of one decoder-only model, independent of its checkpoint format."""
+
+    architecture: str
+    """Class name as in ``config.json``'s ``architectures`` (e.g. ``LlamaForCausalLM``)."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    """``silu`` (gated SwiGLU MLP, Llama family) or ``gelu_new`` (GPT-2)."""
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    position_embedding: str = "rope"
+    """``rope`` or ``learned`` (GPT-2's ``wpe`` table)."""
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    """Qwen3: RMSNorm over each head of q and k before rotary."""
+    sliding_window: int | None = None
+    torch_dtype: str = "float32"
+    """The dtype the checkpoint was saved in (``dtype="auto"`` uses it)."""
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ModelLoadError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelLoadError(
+                f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Converts a Hugging Face ``config.json`` dict; raises ModelLoadError on what we cannot run."""
+        from tokenmill.models.registry import resolve_architecture
+
+        arch = resolve_architecture(hf)
+        try:
+            if arch == "GPT2LMHeadModel":
+                return cls._from_gpt2(hf)
+            return cls._from_llama_family(arch, hf)
+        except KeyError as e:
+            raise ModelLoadError(f"config.json for {arch} lacks the field {e.args[0]!r}") from None
+
+    @classmethod
+    def _from_llama_family(cls, arch: str, hf: dict[str, Any]) -> "ModelConfig":
+        num_heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling together
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or rope
+        rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+        rope_scaling = None
+        if rope_type != "default":
+            rope_scaling = RopeScaling(
+                rope_type=rope_type, factor=float(scaling.get("factor", 1.0)),
+                low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)))
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        attention_bias = bool(hf.get("attention_bias", False))
+        sliding = hf.get("sliding_window")
+        if is_qwen2 and not hf.get("use_sliding_window", False):
+            sliding = None
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ModelLoadError(f"hidden_act {act!r} is not supported for {arch}; supported: silu")
+        return cls(
+            architecture=arch, vocab_size=hf["vocab_size"], hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hidden // num_heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            norm_eps=hf.get("rms_norm_eps", 1e-6), hidden_act=act, rope_theta=float(theta),
+            rope_scaling=rope_scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=is_qwen2 or attention_bias, o_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=sliding, torch_dtype=_checkpoint_dtype(hf),
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=_as_id_tuple(hf.get("eos_token_id")))
+
+    @classmethod
+    def _from_gpt2(cls, hf: dict[str, Any]) -> "ModelConfig":
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise ModelLoadError("GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
+                                 "are not supported")
+        hidden = hf["n_embd"]
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu", "gelu_pytorch_tanh"):
+            raise ModelLoadError(f"GPT-2 activation_function {act!r} is not supported; "
+                                 "supported: gelu_new, gelu_pytorch_tanh, gelu")
+        return cls(
+            architecture="GPT2LMHeadModel", vocab_size=hf["vocab_size"], hidden_size=hidden,
+            intermediate_size=hf.get("n_inner") or 4 * hidden, num_hidden_layers=hf["n_layer"],
+            num_attention_heads=hf["n_head"], num_key_value_heads=hf["n_head"],
+            head_dim=hidden // hf["n_head"], max_position_embeddings=hf.get("n_positions", 1024),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), hidden_act=act, position_embedding="learned",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)), qkv_bias=True, o_bias=True,
+            mlp_bias=True, torch_dtype=_checkpoint_dtype(hf),
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=_as_id_tuple(hf.get("eos_token_id")))
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> "ModelConfig":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{model_dir}: no config.json found (expected a Hugging Face model folder)")
+        try:
+            hf = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf(hf)
+
+
+def _checkpoint_dtype(hf: dict[str, Any]) -> str:
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    return name if str(name).removeprefix("torch.") in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _as_id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_memory: int | None = None
+    """Bytes for the KV cache pool; None sizes it from free memory (see ``default_kv_cache_memory``)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of earlier requests that share a prompt prefix."""
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 256
+    """Most requests in one step."""
+    max_num_batched_tokens: int = 2048
+    """Most tokens (prompt chunks plus decodes) in one step."""
+    max_model_len: int | None = None
+    """Longest prompt plus output; longer requests are rejected when added. None: the model's context."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps so that they share steps with decodes."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if (not self.enable_chunked_prefill and self.max_model_len is not None
+                and self.max_num_batched_tokens < self.max_model_len):
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) must be at "
+                f"least max_model_len ({self.max_model_len})")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs; built by ``LLM`` or the CLI."""
+
+    model: str
+    """Hugging Face folder, llama2.c ``.bin`` file, or a named random shape (see ``tokenmill.models.shapes``)."""
+    tokenizer: str | None = None
+    """Tokenizer path when it is not inside the model folder (llama2.c ``tokenizer.bin``)."""
+    dtype: str = "auto"
+    """``auto`` (the checkpoint's dtype, float32 on CPU for float16 checkpoints), float32, bfloat16, float16."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+    seed: int = 0
+    """Seed for requests that give none."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -1,0 +1,1 @@
+"""Engine: tokenizers, detokenizer, the engine core and the offline engine around it."""

@@ -1,0 +1,111 @@
+"""EngineCore: token-level continuous batching. ``step()`` = schedule -> execute -> update."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from tokenmill.attention.torch_paged import TorchPagedAttention
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.memory import default_kv_cache_memory, kv_bytes_per_token
+from tokenmill.errors import RequestError
+from tokenmill.logger import get_logger
+from tokenmill.outputs import EngineCoreOutput
+from tokenmill.request import Request, RequestStatus
+from tokenmill.runner.model_runner import ModelRunner
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.scheduler.kv_cache_manager import KVCacheManager
+from tokenmill.scheduler.scheduler import Scheduler
+
+logger = get_logger(__name__)
+
+
+class EngineCore:
+    """Owns the scheduler, the KV cache and the model runner; knows nothing of text."""
+
+    def __init__(self, config: EngineConfig, model: nn.Module, model_config: ModelConfig,
+                 eos_token_ids: tuple[int, ...], device: torch.device):
+        self.config = config
+        self.model_config = model_config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = self._resolve_max_model_len(config, model_config)
+        dtype = next(model.parameters()).dtype
+        block_size = config.cache.block_size
+        budget = config.cache.kv_cache_memory or default_kv_cache_memory(device)
+        bytes_per_block = kv_bytes_per_token(model_config, dtype) * block_size
+        self.num_blocks = budget // bytes_per_block
+        if self.num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {budget} bytes holds no block of {block_size} tokens "
+                             f"({bytes_per_block} bytes each); give at least {bytes_per_block}")
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %d layers x %d KV heads x %d)",
+                    self.num_blocks, block_size, self.num_blocks * block_size,
+                    self.num_blocks * bytes_per_block / 2**20, str(dtype).removeprefix("torch."),
+                    model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim)
+        self.runner = ModelRunner(model, TorchPagedAttention(), self.num_blocks, block_size, dtype, device,
+                                  list(eos_token_ids))
+        self.kv_cache_manager = KVCacheManager(self.num_blocks, block_size, config.cache.enable_prefix_caching)
+        scheduler_config = replace(config.scheduler, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(scheduler_config, self.kv_cache_manager)
+        self._seeds = itertools.count()
+
+    @staticmethod
+    def _resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+        limit = model_config.max_position_embeddings
+        if model_config.sliding_window:  # the portable backend attends to the full context: stay inside the window
+            limit = min(limit, model_config.sliding_window)
+        asked = config.scheduler.max_model_len
+        if asked is None:
+            return limit
+        if asked > limit:
+            raise ValueError(f"max_model_len {asked} exceeds the model's context length {limit}")
+        return asked
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Validates and queues a request; RequestError if it cannot ever be served."""
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        num_prompt = len(prompt_token_ids)
+        if num_prompt >= self.max_model_len:
+            raise RequestError(f"prompt has {num_prompt} tokens; max_model_len is {self.max_model_len}, which "
+                               f"leaves no room for output (at most {self.max_model_len - 1} prompt tokens)")
+        if params.max_tokens is not None and num_prompt + params.max_tokens > self.max_model_len:
+            raise RequestError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) = "
+                               f"{num_prompt + params.max_tokens} exceeds max_model_len {self.max_model_len}")
+        max_tokens = params.max_tokens or self.max_model_len - num_prompt
+        num_blocks_needed = -(-(num_prompt + max_tokens) // self.config.cache.block_size)
+        if num_blocks_needed > self.num_blocks:
+            raise RequestError(f"request needs up to {num_blocks_needed} KV blocks but the cache has "
+                               f"{self.num_blocks}; raise kv_cache_memory or lower max_tokens")
+        seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._seeds))) % 2**31
+        request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
+                          eos_token_ids=self.eos_token_ids, max_tokens=max_tokens, seed=seed)
+        self.scheduler.add_request(request)
+        return request
+
+    def abort_requests(self, request_ids) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def stop_requests(self, request_ids) -> None:
+        """Ends requests that a stop string finished (found by the detokenizer)."""
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    def all_blocks_free(self) -> bool:
+        return self.kv_cache_manager.num_free_blocks == self.num_blocks

@@ -1,0 +1,126 @@
+"""LLMEngine: text in, RequestOutputs out, over an in-process EngineCore.
+
+Tokenises prompts, runs steps, detokenises incrementally, applies stop strings, and assembles
+per-request outputs with timings. ``LLM`` (offline) and ``tokenmill generate`` (streaming) use it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.core import EngineCore
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.tokenizer import BaseTokenizer, load_tokenizer
+from tokenmill.errors import RequestError
+from tokenmill.models.loader import load_model
+from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tokenmill.request import Request
+from tokenmill.sampling_params import SamplingParams
+
+PromptType = Union[str, dict]
+"""A string, or ``{"prompt_token_ids": [...]}`` (optionally with ``"prompt"``)."""
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    prompt: str | None
+    detokenizer: IncrementalDetokenizer | None
+    delta_text: str = ""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device {device!r} is not supported; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        model, self.model_config = load_model(config.model, config.dtype, self.device, seed=config.seed)
+        self.tokenizer: BaseTokenizer | None = None
+        if config.tokenizer is not None or not _is_named_shape(config.model):
+            self.tokenizer = load_tokenizer(config.model, config.tokenizer)
+        eos = tuple(self.model_config.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else ())
+        self.core = EngineCore(config, model, self.model_config, tuple(dict.fromkeys(eos)), self.device)
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+
+    def encode_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: give prompts as {'prompt_token_ids': [...]}")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)):
+                raise RequestError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
+            return prompt.get("prompt"), list(ids)
+        raise RequestError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+
+    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None) -> str:
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, token_ids = self.encode_prompt(prompt)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        request = self.core.add_request(request_id, token_ids, params)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer else None
+        self._tracked[request_id] = _Tracked(request, text, detokenizer)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        self.core.abort_requests([request_id])
+        self._tracked.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._tracked)
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one engine step; returns the outputs of requests that progressed (cumulative text)."""
+        results = []
+        for out in self.core.step():
+            tracked = self._tracked[out.request_id]
+            finish_reason, stop_reason = out.finish_reason, out.stop_reason
+            if tracked.detokenizer is not None:
+                tracked.delta_text = tracked.detokenizer.update(out.new_token_ids, finish_reason is not None)
+                if tracked.detokenizer.stop_string is not None:
+                    if finish_reason is None:
+                        self.core.stop_requests([out.request_id])
+                    finish_reason, stop_reason = "stop", tracked.detokenizer.stop_string
+            results.append(self._make_output(tracked, finish_reason, stop_reason))
+            if finish_reason is not None:
+                del self._tracked[out.request_id]
+        return results
+
+    @staticmethod
+    def _make_output(tracked: _Tracked, finish_reason: str | None, stop_reason: int | str | None) -> RequestOutput:
+        request = tracked.request
+        det = tracked.detokenizer
+        text = "" if det is None else det.text[:det.num_emitted_chars]
+        completion = CompletionOutput(index=0, text=text, token_ids=list(request.output_token_ids),
+                                      finish_reason=finish_reason, stop_reason=stop_reason,
+                                      delta_text=tracked.delta_text)
+        times = request.times
+        metrics = RequestMetrics(times.arrival, times.first_scheduled, times.first_token, times.last_token,
+                                 times.finished, request.num_cached_tokens)
+        return RequestOutput(request.request_id, tracked.prompt, request.prompt_token_ids, [completion],
+                             finish_reason is not None, metrics, request.num_cached_tokens)
+
+
+def _is_named_shape(model: str) -> bool:
+    from pathlib import Path
+
+    from tokenmill.models.shapes import SHAPES
+
+    return model in SHAPES and not Path(model).exists()

@@ -1,0 +1,54 @@
+"""Sizing the KV cache: parse a memory budget and turn it into a number of blocks."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from tokenmill.config import ModelConfig
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_DEFAULT_CPU_CAP = 4 * 2**30
+
+
+def parse_memory(value: int | float | str) -> int:
+    """Bytes from an int (bytes), a float (GiB) or a string such as ``"2GiB"``, ``"512MiB"``, ``"1.5GB"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"kv_cache_memory must be bytes (int), GiB (float) or a string like '2GiB', got {value!r}")
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, float):
+        result = int(value * 2**30)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"kv_cache_memory {value!r} is not a size; use bytes or e.g. '2GiB', '512MiB'")
+        result = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if result <= 0:
+        raise ValueError(f"kv_cache_memory must be positive, got {value!r}")
+    return result
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """K and V for every layer: 2 * layers * kv_heads * head_dim * bytes per element."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on the device (MemAvailable on CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 * 2**30
+
+
+def default_kv_cache_memory(device: torch.device) -> int:
+    """90% of free GPU memory; on CPU a quarter of available RAM, at most 4 GiB."""
+    free = available_memory(device)
+    return int(free * 0.9) if device.type == "cuda" else min(free // 4, _DEFAULT_CPU_CAP)

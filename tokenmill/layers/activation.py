@@ -1,0 +1,17 @@
+"""Activations: the gated SwiGLU of the Llama family and GPT-2's tanh GELU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(..., 2*I) holding [gate | up] -> (..., I) = silu(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """``approximate="tanh"`` is GPT-2's ``gelu_new``; ``"none"`` the exact erf form."""
+    return F.gelu(x, approximate=approximate)

@@ -1,0 +1,110 @@
+"""LLM: the offline API, with vLLM's conventions.
+
+    from tokenmill import LLM, SamplingParams
+    llm = LLM(model="path/to/hf-folder")
+    outputs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenmill.engine.llm_engine import LLMEngine, PromptType
+from tokenmill.engine.memory import parse_memory
+from tokenmill.errors import RequestError
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+
+class LLM:
+    """Loads a model once and runs batches of prompts through the continuous-batching engine.
+
+    Args:
+        model: a Hugging Face folder, a llama2.c ``.bin`` checkpoint, or a named random shape.
+        tokenizer: tokenizer path when not inside the model folder (llama2.c ``tokenizer.bin``).
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        kv_cache_memory: KV cache budget: bytes (int), GiB (float) or a string like ``"2GiB"``.
+        block_size: tokens per KV block.
+        max_num_seqs, max_num_batched_tokens: per-step limits of requests and tokens.
+        max_model_len: longest prompt + output (default: the model's context).
+        enable_prefix_caching: reuse KV blocks of shared prompt prefixes.
+        enable_chunked_prefill: split long prompts across steps.
+        seed: seed for requests that do not give their own.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",
+                 kv_cache_memory: int | float | str | None = None, block_size: int = 16, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
+                 device: str = "auto"):
+        memory = None if kv_cache_memory is None else parse_memory(kv_cache_memory)
+        config = EngineConfig(
+            model=str(model), tokenizer=None if tokenizer is None else str(tokenizer), dtype=dtype, device=device,
+            seed=seed, cache=CacheConfig(block_size, memory, enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill))
+        self.engine = LLMEngine(config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generates for every prompt; returns one finished RequestOutput per prompt, in order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise RequestError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts; "
+                                   "give one, or one per prompt")
+        request_ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                request_ids.append(self.engine.add_request(prompt, params))
+        except Exception:
+            for request_id in request_ids:  # a bad prompt rejects the whole call, leaving nothing queued
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Renders one conversation (or a list of them) with the chat template, then generates."""
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer, so it cannot chat")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt)
+            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm or len(request_ids) < 8)
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        except BaseException:
+            for request_id in request_ids:
+                if request_id not in finished:
+                    self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [finished[request_id] for request_id in request_ids]

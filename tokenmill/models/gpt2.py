@@ -1,0 +1,113 @@
+"""GPT-2: learned positions, LayerNorm, tanh GELU, and Conv1D weights stored as (in, out).
+
+Parameters mirror the checkpoint's names (``transformer.h.N.attn.c_attn``); the Conv1D
+matrices are transposed once at load time so that every projection is an ordinary Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.attention.layer import Attention
+from tokenmill.config import ModelConfig
+from tokenmill.layers.activation import gelu
+from tokenmill.layers.linear import Linear, default_weight_loader, new_parameter
+from tokenmill.layers.norm import LayerNorm
+
+
+def _transposed_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    default_weight_loader(param, loaded.t())
+
+
+class Conv1D(Linear):
+    """A Linear whose checkpoint weight is stored transposed, (in, out)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=True)
+        self.weight.weight_loader = _transposed_loader
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.c_attn = Conv1D(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.c_proj = Conv1D(cfg.hidden_size, cfg.hidden_size)
+        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, scale=self.head_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, H)
+        num_tokens = x.shape[0]
+        q, k, v = (t.view(num_tokens, self.num_heads, self.head_dim) for t in self.c_attn(x).chunk(3, dim=-1))
+        return self.c_proj(self.attn(q, k, v))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = Conv1D(cfg.hidden_size, cfg.intermediate_size)
+        self.c_proj = Conv1D(cfg.intermediate_size, cfg.hidden_size)
+        self.approximate = "none" if cfg.hidden_act == "gelu" else "tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(gelu(self.c_fc(x), self.approximate))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = GPT2Attention(cfg)
+        self.ln_2 = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = GPT2MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wte = nn.Module()
+        self.wte.weight = new_parameter(cfg.vocab_size, cfg.hidden_size)
+        self.wpe = nn.Module()
+        self.wpe.weight = new_parameter(cfg.max_position_embeddings, cfg.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.wte.weight) + F.embedding(positions, self.wpe.weight)  # (T, H)
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x)
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 causal LM: ``forward(input_ids (T,), positions (T,)) -> hidden (T, H)``."""
+
+    stacked_params: dict = {}
+
+    def __init__(self, config: ModelConfig, prefix: str = ""):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.transformer(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def attention_layers(self) -> list[Attention]:
+        return [block.attn.attn for block in self.transformer.h]
+
+    def checkpoint_name(self, name: str) -> str | None:
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            return None  # causal-mask buffers of old checkpoints
+        if name.startswith("lm_head."):
+            return None if self.lm_head is None else name
+        return name if name.startswith("transformer.") else "transformer." + name

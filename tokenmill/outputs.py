@@ -1,0 +1,126 @@
+"""Data that crosses the engine's seams: scheduler -> runner -> scheduler -> user.
+
+SchedulerOutput and ModelRunnerOutput are plain picklable dataclasses (they will cross process
+boundaries). Running requests travel as diffs: only what changed since their last step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen (or must rebuild after preemption): everything in full."""
+
+    request_id: str
+    token_ids: list[int]
+    """Prompt plus any outputs generated before a preemption."""
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    seed: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: what changed since its last scheduled step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    """Tokens appended to the request since it was last scheduled (normally the last sampled one)."""
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    """Request id -> number of tokens to compute this step."""
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str] = field(default_factory=set)
+    """Requests that ended (or were preempted) since the last step: the runner drops their state."""
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, list[int]]
+    """Request id -> tokens sampled this step (one each; a list so speculative decoding fits later)."""
+
+
+@dataclass
+class EngineCoreOutput:
+    """One request's progress in one step, at the token level."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestMetrics:
+    """Per-request timings in seconds."""
+
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    last_token_time: float | None
+    finished_time: float | None
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    def time_per_output_token(self, num_output_tokens: int) -> float | None:
+        if self.first_token_time is None or self.last_token_time is None or num_output_tokens < 2:
+            return None
+        return (self.last_token_time - self.first_token_time) / (num_output_tokens - 1)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    """``"stop"`` (EOS, stop token or stop string), ``"length"`` (max_tokens or context), ``"abort"``."""
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that ended generation, if one did."""
+    delta_text: str = ""
+    """Text that became final in the latest step (what a stream sends next)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return self.metrics.time_to_first_token
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        return self.metrics.time_per_output_token(len(self.outputs[0].token_ids))

@@ -1,0 +1,1 @@
+"""Executes scheduled steps on the model."""

@@ -1,0 +1,125 @@
+"""Turns one step's scheduled requests into the packed input tensors of the model and attention.
+
+Requests are ordered decodes first (one new token each), then prompt chunks, and packed without
+padding. Example, block_size 4: request A (7 tokens cached in blocks [3, 8], decoding) and
+request B (a 3-token prompt chunk, nothing cached, block [5]):
+
+    input_ids    = [a7, b0, b1, b2]
+    positions    = [7, 0, 1, 2]
+    slot_mapping = [8*4+3, 5*4+0, 5*4+1, 5*4+2]
+    logits_index = [0, 3]            # each request's last scheduled token
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.attention.backend import AttentionMetadata, PrefillSpan
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.sample.sampler import SamplingMetadata
+
+
+@dataclass
+class RunnerRequestState:
+    """What the runner keeps per running request between steps."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    seed: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    attention: AttentionMetadata
+    logits_index: torch.Tensor  # (B,) int64
+    request_ids: list[str]  # (B,) in row order
+    sampling: SamplingMetadata
+
+
+def step_seed(seed: int, num_output_tokens: int) -> int:
+    """A per-(request, output position) seed, so a request's noise never depends on its history."""
+    return (seed * 1_000_003 + num_output_tokens * 7_919 + 1) % (2 ** 63)
+
+
+def build_step_inputs(states: list[RunnerRequestState], num_scheduled: dict[str, int], block_size: int,
+                      device: torch.device) -> StepInputs:
+    """Packs the scheduled requests (decodes first) into device tensors; one host->device copy each."""
+    decodes = [s for s in states if num_scheduled[s.request_id] == 1]
+    prefills = [s for s in states if num_scheduled[s.request_id] > 1]
+    ordered = decodes + prefills
+
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    logits_index: list[int] = []
+    spans: list[PrefillSpan] = []
+    for state in ordered:
+        n = num_scheduled[state.request_id]
+        start = state.num_computed_tokens
+        query_start = len(input_ids)
+        input_ids.extend(state.token_ids[start:start + n])
+        positions.extend(range(start, start + n))
+        slots.extend(state.block_ids[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+        logits_index.append(len(input_ids) - 1)
+        if n > 1:
+            num_blocks = -(-(start + n) // block_size)
+            spans.append(PrefillSpan(query_start, query_start + n, start,
+                                      torch.tensor(state.block_ids[:num_blocks], device=device)))
+
+    decode_tables = decode_lens = None
+    max_decode_len = 0
+    if decodes:
+        width = max(len(s.block_ids) for s in decodes)
+        decode_tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes],
+                                     device=device)
+        lens = [s.num_computed_tokens + 1 for s in decodes]
+        max_decode_len = max(lens)
+        decode_lens = torch.tensor(lens, device=device)
+    attention = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=device), num_decodes=len(decodes),
+        decode_block_tables=decode_tables, decode_seq_lens=decode_lens, max_decode_seq_len=max_decode_len,
+        prefills=tuple(spans))
+    return StepInputs(
+        input_ids=torch.tensor(input_ids, device=device), positions=torch.tensor(positions, device=device),
+        attention=attention, logits_index=torch.tensor(logits_index, device=device),
+        request_ids=[s.request_id for s in ordered], sampling=build_sampling_metadata(ordered, device))
+
+
+def build_sampling_metadata(states: list[RunnerRequestState], device: torch.device) -> SamplingMetadata:
+    params = [s.sampling_params for s in states]
+    if all(p.greedy for p in params):
+        step_seeds = None
+    else:
+        step_seeds = [step_seed(s.seed, s.num_output_tokens) for s in states]
+    use_top_k = any(p.top_k > 0 and not p.greedy for p in params)
+    use_top_p = any(p.top_p < 1.0 and not p.greedy for p in params)
+    use_min_p = any(p.min_p > 0.0 and not p.greedy for p in params)
+    banned_rows: list[int] = []
+    banned_cols: list[int] = []
+    for row, state in enumerate(states):
+        p = state.sampling_params
+        if state.num_output_tokens < p.min_tokens:
+            stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(state.eos_token_ids))
+            banned_rows.extend([row] * len(stop_ids))
+            banned_cols.extend(sorted(stop_ids))
+    return SamplingMetadata(
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+        top_k=torch.tensor([p.top_k for p in params], device=device) if use_top_k else None,
+        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device) if use_top_p else None,
+        min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device) if use_min_p else None,
+        step_seeds=step_seeds,
+        banned_rows=torch.tensor(banned_rows, dtype=torch.long, device=device) if banned_rows else None,
+        banned_cols=torch.tensor(banned_cols, dtype=torch.long, device=device) if banned_rows else None)

@@ -1,0 +1,74 @@
+"""ModelRunner: SchedulerOutput -> input tensors -> model -> logits -> Sampler -> ModelRunnerOutput."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenmill.attention.backend import AttentionBackend
+from tokenmill.attention.layer import forward_context
+from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
+from tokenmill.runner.input_batch import RunnerRequestState, build_step_inputs
+from tokenmill.sample.sampler import Sampler
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, backend: AttentionBackend, num_blocks: int, block_size: int,
+                 kv_dtype: torch.dtype, device: torch.device, eos_token_ids: list[int]):
+        self.model = model
+        self.backend = backend
+        self.block_size = block_size
+        self.device = device
+        self.eos_token_ids = list(eos_token_ids)
+        self.sampler = Sampler()
+        self.requests: dict[str, RunnerRequestState] = {}
+        cfg = model.config
+        shape = backend.kv_cache_shape(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_caches = []
+        for layer in model.attention_layers():
+            cache = torch.zeros(shape, dtype=kv_dtype, device=device)  # (2, blocks, block_size, nkv, d)
+            layer.bind_kv_cache(backend, cache)
+            self.kv_caches.append(cache)
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for request_id in so.finished_req_ids:
+            self.requests.pop(request_id, None)
+        for new in so.scheduled_new_reqs:
+            self.requests[new.request_id] = RunnerRequestState(
+                request_id=new.request_id, token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
+                sampling_params=new.sampling_params, seed=new.seed, block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens, eos_token_ids=self.eos_token_ids)
+        for cached in so.scheduled_cached_reqs:
+            state = self.requests[cached.request_id]
+            state.token_ids.extend(cached.new_token_ids)
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _forward(self, so: SchedulerOutput, all_positions: bool = False):
+        self._update_states(so)
+        states = [self.requests[request_id] for request_id in so.num_scheduled_tokens]
+        inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device)
+        with forward_context(inputs.attention):
+            hidden = self.model(inputs.input_ids, inputs.positions)  # (T, H)
+        if all_positions:
+            return inputs, self.model.compute_logits(hidden).float()  # (T, V)
+        logits = self.model.compute_logits(hidden[inputs.logits_index]).float()  # (B, V)
+        return inputs, logits
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """Runs one step and samples one token per request whose scheduled tokens end its sequence."""
+        if so.is_empty:
+            self._update_states(so)
+            return ModelRunnerOutput({})
+        inputs, logits = self._forward(so)
+        token_ids = self.sampler(logits, inputs.sampling).tolist()  # the step's one host sync
+        return ModelRunnerOutput({rid: [tok] for rid, tok in zip(inputs.request_ids, token_ids)})
+
+    @torch.inference_mode()
+    def execute_logits(self, so: SchedulerOutput) -> dict[str, torch.Tensor]:
+        """Runs one step without sampling: each request's logits (n_scheduled, V) at every new position."""
+        inputs, logits = self._forward(so, all_positions=True)
+        starts = [0] + [int(i) + 1 for i in inputs.logits_index[:-1]]
+        ends = [int(i) + 1 for i in inputs.logits_index]
+        return {rid: logits[s:e] for rid, s, e in zip(inputs.request_ids, starts, ends)}

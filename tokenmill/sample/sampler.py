@@ -1,0 +1,97 @@
+"""Sampler: logits -> token ids, vectorised over the batch.
+
+Random rows use the exponential-race form of sampling: ``argmax(p / E)`` with ``E ~ Exp(1)``
+draws a token with probability proportional to ``p``. Each request's noise comes from its own
+generator, seeded from (request seed, output position), so a seeded request samples the same
+tokens whatever else is in the batch and however often it was preempted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK = float("-inf")
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-row sampling settings of one step, as tensors on the logits' device."""
+
+    temperature: torch.Tensor
+    """(B,) float32; 0 for greedy rows."""
+    top_k: torch.Tensor | None
+    """(B,) int64, 0 = off; None when no row uses it."""
+    top_p: torch.Tensor | None
+    """(B,) float32, 1 = off; None when no row uses it."""
+    min_p: torch.Tensor | None
+    """(B,) float32, 0 = off; None when no row uses it."""
+    step_seeds: list[int] | None
+    """One seed per row for this step's noise; None when every row is greedy."""
+    banned_rows: torch.Tensor | None = None
+    """(N,) int64 rows and ``banned_cols`` (N,) token ids to mask (EOS before min_tokens)."""
+    banned_cols: torch.Tensor | None = None
+
+    @property
+    def all_greedy(self) -> bool:
+        return self.step_seeds is None
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Masks logits (B, V) outside each row's top-k and top-p sets (ties at the k-th value kept)."""
+    if top_k is not None and top_p is None:
+        k = torch.where(top_k > 0, top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
+        max_k = int(k.max())
+        kth = logits.topk(max_k, dim=-1).values.gather(-1, (k - 1).unsqueeze(-1))  # (B, 1)
+        return logits.masked_fill(logits < kth, _MASK)
+    sorted_logits, order = logits.sort(dim=-1, descending=False)  # ascending: kept tokens at the end
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+        kth = sorted_logits.gather(-1, (vocab - k).unsqueeze(-1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, _MASK)
+    if top_p is not None:
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative <= (1 - top_p).unsqueeze(-1)
+        drop[:, -1] = False  # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(drop, _MASK)
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Masks tokens whose probability is below min_p times the row's largest probability."""
+    probs = logits.softmax(-1)
+    threshold = probs.amax(-1, keepdim=True) * min_p.unsqueeze(-1)
+    return logits.masked_fill(probs < threshold, _MASK)
+
+
+def exponential_noise(step_seeds: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(B, V) Exp(1) noise, row i drawn from a generator seeded with step_seeds[i]."""
+    noise = torch.empty(len(step_seeds), vocab_size, device=device)
+    generator = torch.Generator(device=device)
+    for row, seed in enumerate(step_seeds):
+        generator.manual_seed(seed)
+        noise[row].exponential_(generator=generator)
+    return noise
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """logits (B, V) float32 -> (B,) int64 token ids. Never syncs with the host."""
+        if md.banned_rows is not None:
+            logits = logits.index_put((md.banned_rows, md.banned_cols), torch.tensor(_MASK, device=logits.device))
+        greedy_tokens = logits.argmax(-1)
+        if md.all_greedy:
+            return greedy_tokens
+        is_greedy = md.temperature == 0
+        temperature = torch.where(is_greedy, 1.0, md.temperature)
+        logits = logits / temperature.unsqueeze(-1)
+        if md.top_k is not None or md.top_p is not None:
+            logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+        if md.min_p is not None:
+            logits = apply_min_p(logits, md.min_p)
+        probs = logits.softmax(-1)
+        noise = exponential_noise(md.step_seeds, logits.shape[-1], logits.device)
+        sampled = (probs / noise).argmax(-1)
+        return torch.where(is_greedy, greedy_tokens, sampled)

@@ -1,0 +1,80 @@
+"""SamplingParams: the one contract for how a request is decoded, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.errors import RequestError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop (names and meanings follow vLLM and the OpenAI API)."""
+
+    temperature: float = 1.0
+    """0 means greedy; otherwise logits are divided by it before softmax."""
+    top_p: float = 1.0
+    """Keep the smallest set of most likely tokens whose probability reaches top_p, in (0, 1]."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 or -1 keeps all."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely token's, in [0, 1]."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same output whatever else is in the batch."""
+    max_tokens: int | None = 16
+    """Most tokens to generate; None: up to the model's context length."""
+    min_tokens: int = 0
+    """Generate at least this many tokens before EOS or stop_token_ids may end the request."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end generation; the stop string is not included in the text."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end generation (in addition to EOS); the token is kept in token_ids."""
+    ignore_eos: bool = False
+    """Keep generating after EOS (benchmarks)."""
+    skip_special_tokens: bool = True
+    """Leave special tokens (BOS, EOS, ...) out of the text."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check_number("temperature", self.temperature, low=0.0, allow_int=True)
+        _check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True, allow_int=True)
+        _check_number("min_p", self.min_p, low=0.0, high=1.0, allow_int=True)
+        if not _is_int(self.top_k) or (self.top_k < 0 and self.top_k != -1):
+            raise RequestError(f"top_k must be an integer >= 0 (or -1 for all tokens), got {self.top_k!r}")
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.seed is not None and not _is_int(self.seed):
+            raise RequestError(f"seed must be an integer, got {self.seed!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise RequestError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise RequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise RequestError(f"stop strings must be non-empty strings, got {s!r}")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0:
+                raise RequestError(f"stop_token_ids must be non-negative integers, got {t!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value: object, low: float, high: float | None = None, low_open: bool = False,
+                  allow_int: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise RequestError(f"{name} must be a number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    if too_low or (high is not None and value > high):
+        bounds = f"{'(' if low_open else '['}{low}, {high}]" if high is not None else f">= {low}"
+        raise RequestError(f"{name} must be in {bounds}, got {value!r}")

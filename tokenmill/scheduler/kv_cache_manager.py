@@ -1,0 +1,103 @@
+"""KVCacheManager: per-request block tables over the BlockPool, with automatic prefix caching.
+
+Block i of a request holds the K/V of its tokens [i*block_size, (i+1)*block_size). Once all of
+those tokens are computed the block is *full*: it is hashed (chained on the previous block's
+hash) so that a later request whose tokens start the same way can reuse it.
+"""
+
+from __future__ import annotations
+
+from tokenmill.request import Request
+from tokenmill.scheduler.block_pool import BlockPool, KVBlock, hash_block
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.req_hashes: dict[str, list[bytes]] = {}
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by requests (cached-but-free blocks count as free)."""
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
+
+    def _hashes(self, request: Request, num_full_blocks: int) -> list[bytes]:
+        """The request's chained block hashes for its first ``num_full_blocks`` blocks (memoised)."""
+        hashes = self.req_hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        while len(hashes) < num_full_blocks:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, request.token_ids(i * bs, (i + 1) * bs)))
+        return hashes
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Leading blocks of the request already in the prefix cache, and how many tokens they hold.
+
+        At least one token is always left to compute, so that the step yields logits.
+        Does not take references: pass the blocks to ``allocate_slots``.
+        """
+        if not self.pool.enable_caching:
+            return [], 0
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVBlock] = []
+        for block_hash in self._hashes(request, max_blocks):
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        self.num_queried_tokens += request.num_tokens
+        self.num_hit_tokens += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       computed_blocks: list[KVBlock] | None = None) -> bool:
+        """Makes room for ``num_new_tokens`` more tokens; False (and no change) if blocks run out."""
+        computed_blocks = computed_blocks or []
+        blocks = self.req_blocks.setdefault(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
+        num_new_blocks = num_needed - len(blocks) - len(computed_blocks)
+        # Hits that sit in the free queue stop being available once we take them.
+        num_reclaimed = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks > self.pool.num_free_blocks - num_reclaimed:
+            if not blocks:
+                del self.req_blocks[request.request_id]
+            return False
+        self.pool.touch(computed_blocks)
+        blocks.extend(computed_blocks)
+        if num_new_blocks > 0:
+            blocks.extend(self.pool.get_new_blocks(num_new_blocks))
+        return True
+
+    def cache_blocks(self, request: Request) -> None:
+        """Registers the request's newly full blocks (up to num_computed_tokens) in the prefix cache."""
+        if not self.pool.enable_caching:
+            return
+        blocks = self.req_blocks.get(request.request_id, [])
+        num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
+        for block, block_hash in zip(blocks[:num_full], self._hashes(request, num_full)):
+            self.pool.cache_block(block, block_hash)
+
+    def free(self, request: Request) -> None:
+        """Releases the request's blocks, last block first so that tails are evicted before heads."""
+        blocks = self.req_blocks.pop(request.request_id, [])
+        self.pool.free_blocks(reversed(blocks))
+        self.req_hashes.pop(request.request_id, None)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, [])]
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity(self.req_blocks.values())
