@@ -39,9 +39,9 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        _check_number("temperature", self.temperature, low=0.0, allow_int=True)
-        _check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True, allow_int=True)
-        _check_number("min_p", self.min_p, low=0.0, high=1.0, allow_int=True)
+        _check_number("temperature", self.temperature, low=0.0)
+        _check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _check_number("min_p", self.min_p, low=0.0, high=1.0)
         if not _is_int(self.top_k) or (self.top_k < 0 and self.top_k != -1):
             raise RequestError(f"top_k must be an integer >= 0 (or -1 for all tokens), got {self.top_k!r}")
         if self.top_k == -1:
@@ -70,11 +70,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_number(name: str, value: object, low: float, high: float | None = None, low_open: bool = False,
-                  allow_int: bool = True) -> None:
+def _check_number(name: str, value: object, low: float, high: float | None = None, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise RequestError(f"{name} must be a number, got {value!r}")
     too_low = value <= low if low_open else value < low
     if too_low or (high is not None and value > high):
-        bounds = f"{'(' if low_open else '['}{low}, {high}]" if high is not None else f">= {low}"
-        raise RequestError(f"{name} must be in {bounds}, got {value!r}")
+        bounds = f"in {'(' if low_open else '['}{low}, {high}]" if high is not None else f">= {low}"
+        raise RequestError(f"{name} must be {bounds}, got {value!r}")

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny reference checkpoints and engines that must end with every KV block free."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers.checkpoints import make_checkpoint  # noqa: E402
+
+SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(arch) -> folder of a tiny random model of that architecture, made once per session."""
+    made: dict[tuple, Path] = {}
+
+    def get(arch: str, **kwargs) -> Path:
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = make_checkpoint(tmp_path_factory.mktemp(arch), arch, **kwargs)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture
+def make_llm():
+    """make_llm(model, **kwargs) -> LLM; after the test, every KV block must be free and consistent."""
+    from tokenmill import LLM
+
+    llms = []
+
+    def make(model, **kwargs):
+        kwargs.setdefault("kv_cache_memory", "8MiB")
+        kwargs.setdefault("device", "cpu")
+        llm = LLM(str(model), **kwargs)
+        llms.append(llm)
+        return llm
+
+    yield make
+    for llm in llms:
+        core = llm.engine.core
+        core.check_integrity()
+        assert not core.has_unfinished_requests(), "requests left unfinished"
+        assert core.all_blocks_free(), f"KV blocks leaked: {core.kv_cache_manager.num_free_blocks}/{core.num_blocks} free"
+
+
+def stories_dir() -> Path:
+    folder = SHARED_MODELS / "stories260K"
+    if not (folder / "stories260K.bin").is_file():
+        pytest.skip(f"the trained stories260K model is not at {folder} (../shared/models is absent)")
+    return folder

@@ -1,0 +1,59 @@
+"""The tokenmill command, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import stories_dir
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", "tokenmill", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_generate_streams_golden_continuation():
+    folder = stories_dir()
+    result = _run("generate", str(folder / "stories260K.bin"), "--tokenizer", str(folder / "tok512.bin"),
+                  "--prompt", "Once upon a time", "--max-tokens", "32")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Once upon a time, there was a little girl named Lily.")
+    assert "finish_reason=length" in result.stderr
+
+
+def test_generate_reports_bad_model_clearly(tmp_path):
+    result = _run("generate", str(tmp_path / "nope"), "--prompt", "hi")
+    assert result.returncode == 2
+    assert "tokenmill: error:" in result.stderr and "not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_throughput_and_latency_write_json(checkpoint, tmp_path):
+    model = str(checkpoint("llama"))
+    out = tmp_path / "thr.json"
+    result = _run("bench", "throughput", model, "--num-prompts", "6", "--min-input-len", "4", "--max-input-len", "40",
+                  "--min-output-len", "2", "--max-output-len", "12", "--no-progress", "--output-json", str(out),
+                  "--kv-cache-memory", "8MiB")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["num_requests"] == 6 and data["output_tokens"] > 0 and data["output_tokens_per_s"] > 0
+    assert "output tokens/s" in result.stdout
+    lat = tmp_path / "lat.json"
+    result = _run("bench", "latency", model, "--input-len", "16", "--output-len", "8", "--num-iters", "1",
+                  "--output-json", str(lat), "--kv-cache-memory", "8MiB")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(lat.read_text())
+    assert data["tpot_ms"] > 0 and data["bandwidth_floor_ms"] > 0 and data["weight_bytes"] > 0
+
+
+def test_demo_runs_on_the_embedded_default(tmp_path):
+    env = {**os.environ, "TOKENMILL_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "tokenmill", "demo"], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM" in result.stdout and "output tokens/s" in result.stdout
+    assert "KV blocks free after the batch: 1024/1024" in result.stdout

@@ -1,0 +1,81 @@
+"""Our model code against Hugging Face transformers on tiny random checkpoints of every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.checkpoints import ARCHITECTURES, load_reference
+from tokenmill import SamplingParams
+from tokenmill.outputs import ModelRunnerOutput
+
+PROMPTS = [[1, 17, 45, 99, 3, 250, 77], [1, 300], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                                  22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37]]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prefill_and_decode_logits_match_reference(arch, checkpoint, make_llm):
+    folder = checkpoint(arch)
+    ref = load_reference(folder)
+    llm = make_llm(folder, dtype="float32", block_size=4)  # small blocks: decodes cross block boundaries
+    core = llm.engine.core
+    prompt = PROMPTS[0]
+    core.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    tokens = list(prompt)
+    for step in range(10):
+        so = core.scheduler.schedule()
+        ours = core.runner.execute_logits(so)["r"]  # (n_new, V)
+        with torch.no_grad():
+            theirs = ref(torch.tensor([tokens])).logits[0, -ours.shape[0]:]
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4,
+                                   msg=lambda m: f"{arch} step {step} ({'prefill' if step == 0 else 'decode'}): {m}")
+        if step == 0:
+            assert ours.shape[0] == len(prompt)
+        token = int(ours[-1].argmax())
+        tokens.append(token)
+        core.scheduler.update_from_output(so, ModelRunnerOutput({"r": [token]}))
+    assert not core.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_batch_matches_generate(arch, checkpoint, make_llm):
+    folder = checkpoint(arch)
+    ref = load_reference(folder)
+    llm = make_llm(folder, dtype="float32")
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=16),
+                           use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outputs):
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == expected
+        assert out.outputs[0].finish_reason == ("stop" if expected[-1] == 2 else "length")
+
+
+def test_sharded_safetensors_load_identically(checkpoint, make_llm):
+    sharded = checkpoint("llama", max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    ref = load_reference(sharded)
+    llm = make_llm(sharded, dtype="float32")
+    out = llm.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    expected = ref.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False)[0, 7:].tolist()
+    assert out[0].outputs[0].token_ids == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints(dtype, checkpoint, make_llm):
+    """A bf16/fp16 checkpoint loads as saved (bf16) or as float32 on CPU (fp16), and its logits stay close."""
+    folder = checkpoint("qwen2", dtype=dtype)
+    llm = make_llm(folder, dtype="auto")
+    param_dtype = next(llm.engine.core.runner.model.parameters()).dtype
+    assert param_dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    ref = load_reference(folder)  # float32 upcast of the same half-precision weights
+    core = llm.engine.core
+    core.add_request("r", PROMPTS[0], SamplingParams(temperature=0, max_tokens=1))
+    so = core.scheduler.schedule()
+    ours = core.runner.execute_logits(so)["r"]
+    with torch.no_grad():
+        theirs = ref(torch.tensor([PROMPTS[0]])).logits[0]
+    tolerance = 0.1 if param_dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(ours, theirs, atol=tolerance * theirs.abs().max().item(), rtol=0)
+    core.abort_requests(["r"])
+    llm.generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)

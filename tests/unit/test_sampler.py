@@ -1,0 +1,84 @@
+"""Sampler and its logits processors against the transformers logits warpers and hand computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.sample.sampler import (Sampler, SamplingMetadata, apply_min_p, apply_top_k_top_p,
+                                      exponential_noise)
+
+
+def _logits(rows=4, vocab=50, seed=0):
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("k", [1, 5, 49])
+def test_top_k_matches_transformers(k):
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    logits = _logits()
+    ours = apply_top_k_top_p(logits, torch.full((4,), k), None)
+    theirs = TopKLogitsWarper(top_k=k)(None, logits.clone())
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.99])
+def test_top_p_matches_transformers(p):
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = _logits()
+    ours = apply_top_k_top_p(logits, None, torch.full((4,), p))
+    theirs = TopPLogitsWarper(top_p=p)(None, logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+
+
+def test_min_p_matches_transformers():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    logits = _logits()
+    ours = apply_min_p(logits, torch.full((4,), 0.1))
+    theirs = MinPLogitsWarper(min_p=0.1)(None, logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+
+
+def test_per_row_settings_differ():
+    logits = _logits(rows=2)
+    out = apply_top_k_top_p(logits, torch.tensor([1, 0]), torch.tensor([1.0, 0.5]))
+    assert (~torch.isinf(out[0])).sum() == 1
+    assert 1 <= (~torch.isinf(out[1])).sum() < 50
+
+
+def _md(temps, seeds, **kw):
+    return SamplingMetadata(temperature=torch.tensor(temps, dtype=torch.float32), top_k=kw.get("top_k"),
+                            top_p=kw.get("top_p"), min_p=kw.get("min_p"), step_seeds=seeds)
+
+
+def test_greedy_rows_take_argmax_and_random_rows_follow_the_distribution():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2]]))
+    sampler = Sampler()
+    counts = torch.zeros(3)
+    for i in range(3000):
+        tokens = sampler(logits, _md([0.0, 1.0], [0, i]))
+        assert tokens[0] == 2
+        counts[tokens[1]] += 1
+    freq = counts / counts.sum()
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
+
+
+def test_same_seed_same_token_regardless_of_row():
+    logits = _logits(rows=3, vocab=1000)
+    sampler = Sampler()
+    a = sampler(logits, _md([1.0, 1.0, 1.0], [11, 22, 33]))
+    b = sampler(logits[[2, 0]], _md([1.0, 1.0], [33, 11]))
+    assert a[2] == b[0] and a[0] == b[1]
+    noise = exponential_noise([5, 5], 10, torch.device("cpu"))
+    assert torch.equal(noise[0], noise[1])
+
+
+def test_banned_tokens_are_never_sampled():
+    logits = torch.zeros(1, 4)
+    logits[0, 2] = 10.0
+    md = _md([0.0], None)
+    md.banned_rows, md.banned_cols = torch.tensor([0]), torch.tensor([2])
+    assert Sampler()(logits, md).item() != 2
