@@ -21,16 +21,18 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens per step")
     p.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's context)")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    p.add_argument("--attention-backend", default="auto", help="auto, torch (portable) or cpu (C++ decode kernel)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
 
 
-def _make_llm(args):
+def _make_llm(args, skip_tokenizer_init: bool = False):
     from tokenmill import LLM
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+    return LLM(args.model, tokenizer=args.tokenizer, skip_tokenizer_init=skip_tokenizer_init,
+               attention_backend=args.attention_backend, dtype=args.dtype, device=args.device,
                kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
@@ -61,7 +63,15 @@ def _generate(args) -> None:
 
 
 def _bench(args) -> None:
-    llm = _make_llm(args)
+    if getattr(args, "compare_hf", False):
+        from tokenmill.bench.hf_baseline import materialize_shape
+        from tokenmill.config import parse_dtype
+        from tokenmill.models.shapes import SHAPES
+
+        if args.model in SHAPES and not os.path.exists(args.model):
+            dtype = parse_dtype("float32" if args.dtype == "auto" else args.dtype)
+            args.model = str(materialize_shape(args.model, dtype))  # one checkpoint that both engines load
+    llm = _make_llm(args, skip_tokenizer_init=True)
     if args.bench_command == "throughput":
         from tokenmill.bench.throughput import run_throughput
 

@@ -261,5 +261,9 @@ class EngineConfig:
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
     seed: int = 0
     """Seed for requests that give none."""
+    attention_backend: str = "auto"
+    """``auto`` (the C++ decode kernel on CPU when it builds), ``torch`` (portable) or ``cpu``."""
+    skip_tokenizer_init: bool = False
+    """Load no tokenizer: prompts must be token ids and outputs carry no text (benchmarks)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -33,6 +33,8 @@ class LLM:
         enable_prefix_caching: reuse KV blocks of shared prompt prefixes.
         enable_chunked_prefill: split long prompts across steps.
         seed: seed for requests that do not give their own.
+        attention_backend: ``auto``, ``torch`` (portable PyTorch) or ``cpu`` (C++ decode kernel).
+        skip_tokenizer_init: load no tokenizer (prompts as token ids, outputs without text).
         device: ``auto``, ``cpu`` or ``cuda``.
     """
 
@@ -40,11 +42,11 @@ class LLM:
                  kv_cache_memory: int | float | str | None = None, block_size: int = 16, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
-                 device: str = "auto"):
+                 attention_backend: str = "auto", skip_tokenizer_init: bool = False, device: str = "auto"):
         memory = None if kv_cache_memory is None else parse_memory(kv_cache_memory)
         config = EngineConfig(
             model=str(model), tokenizer=None if tokenizer is None else str(tokenizer), dtype=dtype, device=device,
-            seed=seed, cache=CacheConfig(block_size, memory, enable_prefix_caching),
+            seed=seed, attention_backend=attention_backend, skip_tokenizer_init=skip_tokenizer_init, cache=CacheConfig(block_size, memory, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill))
         self.engine = LLMEngine(config)
 

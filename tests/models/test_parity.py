@@ -13,11 +13,13 @@ PROMPTS = [[1, 17, 45, 99, 3, 250, 77], [1, 300], [1, 5, 6, 7, 8, 9, 10, 11, 12,
                                                   22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37]]
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_prefill_and_decode_logits_match_reference(arch, checkpoint, make_llm):
+def test_prefill_and_decode_logits_match_reference(arch, backend, checkpoint, make_llm):
     folder = checkpoint(arch)
     ref = load_reference(folder)
-    llm = make_llm(folder, dtype="float32", block_size=4)  # small blocks: decodes cross block boundaries
+    # Small blocks: decodes cross block boundaries. "auto" is the C++ decode kernel where it builds.
+    llm = make_llm(folder, dtype="float32", block_size=4, attention_backend=backend)
     core = llm.engine.core
     prompt = PROMPTS[0]
     core.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))

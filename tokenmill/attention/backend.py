@@ -50,6 +50,9 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None
     """(num_decodes,) int64 context length including the new token."""
     max_decode_seq_len: int
+    decode_mask: torch.Tensor | None
+    """(num_decodes, 1, 1, max_decode_seq_len) bool: True where a key position is inside the context;
+    None when every decode has the same context length."""
     prefills: tuple[PrefillSpan, ...] = field(default_factory=tuple)
 
 

@@ -10,32 +10,38 @@ import time
 import torch
 from torch import nn
 
+from pathlib import Path
+
 from tokenmill.bench.workload import BenchRequest
-from tokenmill.config import ModelConfig
-from tokenmill.models.loader import load_weights
 
 
-def hf_model_like(model_config: ModelConfig, model_path: str, dtype: torch.dtype, ours: nn.Module) -> nn.Module:
-    """The reference model: loaded from the folder, or (for named shapes) built and given our weights' twin."""
-    from pathlib import Path
-
+def materialize_shape(name: str, dtype: torch.dtype, seed: int = 0) -> Path:
+    """Writes a named shape once as a Hugging Face folder (random weights from transformers' own init),
+    so that tokenmill and transformers load exactly the same checkpoint."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    if Path(model_path).is_dir():
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
-    c = model_config
-    if c.architecture != "LlamaForCausalLM":
-        raise ValueError(f"--compare-hf supports named Llama shapes and Hugging Face folders, not {model_path}")
+    from tokenmill.demo import default_cache_dir
+    from tokenmill.models.shapes import SHAPES
+
+    c = SHAPES[name]
+    folder = default_cache_dir().parent / f"shape-{name}-{str(dtype).removeprefix('torch.')}-seed{seed}"
+    if (folder / "config.json").is_file():
+        return folder
     config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                          num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
                          num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
                          max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_eps,
                          rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings,
                          bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids) or None)
-    hf = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    # Same weights in both: copy the reference's (random) tensors into ours through our loader.
-    load_weights(ours, hf.state_dict().items())
-    return hf
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(folder)
+    return folder
+
+
+def load_hf_model(folder: str | Path, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
 
 
 @torch.inference_mode()

@@ -12,6 +12,7 @@ import torch
 from tokenmill.bench.report import print_table, write_json
 from tokenmill.bench.workload import synthetic_workload
 from tokenmill.llm import LLM
+from tokenmill.models.loader import weight_bytes
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -24,10 +25,6 @@ def measure_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
         data.sum()
         best = min(best, time.perf_counter() - start)
     return num_bytes / best
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def run_latency(llm: LLM, args) -> dict[str, Any]:

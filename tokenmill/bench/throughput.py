@@ -43,11 +43,10 @@ def run_throughput(llm: LLM, args) -> dict[str, Any]:
             ("mean TTFT (ms)", result["mean_ttft_ms"] or 0.0), ("mean TPOT (ms)", result["mean_tpot_ms"] or 0.0),
             ("preemptions", result["num_preemptions"])]
     if args.compare_hf:
-        from tokenmill.bench.hf_baseline import hf_model_like, run_hf_static_batches
+        from tokenmill.bench.hf_baseline import load_hf_model, run_hf_static_batches
 
-        runner_model = llm.engine.core.runner.model
-        dtype = next(runner_model.parameters()).dtype
-        hf = hf_model_like(llm.engine.model_config, args.model, dtype, runner_model)
+        dtype = next(llm.engine.core.runner.model.parameters()).dtype
+        hf = load_hf_model(llm.engine.config.model, dtype)
         hf_result = run_hf_static_batches(hf, workload, args.hf_batch_size)
         result["hf"] = hf_result
         result["speedup_vs_hf"] = result["output_tokens_per_s"] / hf_result["output_tokens_per_s"]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from tokenmill.attention.torch_paged import TorchPagedAttention
+from tokenmill.attention.registry import create_backend
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.memory import default_kv_cache_memory, kv_bytes_per_token
 from tokenmill.errors import RequestError
@@ -44,7 +44,9 @@ class EngineCore:
                     self.num_blocks, block_size, self.num_blocks * block_size,
                     self.num_blocks * bytes_per_block / 2**20, str(dtype).removeprefix("torch."),
                     model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim)
-        self.runner = ModelRunner(model, TorchPagedAttention(), self.num_blocks, block_size, dtype, device,
+        backend = create_backend(config.attention_backend, device)
+        logger.info("attention backend: %s", backend.name)
+        self.runner = ModelRunner(model, backend, self.num_blocks, block_size, dtype, device,
                                   list(eos_token_ids))
         self.kv_cache_manager = KVCacheManager(self.num_blocks, block_size, config.cache.enable_prefix_caching)
         scheduler_config = replace(config.scheduler, max_model_len=self.max_model_len)

@@ -48,7 +48,7 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         model, self.model_config = load_model(config.model, config.dtype, self.device, seed=config.seed)
         self.tokenizer: BaseTokenizer | None = None
-        if config.tokenizer is not None or not _is_named_shape(config.model):
+        if not config.skip_tokenizer_init and (config.tokenizer is not None or not _is_named_shape(config.model)):
             self.tokenizer = load_tokenizer(config.model, config.tokenizer)
         eos = tuple(self.model_config.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else ())
         self.core = EngineCore(config, model, self.model_config, tuple(dict.fromkeys(eos)), self.device)

@@ -29,6 +29,13 @@ def new_parameter(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+def _can_prepack(weight: torch.Tensor) -> bool:
+    """oneDNN-prepacked bf16 weights: on CPUs with bf16 support (AMX, AVX512-BF16) they run matrix
+    products ~2x faster at batch 1 and several times faster at larger batches than plain F.linear."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b); W is (out_features, in_features) as in torch.nn.Linear and checkpoints."""
 
@@ -37,8 +44,21 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = new_parameter(out_features, in_features)
         self.bias = new_parameter(out_features) if bias else None
+        self.packed_weight: torch.Tensor | None = None
+
+    def process_weights_after_loading(self) -> None:
+        """Converts the loaded weight to the fastest layout for this device (once, after loading).
+
+        A prepacked weight replaces the plain one, so the memory is not doubled; the layer then
+        cannot load a checkpoint again.
+        """
+        if self.weight is not None and _can_prepack(self.weight):
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+            self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if self.packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 

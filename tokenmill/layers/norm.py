@@ -10,16 +10,25 @@ from tokenmill.layers.linear import new_parameter
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm whose output is in the model's dtype whatever the input's.
+
+    Half-precision models keep their residual stream in float32 (more accurate, and it spares a
+    slow half->float conversion before every norm): the norm then runs in float32 with a float32
+    copy of its weight, and its output is rounded once for the next matrix product.
+    """
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = new_parameter(size)
+        self.out_dtype = self.weight.dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., size) -> same
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def process_weights_after_loading(self) -> None:
+        self.out_dtype = self.weight.dtype
+        self.weight.data = self.weight.data.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., size) -> same shape, in out_dtype
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(self.out_dtype)
 
 
 class LayerNorm(nn.Module):

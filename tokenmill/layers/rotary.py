@@ -34,26 +34,23 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embedding to q and k at given positions from a precomputed cos/sin table."""
+    """Rotary embedding from a precomputed cos/sin table: look up once per step, apply in every layer."""
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: RopeScaling | None):
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, theta, scaling).float()
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (max_position, head_dim/2)
-        # (max_position, head_dim): cos and sin repeated for both halves.
+        # (max_position, head_dim): cos repeated for both halves; sin signed [-sin | sin] so that
+        # rotate_half(x) * sin == roll(x, d/2) * signed_sin.
         self.register_buffer("cos", torch.cat([freqs.cos(), freqs.cos()], -1), persistent=False)
-        self.register_buffer("sin", torch.cat([freqs.sin(), freqs.sin()], -1), persistent=False)
+        self.register_buffer("signed_sin", torch.cat([-freqs.sin(), freqs.sin()], -1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,), q (T, nh, d), k (T, nkv, d) -> rotated q, k (same shapes and dtype)."""
-        cos = self.cos[positions].unsqueeze(1)  # (T, 1, d)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) -> cos, signed sin (T, 1, head_dim) in ``dtype`` (as the reference casts them)."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, d) rotated by position: the pairs (i, i + d/2) turn by the angle of frequency i."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)

@@ -93,14 +93,15 @@ class GPT2LMHeadModel(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # one parameter, loaded once
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
         return [block.attn.attn for block in self.transformer.h]
@@ -109,5 +110,5 @@ class GPT2LMHeadModel(nn.Module):
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             return None  # causal-mask buffers of old checkpoints
         if name.startswith("lm_head."):
-            return None if self.lm_head is None else name
+            return None if self.config.tie_word_embeddings else name
         return name if name.startswith("transformer.") else "transformer." + name

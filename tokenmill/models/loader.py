@@ -140,4 +140,23 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int = 0) -> t
         random_weights(module, seed)
     else:
         load_weights(module, weights)
+    process_weights_after_loading(module)
     return module, config
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Lets each layer convert its loaded weights into its runtime layout (e.g. prepacked bf16)."""
+    for module in model.modules():
+        hook = getattr(module, "process_weights_after_loading", None)
+        if hook is not None and module is not model:
+            hook()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all weights as the model holds them at run time (prepacked ones included, shared ones once)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        packed = getattr(module, "packed_weight", None)
+        if packed is not None:
+            total += packed.numel() * packed.element_size()
+    return total

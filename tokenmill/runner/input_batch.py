@@ -79,7 +79,7 @@ def build_step_inputs(states: list[RunnerRequestState], num_scheduled: dict[str,
             spans.append(PrefillSpan(query_start, query_start + n, start,
                                       torch.tensor(state.block_ids[:num_blocks], device=device)))
 
-    decode_tables = decode_lens = None
+    decode_tables = decode_lens = decode_mask = None
     max_decode_len = 0
     if decodes:
         width = max(len(s.block_ids) for s in decodes)
@@ -88,10 +88,12 @@ def build_step_inputs(states: list[RunnerRequestState], num_scheduled: dict[str,
         lens = [s.num_computed_tokens + 1 for s in decodes]
         max_decode_len = max(lens)
         decode_lens = torch.tensor(lens, device=device)
+        if min(lens) < max_decode_len:  # equal lengths (always so at batch 1) need no mask
+            decode_mask = (torch.arange(max_decode_len, device=device) < decode_lens[:, None])[:, None, None, :]
     attention = AttentionMetadata(
         slot_mapping=torch.tensor(slots, device=device), num_decodes=len(decodes),
         decode_block_tables=decode_tables, decode_seq_lens=decode_lens, max_decode_seq_len=max_decode_len,
-        prefills=tuple(spans))
+        decode_mask=decode_mask, prefills=tuple(spans))
     return StepInputs(
         input_ids=torch.tensor(input_ids, device=device), positions=torch.tensor(positions, device=device),
         attention=attention, logits_index=torch.tensor(logits_index, device=device),

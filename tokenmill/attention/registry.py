@@ -1,0 +1,33 @@
+"""Attention backends by name: ``torch`` (portable, CPU and CUDA) and ``cpu`` (C++ decode kernel)."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from tokenmill.attention.backend import AttentionBackend
+
+_BACKENDS = {"torch": ("tokenmill.attention.torch_paged", "TorchPagedAttention"),
+             "cpu": ("tokenmill.attention.cpu_paged", "CpuPagedAttention")}
+
+
+def supported_backends() -> list[str]:
+    return ["auto", *_BACKENDS]
+
+
+def create_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``auto``: the C++ kernel on CPU when it builds, else the portable backend."""
+    if name == "auto":
+        if device.type == "cpu":
+            from tokenmill.attention.cpu_paged import load_kernel
+
+            if load_kernel() is not None:
+                return create_backend("cpu", device)
+        return create_backend("torch", device)
+    if name not in _BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not supported; supported: {', '.join(supported_backends())}")
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"attention backend 'cpu' runs on the CPU only, not on {device}")
+    module, cls = _BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)()
