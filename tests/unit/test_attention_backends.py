@@ -11,9 +11,10 @@ from tokenmill.attention.torch_paged import TorchPagedAttention
 
 @pytest.fixture(scope="module")
 def cpu_backend():
-    from tokenmill.attention.cpu_paged import CpuPagedAttention, load_kernel
+    from tokenmill.attention.cpu_paged import CpuPagedAttention
+    from tokenmill.kernels import cpu_kernels
 
-    if load_kernel() is None:
+    if cpu_kernels() is None:
         pytest.skip("the C++ kernel cannot be built here (no compiler); the portable backend is used instead")
     return CpuPagedAttention()
 
@@ -46,9 +47,9 @@ def test_engine_parity_on_each_backend(backend, checkpoint, make_llm):
     from tokenmill import SamplingParams
 
     if backend == "cpu":
-        from tokenmill.attention.cpu_paged import load_kernel
+        from tokenmill.kernels import cpu_kernels
 
-        if load_kernel() is None:
+        if cpu_kernels() is None:
             pytest.skip("the C++ kernel cannot be built here")
     rng = random.Random(1)
     prompts = [{"prompt_token_ids": [1] + [rng.randrange(3, 380) for _ in range(rng.randint(2, 50))]} for _ in range(5)]

@@ -20,9 +20,9 @@ def create_backend(name: str, device: torch.device) -> AttentionBackend:
     """``auto``: the C++ kernel on CPU when it builds, else the portable backend."""
     if name == "auto":
         if device.type == "cpu":
-            from tokenmill.attention.cpu_paged import load_kernel
+            from tokenmill.kernels import cpu_kernels
 
-            if load_kernel() is not None:
+            if cpu_kernels() is not None:
                 return create_backend("cpu", device)
         return create_backend("torch", device)
     if name not in _BACKENDS:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.kernels import cpu_kernels
 from tokenmill.layers.linear import new_parameter
 
 
@@ -27,7 +28,14 @@ class RMSNorm(nn.Module):
         self.out_dtype = self.weight.dtype
         self.weight.data = self.weight.data.float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., size) -> same shape, in out_dtype
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., size) -> same shape in out_dtype. With ``add``, ``x`` (the float32 residual stream)
+        is first updated in place, ``x += add``, in the same pass (the fused CPU kernel)."""
+        kernels = cpu_kernels() if x.device.type == "cpu" else None
+        if kernels is not None and x.dtype == torch.float32 and x.is_contiguous():
+            return kernels.add_rms_norm(x, add, self.weight.float(), self.eps, self.out_dtype)
+        if add is not None:
+            x.add_(add)
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(self.out_dtype)
 
 

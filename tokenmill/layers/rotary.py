@@ -7,11 +7,13 @@ wk once so that this one layout serves both.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tokenmill.config import RopeScaling
+from tokenmill.kernels import cpu_kernels
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -33,22 +35,45 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
     return torch.where(is_medium, smoothed, scaled)
 
 
+@dataclass(frozen=True)
+class RopeInputs:
+    """One step's rotary inputs, prepared once and shared by every layer."""
+
+    positions: torch.Tensor
+    """(T,) int64."""
+    cos: torch.Tensor | None
+    """(T, 1, head_dim) in the model's dtype; None when the fused CPU kernel reads the tables itself."""
+    signed_sin: torch.Tensor | None
+
+
 class RotaryEmbedding(nn.Module):
-    """Rotary embedding from a precomputed cos/sin table: look up once per step, apply in every layer."""
+    """Rotary embedding from precomputed (max_position, head_dim/2) cos/sin tables."""
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: RopeScaling | None):
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, theta, scaling).float()
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (max_position, head_dim/2)
-        # (max_position, head_dim): cos repeated for both halves; sin signed [-sin | sin] so that
-        # rotate_half(x) * sin == roll(x, d/2) * signed_sin.
-        self.register_buffer("cos", torch.cat([freqs.cos(), freqs.cos()], -1), persistent=False)
-        self.register_buffer("signed_sin", torch.cat([-freqs.sin(), freqs.sin()], -1), persistent=False)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) -> cos, signed sin (T, 1, head_dim) in ``dtype`` (as the reference casts them)."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeInputs:
+        if positions.device.type == "cpu" and cpu_kernels() is not None:
+            return RopeInputs(positions, None, None)
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, head_dim/2)
+        # Full-width tables: cos for both halves, sin signed [-sin | sin] so that
+        # rotate_half(x) * sin == roll(x, d/2) * signed_sin (the reference casts them to x's dtype).
+        full_cos = torch.cat([cos, cos], -1).unsqueeze(1).to(dtype)
+        signed_sin = torch.cat([-sin, sin], -1).unsqueeze(1).to(dtype)
+        return RopeInputs(positions, full_cos, signed_sin)
+
+    def rotate_(self, rope: RopeInputs, rows: torch.Tensor, num_heads: int, head_dim: int) -> None:
+        """Rotates, in place, the first ``num_heads`` heads of each row of ``rows`` (T, width), contiguous."""
+        if rope.cos is None:
+            cpu_kernels().rotary_inplace(rows, rope.positions, self.cos, self.sin, num_heads, head_dim)
+            return
+        heads = rows[:, :num_heads * head_dim].view(rows.shape[0], num_heads, head_dim)
+        heads.copy_(apply_rotary(heads, rope.cos, rope.signed_sin))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

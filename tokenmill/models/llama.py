@@ -16,12 +16,13 @@ from tokenmill.config import ModelConfig
 from tokenmill.layers.activation import silu_and_mul
 from tokenmill.layers.linear import Linear, MergedLinear, new_parameter
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
+from tokenmill.layers.rotary import RopeInputs, RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
+        self.rotary = rotary
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": cfg.q_size, "k": cfg.kv_size, "v": cfg.kv_size},
                                      bias=cfg.qkv_bias)
@@ -31,19 +32,22 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5)
         self.sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:  # x (T, H)
+    def forward(self, rope: RopeInputs, x: torch.Tensor) -> torch.Tensor:  # x (T, H)
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)  # (T, q_size + 2 * kv_size)
+        qkv = self.qkv_proj(x)  # (T, q_size + 2 * kv_size), a fresh contiguous tensor
         q_size, kv_size, _ = self.sizes
         v = qkv[:, q_size + kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is None:
-            # q and k sit side by side in qkv: rotate them as one (T, nh + nkv, d) tensor.
-            qk = qkv[:, :q_size + kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-            q, k = apply_rotary(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
+            # q and k sit side by side at the start of each qkv row: rotate them together, in place.
+            self.rotary.rotate_(rope, qkv, self.num_heads + self.num_kv_heads, self.head_dim)
+            q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
+            k = qkv[:, q_size:q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
         else:
-            q = self.q_norm(qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim))
-            k = self.k_norm(qkv[:, q_size:q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim))
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            # Contiguous, so that the in-place rotation below rotates these very tensors.
+            q = self.q_norm(qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)).contiguous()
+            k = self.k_norm(qkv[:, q_size:q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)).contiguous()
+            self.rotary.rotate_(rope, q.view(num_tokens, -1), self.num_heads, self.head_dim)
+            self.rotary.rotate_(rope, k.view(num_tokens, -1), self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v))  # (T, H)
 
 
@@ -59,17 +63,21 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, rotary)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """x (T, H) float32 residual stream -> same; the sublayers run in the model's dtype."""
-        x = x + self.self_attn(rope, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope: RopeInputs, hidden: torch.Tensor | None,
+                residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block. ``residual`` (T, H) is the float32 residual stream; ``hidden`` is the previous
+        block's output not yet added to it (None for the first block). Each add is fused into the
+        norm that follows it. Returns this block's (hidden, residual)."""
+        h = self.input_layernorm(residual, add=hidden)
+        h = self.post_attention_layernorm(residual, add=self.self_attn(rope, h))
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -78,16 +86,17 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Module()
         self.embed_tokens.weight = new_parameter(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         embedded = F.embedding(input_ids, self.embed_tokens.weight)  # (T, H) in the model's dtype
-        rope = self.rotary.lookup(positions, embedded.dtype)  # cos, sin (T, 1, head_dim), shared by all layers
-        x = embedded.float()  # the residual stream stays in float32
+        rope = self.rotary.prepare(positions, embedded.dtype)  # shared by all layers
+        residual = embedded.float()  # the residual stream stays in float32 (a fresh tensor: updated in place)
+        hidden = None
         for layer in self.layers:
-            x = layer(rope, x)
-        return self.norm(x)
+            hidden, residual = layer(rope, hidden, residual)
+        return self.norm(residual, add=hidden)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,8 +1,8 @@
 // Paged decode attention on CPU: one query token per request, K/V read in place from the block
 // pool through each request's block table (no gathered copy of the context).
 //
-// Work is split over (request, KV head) pairs; each pair scores its context for the GROUP query
-// heads that share the KV head, takes a softmax in float32, and accumulates the weighted values.
+// Work is split over requests; each scores its whole context for all heads (the GROUP query heads
+// of a KV head share its keys), takes a softmax in float32, and accumulates the weighted values.
 // HEAD_DIM and GROUP are compile-time constants for the common shapes (the loops unroll and the
 // accumulators stay in registers); other shapes use the generic instantiation (0 = runtime).
 #include <torch/extension.h>
@@ -18,49 +18,61 @@ static void decode_kernel(const scalar_t* q, const scalar_t* key_cache, const sc
                           int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : head_dim_rt;
   const int64_t group = GROUP > 0 ? GROUP : num_heads / num_kv_heads;
-  const int64_t token_stride = num_kv_heads * head_dim;
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(group * head_dim), acc(group * head_dim), scores;
-    for (int64_t work = begin; work < end; ++work) {
-      const int64_t seq = work / num_kv_heads, kv_head = work % num_kv_heads;
+  const int64_t token_stride = num_kv_heads * head_dim;  // one token's K (or V) row, all KV heads
+  // One request per work item, all its heads together: every cache line of a token's K/V row
+  // that is fetched is used at once.
+  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(num_heads * head_dim), acc(num_heads * head_dim), max_score(num_heads), scores;
+    for (int64_t seq = begin; seq < end; ++seq) {
       const int64_t len = seq_lens[seq];
       const int64_t* table = block_tables + seq * max_blocks;
-      scores.resize(group * len);
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t i = 0; i < head_dim; ++i)
-          query[g * head_dim + i] = static_cast<float>(q[(seq * num_heads + kv_head * group + g) * head_dim + i]) * scale;
-      float max_score[GROUP > 0 ? GROUP : 64];
-      for (int64_t g = 0; g < group; ++g) max_score[g] = -INFINITY;
-      for (int64_t t = 0; t < len; ++t) {
-        const scalar_t* k = key_cache + (table[t / block_size] * block_size + t % block_size) * token_stride + kv_head * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = query.data() + g * head_dim;
-          float dot = 0.f;
-          for (int64_t i = 0; i < head_dim; ++i) dot += qg[i] * static_cast<float>(k[i]);
-          scores[g * len + t] = dot;
-          max_score[g] = std::max(max_score[g], dot);
+      scores.resize(num_heads * len);
+      for (int64_t j = 0; j < num_heads * head_dim; ++j)
+        query[j] = static_cast<float>(q[seq * num_heads * head_dim + j]) * scale;
+      std::fill(max_score.begin(), max_score.end(), -INFINITY);
+      for (int64_t start = 0; start < len; start += block_size) {
+        const scalar_t* block = key_cache + table[start / block_size] * block_size * token_stride;
+        const int64_t n = std::min(block_size, len - start);
+        for (int64_t j = 0; j < n; ++j) {
+          for (int64_t h = 0; h < num_kv_heads; ++h) {
+            const scalar_t* k = block + j * token_stride + h * head_dim;
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t head = h * group + g;
+              const float* qh = query.data() + head * head_dim;
+              float dot = 0.f;
+              for (int64_t i = 0; i < head_dim; ++i) dot += qh[i] * static_cast<float>(k[i]);
+              scores[head * len + start + j] = dot;
+              max_score[head] = std::max(max_score[head], dot);
+            }
+          }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * len;
+      for (int64_t head = 0; head < num_heads; ++head) {
+        float* s = scores.data() + head * len;
+        const float m = max_score[head];
         float total = 0.f;
-        for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - max_score[g]); total += s[t]; }
+        for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - m); total += s[t]; }
         const float inv = 1.f / total;
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
       }
-      float* a0 = acc.data();
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const scalar_t* v = value_cache + (table[t / block_size] * block_size + t % block_size) * token_stride + kv_head * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * len + t];
-          float* a = a0 + g * head_dim;
-          for (int64_t i = 0; i < head_dim; ++i) a[i] += p * static_cast<float>(v[i]);
+      for (int64_t start = 0; start < len; start += block_size) {
+        const scalar_t* block = value_cache + table[start / block_size] * block_size * token_stride;
+        const int64_t n = std::min(block_size, len - start);
+        for (int64_t j = 0; j < n; ++j) {
+          for (int64_t h = 0; h < num_kv_heads; ++h) {
+            const scalar_t* v = block + j * token_stride + h * head_dim;
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t head = h * group + g;
+              const float p = scores[head * len + start + j];
+              float* __restrict__ a = acc.data() + head * head_dim;
+              for (int64_t i = 0; i < head_dim; ++i) a[i] += p * static_cast<float>(v[i]);
+            }
+          }
         }
       }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t i = 0; i < head_dim; ++i)
-          out[(seq * num_heads + kv_head * group + g) * head_dim + i] = static_cast<scalar_t>(a0[g * head_dim + i]);
+      for (int64_t j = 0; j < num_heads * head_dim; ++j)
+        out[seq * num_heads * head_dim + j] = static_cast<scalar_t>(acc[j]);
     }
   });
 }
@@ -74,7 +86,6 @@ static void dispatch(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, 
   TM_CASE(64, 1) TM_CASE(64, 2) TM_CASE(64, 3) TM_CASE(64, 4) TM_CASE(64, 8)
   TM_CASE(128, 1) TM_CASE(128, 2) TM_CASE(128, 4) TM_CASE(128, 8)
 #undef TM_CASE
-  TORCH_CHECK(g <= 64, "at most 64 query heads per KV head");
   decode_kernel<scalar_t, 0, 0>(q, kc, vc, bt, sl, out, D, nh, nkv, d, bs, W, scale);
 }
 
@@ -96,8 +107,4 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor key_cache, t
                        static_cast<float>(scale));
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
 }

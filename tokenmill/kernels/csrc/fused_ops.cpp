@@ -1,0 +1,102 @@
+// Fused elementwise CPU ops for the decoder layers. Each replaces 3-8 separate PyTorch ops (and
+// their dispatch and temporary tensors) with one pass over the data. All math is in float32.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+
+template <typename in_t, typename out_t>
+static void add_rms_rows(float* residual, const in_t* delta, const float* weight, out_t* out, int64_t rows,
+                         int64_t hidden, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* x = residual + r * hidden;
+      if (delta != nullptr) {
+        const in_t* d = delta + r * hidden;
+        for (int64_t i = 0; i < hidden; ++i) x[i] += static_cast<float>(d[i]);
+      }
+      float sum = 0.f;
+      for (int64_t i = 0; i < hidden; ++i) sum += x[i] * x[i];
+      const float inv = 1.f / std::sqrt(sum / hidden + eps);
+      out_t* o = out + r * hidden;
+      for (int64_t i = 0; i < hidden; ++i) o[i] = static_cast<out_t>(weight[i] * (x[i] * inv));
+    }
+  });
+}
+
+// residual (T, H) float32, updated in place to residual + delta when delta is given;
+// returns RMSNorm(residual) * weight in out_dtype.
+torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> delta, torch::Tensor weight,
+                           double eps, at::ScalarType out_dtype) {
+  TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous(), "residual must be contiguous float32");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "weight must be float32");
+  const int64_t hidden = residual.size(-1), rows = residual.numel() / hidden;
+  auto out = torch::empty(residual.sizes(), residual.options().dtype(out_dtype));
+  torch::Tensor d = delta.has_value() ? delta->contiguous() : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "add_rms_norm_out", [&] {
+    using out_t = scalar_t;
+    if (!d.defined()) {
+      add_rms_rows<float, out_t>(residual.data_ptr<float>(), nullptr, weight.data_ptr<float>(),
+                                 out.data_ptr<out_t>(), rows, hidden, static_cast<float>(eps));
+      return;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, d.scalar_type(), "add_rms_norm_in", [&] {
+      add_rms_rows<scalar_t, out_t>(residual.data_ptr<float>(), d.data_ptr<scalar_t>(), weight.data_ptr<float>(),
+                                    out.data_ptr<out_t>(), rows, hidden, static_cast<float>(eps));
+    });
+  });
+  return out;
+}
+
+// gate_up (T, 2I) holding [gate | up] -> (T, I) = silu(gate) * up, same dtype.
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  gate_up = gate_up.contiguous();
+  const int64_t width = gate_up.size(-1) / 2, rows = gate_up.numel() / gate_up.size(-1);
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = width;
+  auto out = torch::empty(sizes, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* in = gate_up.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* g = in + r * 2 * width;
+        const scalar_t* u = g + width;
+        for (int64_t i = 0; i < width; ++i) {
+          const float x = static_cast<float>(g[i]);
+          o[r * width + i] = static_cast<scalar_t>(x / (1.f + std::exp(-x)) * static_cast<float>(u[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Rotates, in place, the first num_rot_heads heads of each row of qkv (T, row_width): pairs
+// (i, i + d/2) of a head turn by positions[t] * inv_freq[i]; cos/sin are (max_pos, d/2) float32.
+void rotary_inplace(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
+                    int64_t num_rot_heads, int64_t head_dim) {
+  TORCH_CHECK(qkv.is_contiguous() && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "qkv must be contiguous; cos/sin float32");
+  positions = positions.contiguous();
+  const int64_t rows = qkv.size(0), row_width = qkv.size(1), half = head_dim / 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rotary_inplace", [&] {
+    scalar_t* data = qkv.data_ptr<scalar_t>();
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const float* cos_t = cos.data_ptr<float>();
+    const float* sin_t = sin.data_ptr<float>();
+    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* c = cos_t + pos[r] * half;
+        const float* s = sin_t + pos[r] * half;
+        for (int64_t h = 0; h < num_rot_heads; ++h) {
+          scalar_t* x = data + r * row_width + h * head_dim;
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[i + half]);
+            x[i] = static_cast<scalar_t>(x1 * c[i] - x2 * s[i]);
+            x[i + half] = static_cast<scalar_t>(x2 * c[i] + x1 * s[i]);
+          }
+        }
+      }
+    });
+  });
+}
