@@ -152,6 +152,24 @@ def process_weights_after_loading(model: nn.Module) -> None:
             hook()
 
 
+def decode_read_bytes(model: nn.Module) -> int:
+    """Weight bytes one decode step must read: every linear layer (the LM head included) and every
+    norm, but not the embedding tables, of which a step reads one row."""
+    from tokenmill.layers.linear import Linear
+    from tokenmill.layers.norm import LayerNorm, RMSNorm
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, Linear):
+            weight = module.packed_weight if module.packed_weight is not None else module.weight
+            total += weight.numel() * weight.element_size()
+            if module.bias is not None:
+                total += module.bias.numel() * module.bias.element_size()
+        elif isinstance(module, (RMSNorm, LayerNorm)):
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    return total
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of all weights as the model holds them at run time (prepacked ones included, shared ones once)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())

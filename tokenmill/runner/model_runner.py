@@ -52,8 +52,7 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions)  # (T, H)
         if all_positions:
             return inputs, self.model.compute_logits(hidden).float()  # (T, V)
-        logits = self.model.compute_logits(hidden[inputs.logits_index]).float()  # (B, V)
-        return inputs, logits
+        return inputs, self.model.compute_logits(hidden[inputs.logits_index])  # (B, V), the sampler casts
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
