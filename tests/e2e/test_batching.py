@@ -148,3 +148,19 @@ def _bytes_per_block(checkpoint, block_size: int) -> int:
     cfg = json.loads((checkpoint(ARCH) / "config.json").read_text())
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4 * block_size
+
+
+def test_eos_ids_from_generation_config(checkpoint, make_llm, tmp_path):
+    """EOS ids come from the tokenizer and generation_config.json; either one ends a request."""
+    import json
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(checkpoint(ARCH), folder)
+    free = make_llm(folder).generate(_prompts()[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    extra_eos = next(t for t in free[3:] if t != 2)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, extra_eos]}))
+    llm = make_llm(folder)
+    assert set(llm.tokenizer.eos_token_ids) == {2, extra_eos}
+    out = llm.generate(_prompts()[0], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free[:free.index(extra_eos) + 1] and out.finish_reason == "stop"

@@ -37,10 +37,11 @@ def test_bench_throughput_and_latency_write_json(checkpoint, tmp_path):
     out = tmp_path / "thr.json"
     result = _run("bench", "throughput", model, "--num-prompts", "6", "--min-input-len", "4", "--max-input-len", "40",
                   "--min-output-len", "2", "--max-output-len", "12", "--no-progress", "--output-json", str(out),
-                  "--kv-cache-memory", "8MiB")
+                  "--kv-cache-memory", "8MiB", "--compare-hf", "--hf-batch-size", "4")
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert data["num_requests"] == 6 and data["output_tokens"] > 0 and data["output_tokens_per_s"] > 0
+    assert data["hf"]["output_tokens_per_s"] > 0 and data["speedup_vs_hf"] > 0
     assert "output tokens/s" in result.stdout
     lat = tmp_path / "lat.json"
     result = _run("bench", "latency", model, "--input-len", "16", "--output-len", "8", "--num-iters", "1",
