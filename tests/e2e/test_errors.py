@@ -10,6 +10,13 @@ import pytest
 from tokenmill import LLM, ModelLoadError, RequestError, SamplingParams, TokenizerError
 
 
+def _copy(checkpoint, tmp_path):
+    """A private copy of the tiny llama checkpoint, to break."""
+    folder = tmp_path / "m"
+    shutil.copytree(checkpoint("llama"), folder)
+    return folder
+
+
 def test_missing_folder():
     with pytest.raises(ModelLoadError, match="not found"):
         LLM("/nonexistent/model/folder")
@@ -21,8 +28,7 @@ def test_folder_without_config(tmp_path):
 
 
 def test_unsupported_architecture(checkpoint, tmp_path):
-    folder = tmp_path / "m"
-    shutil.copytree(checkpoint("llama"), folder)
+    folder = _copy(checkpoint, tmp_path)
     cfg = json.loads((folder / "config.json").read_text())
     cfg["architectures"] = ["FalconForCausalLM"]
     cfg["model_type"] = "falcon"
@@ -32,16 +38,14 @@ def test_unsupported_architecture(checkpoint, tmp_path):
 
 
 def test_missing_weights_file(checkpoint, tmp_path):
-    folder = tmp_path / "m"
-    shutil.copytree(checkpoint("llama"), folder)
+    folder = _copy(checkpoint, tmp_path)
     (folder / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
         LLM(str(folder))
 
 
 def test_truncated_weights_file(checkpoint, tmp_path):
-    folder = tmp_path / "m"
-    shutil.copytree(checkpoint("llama"), folder)
+    folder = _copy(checkpoint, tmp_path)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="model.safetensors.*truncated"):
@@ -51,8 +55,7 @@ def test_truncated_weights_file(checkpoint, tmp_path):
 def test_checkpoint_missing_a_tensor(checkpoint, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    folder = tmp_path / "m"
-    shutil.copytree(checkpoint("llama"), folder)
+    folder = _copy(checkpoint, tmp_path)
     tensors = load_file(folder / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, folder / "model.safetensors")
@@ -70,8 +73,7 @@ def test_truncated_llama2c_checkpoint(tmp_path):
 
 
 def test_missing_tokenizer(checkpoint, tmp_path):
-    folder = tmp_path / "m"
-    shutil.copytree(checkpoint("llama"), folder)
+    folder = _copy(checkpoint, tmp_path)
     (folder / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         LLM(str(folder))
