@@ -9,7 +9,29 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+// q . k for one head: float32 query and key rows in scalar_t. For bf16 keys on CPUs with
+// AVX512-BF16, a bf16 copy of the query (the model's q is bf16 already) meets the keys in
+// vdpbf16ps: products of bf16 values are exact in float32, sums are float32, no conversion pass.
+template <typename scalar_t, int HEAD_DIM>
+static inline float dot_qk(const float* q, const at::BFloat16* q_bf16, const scalar_t* k, int64_t head_dim) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16> && HEAD_DIM > 0 && HEAD_DIM % 32 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < HEAD_DIM; i += 32)
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q_bf16 + i), (__m512bh)_mm512_loadu_si512(k + i));
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float dot = 0.f;
+  for (int64_t i = 0; i < head_dim; ++i) dot += q[i] * static_cast<float>(k[i]);
+  return dot;
+}
 
 template <typename scalar_t, int HEAD_DIM, int GROUP>
 static void decode_kernel(const scalar_t* q, const scalar_t* key_cache, const scalar_t* value_cache,
@@ -23,12 +45,15 @@ static void decode_kernel(const scalar_t* q, const scalar_t* key_cache, const sc
   // that is fetched is used at once.
   at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> query(num_heads * head_dim), acc(num_heads * head_dim), max_score(num_heads), scores;
+    std::vector<at::BFloat16> query_bf16(num_heads * head_dim);
     for (int64_t seq = begin; seq < end; ++seq) {
       const int64_t len = seq_lens[seq];
       const int64_t* table = block_tables + seq * max_blocks;
       scores.resize(num_heads * len);
-      for (int64_t j = 0; j < num_heads * head_dim; ++j)
-        query[j] = static_cast<float>(q[seq * num_heads * head_dim + j]) * scale;
+      for (int64_t j = 0; j < num_heads * head_dim; ++j) {
+        query[j] = static_cast<float>(q[seq * num_heads * head_dim + j]);
+        query_bf16[j] = static_cast<at::BFloat16>(query[j]);
+      }
       std::fill(max_score.begin(), max_score.end(), -INFINITY);
       for (int64_t start = 0; start < len; start += block_size) {
         const scalar_t* block = key_cache + table[start / block_size] * block_size * token_stride;
@@ -38,9 +63,8 @@ static void decode_kernel(const scalar_t* q, const scalar_t* key_cache, const sc
             const scalar_t* k = block + j * token_stride + h * head_dim;
             for (int64_t g = 0; g < group; ++g) {
               const int64_t head = h * group + g;
-              const float* qh = query.data() + head * head_dim;
-              float dot = 0.f;
-              for (int64_t i = 0; i < head_dim; ++i) dot += qh[i] * static_cast<float>(k[i]);
+              const float dot = dot_qk<scalar_t, HEAD_DIM>(query.data() + head * head_dim,
+                                                           query_bf16.data() + head * head_dim, k, head_dim) * scale;
               scores[head * len + start + j] = dot;
               max_score[head] = std::max(max_score[head], dot);
             }
