@@ -82,6 +82,41 @@ def _bench(args) -> None:
         run_latency(llm, args)
 
 
+def _analyze(args) -> None:
+    import json
+
+    from tokenmill.analysis import analyze
+    from tokenmill.analysis.hardware import custom_hardware
+    from tokenmill.analysis.report import explain, text_report
+
+    hardware = args.hardware
+    if args.peak_tflops or args.bandwidth_gb_s:
+        hardware = custom_hardware(args.peak_tflops or 0, args.bandwidth_gb_s or 0, args.memory_gb or 0)
+    report = analyze(args.model, hardware, batch_size=args.batch_size, input_len=args.input_len,
+                     output_len=args.output_len, dtype=args.dtype, kv_dtype=args.kv_dtype, tp=args.tp)
+    result = report.to_dict()
+    if args.measure:
+        from tokenmill.analysis.measure import measure_engine
+
+        result["measured"] = measure_engine(args.measure, report)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(text_report(report))
+        if args.explain:
+            print("\n" + explain(report))
+        if args.measure:
+            m = result["measured"]
+            print(f"\nmeasured on this machine ({args.measure}): TTFT {m['measured_ttft_s'] * 1e3:.1f} ms vs predicted "
+                  f"{m['predicted_ttft_s'] * 1e3:.1f} ms (x{m['ttft_ratio']:.2f}); {m['measured_ms_per_token']:.2f} ms/token "
+                  f"vs predicted {m['predicted_ms_per_token']:.2f} (x{m['ms_per_token_ratio']:.2f})")
+    if args.plot:
+        from tokenmill.analysis.plot import plot_report
+
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run a mixed batch on the embedded default model (random weights)")
     demo.set_defaults(func=lambda args: __import__("tokenmill.demo", fromlist=["run_demo"]).run_demo())
+
+    ana = sub.add_parser("analyze", help="memory, roofline and latency/throughput analysis of a model on hardware")
+    ana.add_argument("--model", required=True, help="preset (e.g. llama-2-7b, opt-175b) or a config.json path/folder")
+    ana.add_argument("--hardware", default="a100-80gb", help="preset (a10, t4, l4, v100, a100-40gb, a100-80gb, "
+                                                             "h100-sxm, h200, rtx-4090) or cpu (measured)")
+    ana.add_argument("--peak-tflops", type=float, help="custom hardware: peak TFLOPS (with --bandwidth-gb-s)")
+    ana.add_argument("--bandwidth-gb-s", type=float, help="custom hardware: memory bandwidth in GB/s")
+    ana.add_argument("--memory-gb", type=float, default=80, help="custom hardware: memory in GB")
+    ana.add_argument("--batch-size", type=int, default=1)
+    ana.add_argument("--input-len", type=int, default=512)
+    ana.add_argument("--output-len", type=int, default=128)
+    ana.add_argument("--dtype", default="fp16", help="weights: fp32, fp16, bf16, int8, int4")
+    ana.add_argument("--kv-dtype", help="KV cache dtype (default: fp16, or fp32 with fp32 weights)")
+    ana.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    ana.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ana.add_argument("--plot", help="write the roofline and batch-sweep chart to this PNG")
+    ana.add_argument("--explain", action="store_true", help="show the formulas with the numbers filled in")
+    ana.add_argument("--measure", metavar="MODEL_DIR", help="also run the engine here at the same shapes")
+    ana.set_defaults(func=_analyze)
 
     bench = sub.add_parser("bench", help="benchmarks (tables and JSON; never part of the tests)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
