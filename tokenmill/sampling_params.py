@@ -33,6 +33,21 @@ class SamplingParams:
     """Keep generating after EOS (benchmarks)."""
     skip_special_tokens: bool = True
     """Leave special tokens (BOS, EOS, ...) out of the text."""
+    repetition_penalty: float = 1.0
+    """Hugging Face semantics: logits of tokens already in the prompt or output are divided by it
+    (multiplied when negative); > 1 discourages repetition; 1 = off."""
+    presence_penalty: float = 0.0
+    """OpenAI semantics, in [-2, 2]: subtracted once from every token that occurs in the output."""
+    frequency_penalty: float = 0.0
+    """OpenAI semantics, in [-2, 2]: subtracted per occurrence of the token in the output."""
+    no_repeat_ngram_size: int = 0
+    """Never generate an n-gram (over prompt + output) of this size twice; 0 = off."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> value in [-100, 100] added to its logit."""
+    bad_words: list[str] = field(default_factory=list)
+    """Words never to generate (each is tokenized with and without a leading space)."""
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    """Token sequences never to generate: the last token is banned after the others."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,10 +75,34 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise RequestError(f"stop_token_ids must be non-negative integers, got {t!r}")
+        _check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        _check_number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        _check_number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+        if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
+            raise RequestError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
+        if not isinstance(self.logit_bias, dict):
+            raise RequestError(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
+        self.logit_bias = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in self.logit_bias.items()}
+        for token, bias in self.logit_bias.items():
+            if not _is_int(token) or token < 0:
+                raise RequestError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+            _check_number(f"logit_bias[{token}]", bias, low=-100.0, high=100.0)
+        self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words or [])
+        for word in self.bad_words:
+            if not isinstance(word, str) or not word.strip():
+                raise RequestError(f"bad_words must be non-empty strings, got {word!r}")
+        self.bad_words_token_ids = [list(w) for w in self.bad_words_token_ids or []]
+        for word in self.bad_words_token_ids:
+            if not word or not all(_is_int(t) and t >= 0 for t in word):
+                raise RequestError(f"bad_words_token_ids must be non-empty lists of token ids, got {word!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def _is_int(value: object) -> bool:

@@ -84,3 +84,37 @@ def test_half_precision_checkpoints(dtype, checkpoint, make_llm):
     torch.testing.assert_close(ours, theirs, atol=tolerance * theirs.abs().max().item(), rtol=0)
     core.abort_requests(["r"])
     llm.generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_penalties_and_ngram_bans_match_generate(arch, checkpoint, make_llm):
+    """Greedy decoding with repetition_penalty and no_repeat_ngram_size, batched, equals transformers."""
+    folder = checkpoint(arch)
+    ref = load_reference(folder)
+    llm = make_llm(folder, dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=2)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outputs):
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, repetition_penalty=1.3,
+                                no_repeat_ngram_size=2)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == expected
+
+
+def test_bad_words_and_logit_bias_steer_generation(checkpoint, make_llm):
+    llm = make_llm(checkpoint("llama"), dtype="float32")
+    prompt = {"prompt_token_ids": PROMPTS[0]}
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    banned = free[2]
+    steered = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                  bad_words_token_ids=[[banned]]), use_tqdm=False)[0].outputs[0]
+    assert banned not in steered.token_ids and steered.token_ids[:2] == free[:2]
+    forced = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logit_bias={42: 100}),
+                          use_tqdm=False)[0].outputs[0]
+    assert forced.token_ids == [42] * 5
+    text = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].text
+    word = next(w for w in text.split() if w.isalpha())
+    clean = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                            bad_words=[word]), use_tqdm=False)[0].outputs[0].text
+    assert f" {word} " not in f" {clean} "

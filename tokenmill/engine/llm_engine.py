@@ -6,6 +6,7 @@ per-request outputs with timings. ``LLM`` (offline) and ``tokenmill generate`` (
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Union
@@ -74,10 +75,24 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        if params.bad_words:
+            params = self._with_bad_word_ids(params)
         request = self.core.add_request(request_id, token_ids, params)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer else None
         self._tracked[request_id] = _Tracked(request, text, detokenizer)
         return request_id
+
+    def _with_bad_word_ids(self, params: SamplingParams) -> SamplingParams:
+        """A copy of ``params`` whose bad_words are also token sequences (with and without a leading space)."""
+        if self.tokenizer is None:
+            raise RequestError("bad_words need a tokenizer; this model has none (use bad_words_token_ids)")
+        sequences = [list(w) for w in params.bad_words_token_ids]
+        for word in params.bad_words:
+            for variant in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(variant, add_special_tokens=False)
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return dataclasses.replace(params, bad_words_token_ids=sequences)
 
     def abort_request(self, request_id: str) -> None:
         self.core.abort_requests([request_id])

@@ -18,6 +18,7 @@ import torch
 
 from tokenmill.attention.backend import AttentionMetadata, PrefillSpan
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.sample.logits_processors import banned_bad_words, banned_ngram_tokens, build_penalties
 from tokenmill.sample.sampler import SamplingMetadata
 
 
@@ -55,7 +56,7 @@ def step_seed(seed: int, num_output_tokens: int) -> int:
 
 
 def build_step_inputs(states: list[RunnerRequestState], num_scheduled: dict[str, int], block_size: int,
-                      device: torch.device) -> StepInputs:
+                      device: torch.device, vocab_size: int) -> StepInputs:
     """Packs the scheduled requests (decodes first) into device tensors; one host->device copy each."""
     decodes = [s for s in states if num_scheduled[s.request_id] == 1]
     prefills = [s for s in states if num_scheduled[s.request_id] > 1]
@@ -97,10 +98,11 @@ def build_step_inputs(states: list[RunnerRequestState], num_scheduled: dict[str,
     return StepInputs(
         input_ids=torch.tensor(input_ids, device=device), positions=torch.tensor(positions, device=device),
         attention=attention, logits_index=torch.tensor(logits_index, device=device),
-        request_ids=[s.request_id for s in ordered], sampling=build_sampling_metadata(ordered, device))
+        request_ids=[s.request_id for s in ordered], sampling=build_sampling_metadata(ordered, device, vocab_size))
 
 
-def build_sampling_metadata(states: list[RunnerRequestState], device: torch.device) -> SamplingMetadata:
+def build_sampling_metadata(states: list[RunnerRequestState], device: torch.device,
+                            vocab_size: int) -> SamplingMetadata:
     params = [s.sampling_params for s in states]
     if all(p.greedy for p in params):
         step_seeds = None
@@ -111,12 +113,35 @@ def build_sampling_metadata(states: list[RunnerRequestState], device: torch.devi
     use_min_p = any(p.min_p > 0.0 and not p.greedy for p in params)
     banned_rows: list[int] = []
     banned_cols: list[int] = []
+    bias_rows: list[int] = []
+    bias_cols: list[int] = []
+    bias_values: list[float] = []
+    penalty_rows: list[int] = []
     for row, state in enumerate(states):
         p = state.sampling_params
+        banned: set[int] = set()
         if state.num_output_tokens < p.min_tokens:
-            stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(state.eos_token_ids))
-            banned_rows.extend([row] * len(stop_ids))
-            banned_cols.extend(sorted(stop_ids))
+            banned |= set(p.stop_token_ids) | (set() if p.ignore_eos else set(state.eos_token_ids))
+        if p.no_repeat_ngram_size:  # the per-request loops run only for requests that ask for them
+            banned |= banned_ngram_tokens(state.token_ids, p.no_repeat_ngram_size)
+        if p.bad_words_token_ids:
+            banned |= banned_bad_words(state.token_ids, p.bad_words_token_ids)
+        banned = {t for t in banned if t < vocab_size}
+        banned_rows.extend([row] * len(banned))
+        banned_cols.extend(sorted(banned))
+        for token, value in p.logit_bias.items():
+            if token < vocab_size:
+                bias_rows.append(row), bias_cols.append(token), bias_values.append(float(value))
+        if p.uses_penalties:
+            penalty_rows.append(row)
+    penalties = None
+    if penalty_rows:
+        chosen = [states[r] for r in penalty_rows]
+        penalties = build_penalties(
+            penalty_rows, [s.token_ids[:s.num_prompt_tokens] for s in chosen],
+            [s.token_ids[s.num_prompt_tokens:] for s in chosen], [s.sampling_params.repetition_penalty for s in chosen],
+            [s.sampling_params.presence_penalty for s in chosen], [s.sampling_params.frequency_penalty for s in chosen],
+            vocab_size, device)
     return SamplingMetadata(
         temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
         top_k=torch.tensor([p.top_k for p in params], device=device) if use_top_k else None,
@@ -124,4 +149,8 @@ def build_sampling_metadata(states: list[RunnerRequestState], device: torch.devi
         min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device) if use_min_p else None,
         step_seeds=step_seeds,
         banned_rows=torch.tensor(banned_rows, dtype=torch.long, device=device) if banned_rows else None,
-        banned_cols=torch.tensor(banned_cols, dtype=torch.long, device=device) if banned_rows else None)
+        banned_cols=torch.tensor(banned_cols, dtype=torch.long, device=device) if banned_rows else None,
+        penalties=penalties,
+        bias=(torch.tensor(bias_rows, dtype=torch.long, device=device),
+              torch.tensor(bias_cols, dtype=torch.long, device=device),
+              torch.tensor(bias_values, dtype=torch.float32, device=device)) if bias_rows else None)

@@ -47,7 +47,8 @@ class ModelRunner:
     def _forward(self, so: SchedulerOutput, all_positions: bool = False):
         self._update_states(so)
         states = [self.requests[request_id] for request_id in so.num_scheduled_tokens]
-        inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device)
+        inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device,
+                                   self.model.config.vocab_size)
         with forward_context(inputs.attention):
             hidden = self.model(inputs.input_ids, inputs.positions)  # (T, H)
         if all_positions:

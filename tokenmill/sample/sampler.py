@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.sample.logits_processors import PenaltyInputs, apply_penalties
+
 _MASK = float("-inf")
 
 
@@ -30,8 +32,16 @@ class SamplingMetadata:
     step_seeds: list[int] | None
     """One seed per row for this step's noise; None when every row is greedy."""
     banned_rows: torch.Tensor | None = None
-    """(N,) int64 rows and ``banned_cols`` (N,) token ids to mask (EOS before min_tokens)."""
+    """(N,) int64 rows and ``banned_cols`` (N,) token ids to mask (EOS before min_tokens, n-gram and
+    bad-word bans)."""
     banned_cols: torch.Tensor | None = None
+    penalties: PenaltyInputs | None = None
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """(rows, token ids, values) of logit_bias, added to the logits."""
+
+    @property
+    def uses_processors(self) -> bool:
+        return self.banned_rows is not None or self.penalties is not None or self.bias is not None
 
     @property
     def all_greedy(self) -> bool:
@@ -79,8 +89,14 @@ def exponential_noise(step_seeds: list[int], vocab_size: int, device: torch.devi
 class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """logits (B, V) in the model's dtype -> (B,) int64 token ids. Never syncs with the host."""
-        if md.banned_rows is not None:
-            logits = logits.index_put((md.banned_rows, md.banned_cols), torch.tensor(_MASK, device=logits.device))
+        if md.uses_processors:
+            logits = logits.float()  # processors run before greedy and sampling alike, as in transformers
+            if md.penalties is not None:
+                logits = apply_penalties(logits, md.penalties)
+            if md.bias is not None:
+                logits = logits.index_put(md.bias[:2], md.bias[2], accumulate=True)
+            if md.banned_rows is not None:
+                logits = logits.index_put((md.banned_rows, md.banned_cols), torch.tensor(_MASK, device=logits.device))
         # max().indices: the first maximum, like argmax, but faster on CPU; exact in any dtype.
         greedy_tokens = logits.max(-1).indices
         if md.all_greedy:
