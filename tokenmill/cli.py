@@ -44,7 +44,10 @@ def _generate(args) -> None:
     llm = _make_llm(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_tokens=args.max_tokens, seed=args.seed if args.temperature > 0 else None,
-                            stop=args.stop or [])
+                            stop=args.stop or [], repetition_penalty=args.repetition_penalty,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            no_repeat_ngram_size=args.no_repeat_ngram_size, bad_words=args.bad_word or [],
+                            logit_bias=dict(_parse_bias(b) for b in args.logit_bias or []))
     engine = llm.engine
     engine.add_request(args.prompt, params)
     sys.stdout.write(args.prompt)
@@ -60,6 +63,14 @@ def _generate(args) -> None:
     tpot = final.time_per_output_token
     print(f"[{len(c.token_ids)} tokens, finish_reason={c.finish_reason}, TTFT {1000 * final.time_to_first_token:.1f} ms"
           + (f", {1000 * tpot:.2f} ms/token" if tpot else "") + "]", file=sys.stderr)
+
+
+def _parse_bias(text: str) -> tuple[int, float]:
+    token, _, value = text.partition("=")
+    try:
+        return int(token), float(value)
+    except ValueError:
+        raise ValueError(f"--logit-bias takes TOKEN_ID=VALUE (e.g. 42=-5), got {text!r}") from None
 
 
 def _bench(args) -> None:
@@ -130,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="Hugging Face semantics; 1 = off")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI semantics, in [-2, 2]")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI semantics, in [-2, 2]")
+    gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
+    gen.add_argument("--bad-word", action="append", help="a word never to generate (repeatable)")
+    gen.add_argument("--logit-bias", action="append", metavar="TOKEN_ID=VALUE", help="add VALUE to a token's logit")
     gen.set_defaults(func=_generate)
 
     demo = sub.add_parser("demo", help="run a mixed batch on the embedded default model (random weights)")

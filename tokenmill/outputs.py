@@ -56,6 +56,8 @@ class SchedulerOutput:
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, list[int]]
     """Request id -> tokens sampled this step (one each; a list so speculative decoding fits later)."""
+    logprobs: dict[str, list[tuple[list[int], list[float]]]] = field(default_factory=dict)
+    """Request id -> per sampled token: (token ids, logprobs), the sampled token first (requests that ask only)."""
 
 
 @dataclass
@@ -66,6 +68,7 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    new_logprobs: list[tuple[list[int], list[float]]] | None = None
 
 
 @dataclass
@@ -101,6 +104,10 @@ class CompletionOutput:
     """The stop token id or stop string that ended generation, if one did."""
     delta_text: str = ""
     """Text that became final in the latest step (what a stream sends next)."""
+    logprobs: list[dict[int, float]] | None = None
+    """With SamplingParams.logprobs: per generated token, {token id: logprob} of it and the top alternatives."""
+    cumulative_logprob: float | None = None
+    """With SamplingParams.logprobs: the sum of the generated tokens' logprobs."""
 
     @property
     def finished(self) -> bool:

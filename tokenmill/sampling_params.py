@@ -48,6 +48,9 @@ class SamplingParams:
     """Words never to generate (each is tokenized with and without a leading space)."""
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     """Token sequences never to generate: the last token is banned after the others."""
+    logprobs: int | None = None
+    """Report the log-probability of each generated token and of the ``logprobs`` most likely
+    alternatives (0-20), from the model's distribution before any processing; None = off."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +78,8 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise RequestError(f"stop_token_ids must be non-negative integers, got {t!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            raise RequestError(f"logprobs must be an integer in [0, 20] (or None), got {self.logprobs!r}")
         _check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
         _check_number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
         _check_number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)

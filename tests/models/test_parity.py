@@ -118,3 +118,29 @@ def test_bad_words_and_logit_bias_steer_generation(checkpoint, make_llm):
     clean = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
                                                             bad_words=[word]), use_tqdm=False)[0].outputs[0].text
     assert f" {word} " not in f" {clean} "
+
+
+def test_logprobs_match_reference_distribution(checkpoint, make_llm):
+    """Each generated token's logprob and its top alternatives equal log_softmax of the reference logits."""
+    folder = checkpoint("llama")
+    ref = load_reference(folder)
+    llm = make_llm(folder, dtype="float32")
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:2]]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3), SamplingParams(max_tokens=6)]
+    with_logprobs, without = llm.generate(prompts, params, use_tqdm=False)
+    out = with_logprobs.outputs[0]
+    assert without.outputs[0].logprobs is None and len(out.logprobs) == 6
+    tokens = list(PROMPTS[0])
+    total = 0.0
+    for token, logprobs in zip(out.token_ids, out.logprobs):
+        with torch.no_grad():
+            expected = ref(torch.tensor([tokens])).logits[0, -1].log_softmax(-1)
+        top = expected.topk(3)
+        assert set(logprobs) == {token, *top.indices.tolist()}
+        for t, value in logprobs.items():
+            assert value == pytest.approx(expected[t].item(), abs=1e-4)
+        total += logprobs[token]
+        tokens.append(token)
+    assert out.cumulative_logprob == pytest.approx(total)
+    with pytest.raises(Exception, match=r"logprobs must be an integer in \[0, 20\]"):
+        SamplingParams(logprobs=21)

@@ -93,7 +93,7 @@ def test_logit_bias_matches_sequence_bias():
     md = SamplingMetadata(temperature=torch.tensor([0.0]), top_k=None, top_p=None, min_p=None, step_seeds=None,
                           bias=(torch.tensor([0, 0]), torch.tensor([3, 11]), torch.tensor([5.0, -2.5])))
     theirs = SequenceBiasLogitsProcessor({(k,): v for k, v in bias.items()})(torch.tensor([[1]]), logits.clone())
-    assert Sampler()(logits, md).item() == int(theirs.argmax())
+    assert Sampler()(logits, md).token_ids.item() == int(theirs.argmax())
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -59,7 +59,7 @@ def test_greedy_rows_take_argmax_and_random_rows_follow_the_distribution():
     sampler = Sampler()
     counts = torch.zeros(3)
     for i in range(3000):
-        tokens = sampler(logits, _md([0.0, 1.0], [0, i]))
+        tokens = sampler(logits, _md([0.0, 1.0], [0, i])).token_ids
         assert tokens[0] == 2
         counts[tokens[1]] += 1
     freq = counts / counts.sum()
@@ -69,8 +69,8 @@ def test_greedy_rows_take_argmax_and_random_rows_follow_the_distribution():
 def test_same_seed_same_token_regardless_of_row():
     logits = _logits(rows=3, vocab=1000)
     sampler = Sampler()
-    a = sampler(logits, _md([1.0, 1.0, 1.0], [11, 22, 33]))
-    b = sampler(logits[[2, 0]], _md([1.0, 1.0], [33, 11]))
+    a = sampler(logits, _md([1.0, 1.0, 1.0], [11, 22, 33])).token_ids
+    b = sampler(logits[[2, 0]], _md([1.0, 1.0], [33, 11])).token_ids
     assert a[2] == b[0] and a[0] == b[1]
     noise = exponential_noise([5, 5], 10, torch.device("cpu"))
     assert torch.equal(noise[0], noise[1])
@@ -81,4 +81,4 @@ def test_banned_tokens_are_never_sampled():
     logits[0, 2] = 10.0
     md = _md([0.0], None)
     md.banned_rows, md.banned_cols = torch.tensor([0]), torch.tensor([2])
-    assert Sampler()(logits, md).item() != 2
+    assert Sampler()(logits, md).token_ids.item() != 2

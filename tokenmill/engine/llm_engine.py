@@ -33,6 +33,7 @@ class _Tracked:
     prompt: str | None
     detokenizer: IncrementalDetokenizer | None
     delta_text: str = ""
+    logprobs: list[dict[int, float]] | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -106,6 +107,8 @@ class LLMEngine:
         results = []
         for out in self.core.step():
             tracked = self._tracked[out.request_id]
+            if out.new_logprobs is not None:
+                tracked.logprobs = (tracked.logprobs or []) + [dict(zip(ids, values)) for ids, values in out.new_logprobs]
             finish_reason, stop_reason = out.finish_reason, out.stop_reason
             if tracked.detokenizer is not None:
                 tracked.delta_text = tracked.detokenizer.update(out.new_token_ids, finish_reason is not None)
@@ -125,7 +128,9 @@ class LLMEngine:
         text = "" if det is None else det.text[:det.num_emitted_chars]
         completion = CompletionOutput(index=0, text=text, token_ids=list(request.output_token_ids),
                                       finish_reason=finish_reason, stop_reason=stop_reason,
-                                      delta_text=tracked.delta_text)
+                                      delta_text=tracked.delta_text, logprobs=tracked.logprobs,
+                                      cumulative_logprob=None if tracked.logprobs is None else sum(
+                                          lp[t] for lp, t in zip(tracked.logprobs, request.output_token_ids)))
         times = request.times
         metrics = RequestMetrics(times.arrival, times.first_scheduled, times.first_token, times.last_token,
                                  times.finished, request.num_cached_tokens)

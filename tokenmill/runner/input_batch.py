@@ -134,6 +134,7 @@ def build_sampling_metadata(states: list[RunnerRequestState], device: torch.devi
                 bias_rows.append(row), bias_cols.append(token), bias_values.append(float(value))
         if p.uses_penalties:
             penalty_rows.append(row)
+    logprob_rows = [row for row, state in enumerate(states) if state.sampling_params.logprobs is not None]
     penalties = None
     if penalty_rows:
         chosen = [states[r] for r in penalty_rows]
@@ -151,6 +152,8 @@ def build_sampling_metadata(states: list[RunnerRequestState], device: torch.devi
         banned_rows=torch.tensor(banned_rows, dtype=torch.long, device=device) if banned_rows else None,
         banned_cols=torch.tensor(banned_cols, dtype=torch.long, device=device) if banned_rows else None,
         penalties=penalties,
+        logprob_rows=torch.tensor(logprob_rows, dtype=torch.long, device=device) if logprob_rows else None,
+        num_logprobs=max((states[r].sampling_params.logprobs for r in logprob_rows), default=0),
         bias=(torch.tensor(bias_rows, dtype=torch.long, device=device),
               torch.tensor(bias_cols, dtype=torch.long, device=device),
               torch.tensor(bias_values, dtype=torch.float32, device=device)) if bias_rows else None)

@@ -62,8 +62,16 @@ class ModelRunner:
             self._update_states(so)
             return ModelRunnerOutput({})
         inputs, logits = self._forward(so)
-        token_ids = self.sampler(logits, inputs.sampling).tolist()  # the step's one host sync
-        return ModelRunnerOutput({rid: [tok] for rid, tok in zip(inputs.request_ids, token_ids)})
+        sampled = self.sampler(logits, inputs.sampling)
+        token_ids = sampled.token_ids.tolist()  # the step's one host sync
+        logprobs = {}
+        if sampled.logprob_token_ids is not None:  # a second sync, only for steps with logprob requests
+            rows = inputs.sampling.logprob_rows.tolist()
+            for row, ids, values in zip(rows, sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist()):
+                state = self.requests[inputs.request_ids[row]]
+                keep = 1 + state.sampling_params.logprobs
+                logprobs[inputs.request_ids[row]] = [(ids[:keep], values[:keep])]
+        return ModelRunnerOutput({rid: [tok] for rid, tok in zip(inputs.request_ids, token_ids)}, logprobs)
 
     @torch.inference_mode()
     def execute_logits(self, so: SchedulerOutput) -> dict[str, torch.Tensor]:

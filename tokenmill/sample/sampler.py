@@ -35,6 +35,9 @@ class SamplingMetadata:
     """(N,) int64 rows and ``banned_cols`` (N,) token ids to mask (EOS before min_tokens, n-gram and
     bad-word bans)."""
     banned_cols: torch.Tensor | None = None
+    logprob_rows: torch.Tensor | None = None
+    """(R,) int64 rows whose requests want logprobs; ``num_logprobs`` alternatives for each."""
+    num_logprobs: int = 0
     penalties: PenaltyInputs | None = None
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     """(rows, token ids, values) of logit_bias, added to the logits."""
@@ -86,9 +89,36 @@ def exponential_noise(step_seeds: list[int], vocab_size: int, device: torch.devi
     return noise
 
 
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor
+    """(B,) int64."""
+    logprob_token_ids: torch.Tensor | None = None
+    """(R, 1 + num_logprobs) int64 for ``logprob_rows``: the sampled token, then the most likely ones."""
+    logprobs: torch.Tensor | None = None
+    """(R, 1 + num_logprobs) float32 log-probabilities of those tokens."""
+
+
+def raw_logprobs(logits: torch.Tensor, rows: torch.Tensor, sampled: torch.Tensor,
+                 num_logprobs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the model's own distribution (before processors and temperature)."""
+    logprobs = logits[rows].float().log_softmax(-1)  # (R, V)
+    chosen = sampled[rows].unsqueeze(1)
+    top = logprobs.topk(num_logprobs, dim=-1) if num_logprobs else None
+    ids = chosen if top is None else torch.cat([chosen, top.indices], 1)
+    return ids, logprobs.gather(1, ids)
+
+
 class Sampler:
-    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """logits (B, V) in the model's dtype -> (B,) int64 token ids. Never syncs with the host."""
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        """logits (B, V) in the model's dtype -> token ids (and logprobs where asked). Never syncs with the host."""
+        sampled = self._sample(logits, md)
+        if md.logprob_rows is None:
+            return SamplerOutput(sampled)
+        ids, values = raw_logprobs(logits, md.logprob_rows, sampled, md.num_logprobs)
+        return SamplerOutput(sampled, ids, values)
+
+    def _sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         if md.uses_processors:
             logits = logits.float()  # processors run before greedy and sampling alike, as in transformers
             if md.penalties is not None:

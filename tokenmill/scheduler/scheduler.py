@@ -159,7 +159,7 @@ class Scheduler:
                 self.running.remove(request)
                 self._finish(request, status)
             outputs.append(EngineCoreOutput(request_id, [token], status.finish_reason if status else None,
-                                            request.stop_reason))
+                                            request.stop_reason, runner_output.logprobs.get(request_id)))
         return outputs
 
     @staticmethod
