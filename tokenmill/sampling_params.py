@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from tokenmill.errors import RequestError
 
 
+MAX_SAMPLES = 128
+"""Upper bound of n and best_of: each sample is a sequence in the batch."""
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop (names and meanings follow vLLM and the OpenAI API)."""
@@ -48,6 +52,10 @@ class SamplingParams:
     """Words never to generate (each is tokenized with and without a leading space)."""
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     """Token sequences never to generate: the last token is banned after the others."""
+    n: int = 1
+    """How many samples of the prompt to return; they share the prompt's KV blocks."""
+    best_of: int | None = None
+    """Generate this many samples (>= n) and return the n with the highest cumulative logprob."""
     logprobs: int | None = None
     """Report the log-probability of each generated token and of the ``logprobs`` most likely
     alternatives (0-20), from the model's distribution before any processing; None = off."""
@@ -78,6 +86,12 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise RequestError(f"stop_token_ids must be non-negative integers, got {t!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_SAMPLES:
+            raise RequestError(f"n must be an integer in [1, {MAX_SAMPLES}], got {self.n!r}")
+        if self.best_of is not None and (not _is_int(self.best_of) or not self.n <= self.best_of <= MAX_SAMPLES):
+            raise RequestError(f"best_of must be an integer in [n={self.n}, {MAX_SAMPLES}], got {self.best_of!r}")
+        if (self.n > 1 or (self.best_of or 1) > 1) and self.temperature == 0:
+            raise RequestError("n > 1 and best_of > 1 need sampling (temperature > 0): greedy samples are identical")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise RequestError(f"logprobs must be an integer in [0, 20] (or None), got {self.logprobs!r}")
         _check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)

@@ -16,6 +16,7 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.parallel_sampling import SampleGroup, child_params, child_request_id
 from tokenmill.engine.tokenizer import BaseTokenizer, load_tokenizer
 from tokenmill.errors import RequestError
 from tokenmill.models.loader import load_model
@@ -55,6 +56,8 @@ class LLMEngine:
         eos = tuple(self.model_config.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else ())
         self.core = EngineCore(config, model, self.model_config, tuple(dict.fromkeys(eos)), self.device)
         self._tracked: dict[str, _Tracked] = {}
+        self._groups: dict[str, SampleGroup] = {}
+        self._group_of: dict[str, str] = {}  # child request id -> group id
         self._ids = itertools.count()
 
     def encode_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -74,6 +77,27 @@ class LLMEngine:
             raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self.encode_prompt(prompt)
         request_id = request_id if request_id is not None else str(next(self._ids))
+        if params.n > 1 or (params.best_of or 1) > 1:
+            return self._add_group(request_id, {"prompt": text, "prompt_token_ids": token_ids}, params)
+        return self._add_single(request_id, text, token_ids, params)
+
+    def _add_group(self, request_id: str, prompt: dict, params: SamplingParams) -> str:
+        num_children = params.best_of or params.n
+        # Later children wait for the first one's prefill so that they find its blocks in the prefix cache.
+        share = self.config.cache.enable_prefix_caching and len(prompt["prompt_token_ids"]) > self.config.cache.block_size
+        group = SampleGroup(request_id, params, prompt, pending=list(range(1, num_children)) if share else [])
+        for index in [0] if share else range(num_children):
+            self._add_child(group, index)
+        self._groups[request_id] = group
+        return request_id
+
+    def _add_child(self, group: SampleGroup, index: int) -> None:
+        child_id = child_request_id(group.request_id, index)
+        self._add_single(child_id, group.prompt["prompt"], group.prompt["prompt_token_ids"],
+                         child_params(group.params, index))
+        self._group_of[child_id] = group.request_id
+
+    def _add_single(self, request_id: str, text: str | None, token_ids: list[int], params: SamplingParams) -> str:
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         if params.bad_words:
@@ -96,11 +120,15 @@ class LLMEngine:
         return dataclasses.replace(params, bad_words_token_ids=sequences)
 
     def abort_request(self, request_id: str) -> None:
-        self.core.abort_requests([request_id])
-        self._tracked.pop(request_id, None)
+        group = self._groups.pop(request_id, None)
+        ids = [child_request_id(request_id, i) for i in range(group.num_children)] if group else [request_id]
+        self.core.abort_requests(ids)
+        for child_id in ids:
+            self._tracked.pop(child_id, None)
+            self._group_of.pop(child_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._tracked)
+        return bool(self._tracked) or bool(self._groups)
 
     def step(self) -> list[RequestOutput]:
         """Runs one engine step; returns the outputs of requests that progressed (cumulative text)."""
@@ -116,10 +144,29 @@ class LLMEngine:
                     if finish_reason is None:
                         self.core.stop_requests([out.request_id])
                     finish_reason, stop_reason = "stop", tracked.detokenizer.stop_string
-            results.append(self._make_output(tracked, finish_reason, stop_reason))
+            output = self._make_output(tracked, finish_reason, stop_reason)
             if finish_reason is not None:
                 del self._tracked[out.request_id]
+            group_id = self._group_of.get(out.request_id)
+            if group_id is None:
+                results.append(output)
+            else:
+                results.append(self._update_group(group_id, out.request_id, output))
         return results
+
+    def _update_group(self, group_id: str, child_id: str, output: RequestOutput) -> RequestOutput:
+        group = self._groups[group_id]
+        group.outputs[int(child_id.rsplit("#", 1)[1])] = output
+        if group.pending:  # the first child has finished its prefill: its full prompt blocks are cached
+            for index in group.pending:
+                self._add_child(group, index)
+            group.pending = []
+        merged = group.merged_output()
+        if group.finished:
+            del self._groups[group_id]
+            for index in range(group.num_children):
+                self._group_of.pop(child_request_id(group_id, index), None)
+        return merged
 
     @staticmethod
     def _make_output(tracked: _Tracked, finish_reason: str | None, stop_reason: int | str | None) -> RequestOutput:
