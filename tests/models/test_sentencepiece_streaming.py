@@ -23,25 +23,18 @@ def llama2_tokenizer(tmp_path_factory):
         pytest.skip(f"the Llama 2 tokenizer is not at {model} (../shared/models is absent)")
     import shutil
 
-    from transformers import AutoTokenizer  # test-side conversion of tokenizer.model -> tokenizer.json
+    # Test-side conversion of tokenizer.model to tokenizer.json, which is what tokenmill reads.
+    from transformers import LlamaTokenizer
 
     source = tmp_path_factory.mktemp("llama2-spm")
     shutil.copy(model, source / "tokenizer.model")
     folder = tmp_path_factory.mktemp("llama2-tok")
-    converted = AutoTokenizer.from_pretrained(source) if _has_tokenizer_class() else None
-    if converted is None or len(converted) != 32000:
-        from transformers import LlamaTokenizer
-
-        converted = LlamaTokenizer.from_pretrained(source)
+    converted = LlamaTokenizer.from_pretrained(source)
     assert len(converted) == 32000
     converted.save_pretrained(folder)
     tokenizer = HFTokenizer(folder)
     assert tokenizer.vocab_size == 32000
     return tokenizer
-
-
-def _has_tokenizer_class() -> bool:
-    return False  # plain folders carry no tokenizer_config.json; LlamaTokenizer converts the .model itself
 
 
 @pytest.mark.parametrize("text", TEXTS)
