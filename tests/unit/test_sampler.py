@@ -82,3 +82,47 @@ def test_banned_tokens_are_never_sampled():
     md = _md([0.0], None)
     md.banned_rows, md.banned_cols = torch.tensor([0]), torch.tensor([2])
     assert Sampler()(logits, md).token_ids.item() != 2
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("temperature", {"temperature": 0.7}),
+    ("top_k", {"temperature": 1.0, "top_k": 4}),
+    ("top_p", {"temperature": 1.2, "top_p": 0.8}),
+    ("min_p", {"temperature": 1.0, "min_p": 0.08}),
+])
+def test_sampled_frequencies_match_processed_distribution(name, settings):
+    """Chi-square goodness of fit, fixed seeds (deterministic): samples follow the distribution the
+    transformers warpers produce, and tokens they remove are never drawn."""
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    vocab, draws = 12, 20000
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(42)) * 1.5
+    expected = logits.clone()
+    t = settings["temperature"]
+    expected = TemperatureLogitsWarper(t)(None, expected)
+    if "top_k" in settings:
+        expected = TopKLogitsWarper(settings["top_k"])(None, expected)
+    if "top_p" in settings:
+        expected = TopPLogitsWarper(settings["top_p"])(None, expected)
+    if "min_p" in settings:
+        expected = MinPLogitsWarper(settings["min_p"])(None, expected)
+    probs = expected.softmax(-1)[0]
+
+    md = SamplingMetadata(
+        temperature=torch.full((draws,), t),
+        top_k=torch.full((draws,), settings["top_k"]) if "top_k" in settings else None,
+        top_p=torch.full((draws,), settings["top_p"]) if "top_p" in settings else None,
+        min_p=torch.full((draws,), settings["min_p"]) if "min_p" in settings else None,
+        step_seeds=list(range(1000, 1000 + draws)))
+    tokens = Sampler()(logits.expand(draws, vocab).contiguous(), md).token_ids
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    support = probs > 0
+    assert counts[~support].sum() == 0, f"{name}: a removed token was sampled"
+    expected_counts = probs[support].double() * draws
+    chi2 = float(((counts[support] - expected_counts) ** 2 / expected_counts).sum())
+    df = int(support.sum()) - 1
+    # Critical value at p = 0.001 (Wilson-Hilferty approximation of the chi-square quantile).
+    z = 3.090
+    critical = df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+    assert chi2 < critical, f"{name}: chi2 {chi2:.1f} >= {critical:.1f} (df {df})"
