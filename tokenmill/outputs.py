@@ -58,6 +58,8 @@ class ModelRunnerOutput:
     """Request id -> tokens sampled this step (one each; a list so speculative decoding fits later)."""
     logprobs: dict[str, list[tuple[list[int], list[float]]]] = field(default_factory=dict)
     """Request id -> per sampled token: (token ids, logprobs), the sampled token first (requests that ask only)."""
+    prompt_logprobs: dict[str, tuple[int, list[tuple[list[int], list[float]]]]] = field(default_factory=dict)
+    """Request id -> (position of the first prompt token covered, one (token ids, logprobs) per position)."""
 
 
 @dataclass
@@ -69,6 +71,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     new_logprobs: list[tuple[list[int], list[float]]] | None = None
+    prompt_logprobs: tuple[int, list[tuple[list[int], list[float]]]] | None = None
 
 
 @dataclass
@@ -123,6 +126,9 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """With SamplingParams.prompt_logprobs: None for the first prompt token, then per prompt token
+    {token id: logprob} of it (given the tokens before) and the top alternatives."""
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -52,6 +52,10 @@ class SamplingParams:
     """Words never to generate (each is tokenized with and without a leading space)."""
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     """Token sequences never to generate: the last token is banned after the others."""
+    prompt_logprobs: int | None = None
+    """Report, for every prompt token after the first, its log-probability given the tokens before it
+    and the ``prompt_logprobs`` most likely alternatives (0-20); None = off. Such requests skip the
+    prefix cache, since cached positions are never computed."""
     n: int = 1
     """How many samples of the prompt to return; they share the prompt's KV blocks."""
     best_of: int | None = None
@@ -92,6 +96,9 @@ class SamplingParams:
             raise RequestError(f"best_of must be an integer in [n={self.n}, {MAX_SAMPLES}], got {self.best_of!r}")
         if (self.n > 1 or (self.best_of or 1) > 1) and self.temperature == 0:
             raise RequestError("n > 1 and best_of > 1 need sampling (temperature > 0): greedy samples are identical")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            raise RequestError(f"prompt_logprobs must be an integer in [0, 20] (or None), got {self.prompt_logprobs!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise RequestError(f"logprobs must be an integer in [0, 20] (or None), got {self.logprobs!r}")
         _check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)

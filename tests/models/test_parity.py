@@ -144,3 +144,26 @@ def test_logprobs_match_reference_distribution(checkpoint, make_llm):
     assert out.cumulative_logprob == pytest.approx(total)
     with pytest.raises(Exception, match=r"logprobs must be an integer in \[0, 20\]"):
         SamplingParams(logprobs=21)
+
+
+@pytest.mark.parametrize("chunk", [2048, 5])
+def test_prompt_logprobs_match_reference(chunk, checkpoint, make_llm):
+    """Every prompt token's logprob (and top alternatives) equals log_softmax of the reference, also when the
+    prompt is prefilled in 5-token chunks and when an identical prompt was cached before."""
+    folder = checkpoint("qwen2")
+    ref = load_reference(folder)
+    llm = make_llm(folder, dtype="float32", max_num_batched_tokens=chunk, block_size=4)
+    prompt = PROMPTS[2]
+    llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2), use_tqdm=False)  # fills the cache
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, prompt_logprobs=2),
+                       use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0 and out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(prompt)
+    with torch.no_grad():
+        expected = ref(torch.tensor([prompt])).logits[0].log_softmax(-1)  # row q predicts token q + 1
+    for position in range(1, len(prompt)):
+        entry = out.prompt_logprobs[position]
+        row = expected[position - 1]
+        assert set(entry) == {prompt[position], *row.topk(2).indices.tolist()}
+        for token, value in entry.items():
+            assert value == pytest.approx(row[token].item(), abs=1e-4)

@@ -35,6 +35,7 @@ class _Tracked:
     detokenizer: IncrementalDetokenizer | None
     delta_text: str = ""
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -135,6 +136,12 @@ class LLMEngine:
         results = []
         for out in self.core.step():
             tracked = self._tracked[out.request_id]
+            if out.prompt_logprobs is not None:
+                first, entries = out.prompt_logprobs
+                if tracked.prompt_logprobs is None:
+                    tracked.prompt_logprobs = [None] * len(tracked.request.prompt_token_ids)
+                for offset, (ids, values) in enumerate(entries):  # by position: a recompute rewrites the same
+                    tracked.prompt_logprobs[first + offset] = dict(zip(ids, values))
             if out.new_logprobs is not None:
                 tracked.logprobs = (tracked.logprobs or []) + [dict(zip(ids, values)) for ids, values in out.new_logprobs]
             finish_reason, stop_reason = out.finish_reason, out.stop_reason
@@ -182,7 +189,7 @@ class LLMEngine:
         metrics = RequestMetrics(times.arrival, times.first_scheduled, times.first_token, times.last_token,
                                  times.finished, request.num_cached_tokens)
         return RequestOutput(request.request_id, tracked.prompt, request.prompt_token_ids, [completion],
-                             finish_reason is not None, metrics, request.num_cached_tokens)
+                             finish_reason is not None, metrics, request.num_cached_tokens, tracked.prompt_logprobs)
 
 
 def _is_named_shape(model: str) -> bool:

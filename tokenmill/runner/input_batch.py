@@ -46,6 +46,7 @@ class StepInputs:
     positions: torch.Tensor  # (T,) int64
     attention: AttentionMetadata
     logits_index: torch.Tensor  # (B,) int64
+    query_starts: list[int]  # (B,) host copy: each request's first packed token
     request_ids: list[str]  # (B,) in row order
     sampling: SamplingMetadata
 
@@ -98,6 +99,7 @@ def build_step_inputs(states: list[RunnerRequestState], num_scheduled: dict[str,
     return StepInputs(
         input_ids=torch.tensor(input_ids, device=device), positions=torch.tensor(positions, device=device),
         attention=attention, logits_index=torch.tensor(logits_index, device=device),
+        query_starts=[0] + [i + 1 for i in logits_index[:-1]],
         request_ids=[s.request_id for s in ordered], sampling=build_sampling_metadata(ordered, device, vocab_size))
 
 

@@ -52,8 +52,35 @@ class ModelRunner:
         with forward_context(inputs.attention):
             hidden = self.model(inputs.input_ids, inputs.positions)  # (T, H)
         if all_positions:
-            return inputs, self.model.compute_logits(hidden).float()  # (T, V)
-        return inputs, self.model.compute_logits(hidden[inputs.logits_index])  # (B, V), the sampler casts
+            return inputs, self.model.compute_logits(hidden).float(), hidden  # (T, V)
+        return inputs, self.model.compute_logits(hidden[inputs.logits_index]), hidden  # (B, V), the sampler casts
+
+    def _prompt_logprobs(self, inputs, hidden: torch.Tensor) -> dict[str, tuple[int, list[tuple[list[int], list[float]]]]]:
+        """For requests with prompt_logprobs: (first prompt position, entries) of this step's prompt tokens.
+
+        Position q's logits predict prompt token q + 1; the entry holds that token's logprob first,
+        then the top alternatives.
+        """
+        out = {}
+        for row, request_id in enumerate(inputs.request_ids):
+            state = self.requests[request_id]
+            k = state.sampling_params.prompt_logprobs
+            if k is None:
+                continue
+            first = state.num_computed_tokens  # the position of this step's first token
+            start = inputs.query_starts[row]  # its index in the packed batch
+            num_scheduled = int(inputs.logits_index[row]) - start + 1
+            # Positions first .. first + m - 1 predict prompt tokens first + 1 .. first + m.
+            m = min(first + num_scheduled, state.num_prompt_tokens - 1) - first
+            if m <= 0:
+                continue
+            logprobs = self.model.compute_logits(hidden[start:start + m]).float().log_softmax(-1)  # (m, V)
+            targets = torch.tensor(state.token_ids[first + 1:first + 1 + m], device=logprobs.device)
+            ids = targets.unsqueeze(1)
+            if k:
+                ids = torch.cat([ids, logprobs.topk(k, dim=-1).indices], 1)
+            out[request_id] = (first + 1, list(zip(ids.tolist(), logprobs.gather(1, ids).tolist())))
+        return out
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -61,7 +88,7 @@ class ModelRunner:
         if so.is_empty:
             self._update_states(so)
             return ModelRunnerOutput({})
-        inputs, logits = self._forward(so)
+        inputs, logits, hidden = self._forward(so)
         sampled = self.sampler(logits, inputs.sampling)
         token_ids = sampled.token_ids.tolist()  # the step's one host sync
         logprobs = {}
@@ -71,12 +98,16 @@ class ModelRunner:
                 state = self.requests[inputs.request_ids[row]]
                 keep = 1 + state.sampling_params.logprobs
                 logprobs[inputs.request_ids[row]] = [(ids[:keep], values[:keep])]
-        return ModelRunnerOutput({rid: [tok] for rid, tok in zip(inputs.request_ids, token_ids)}, logprobs)
+        prompt_logprobs = {}
+        if any(self.requests[rid].sampling_params.prompt_logprobs is not None for rid in inputs.request_ids):
+            prompt_logprobs = self._prompt_logprobs(inputs, hidden)
+        return ModelRunnerOutput({rid: [tok] for rid, tok in zip(inputs.request_ids, token_ids)}, logprobs,
+                                 prompt_logprobs)
 
     @torch.inference_mode()
     def execute_logits(self, so: SchedulerOutput) -> dict[str, torch.Tensor]:
         """Runs one step without sampling: each request's logits (n_scheduled, V) at every new position."""
-        inputs, logits = self._forward(so, all_positions=True)
+        inputs, logits, _ = self._forward(so, all_positions=True)
         starts = [0] + [int(i) + 1 for i in inputs.logits_index[:-1]]
         ends = [int(i) + 1 for i in inputs.logits_index]
         return {rid: logits[s:e] for rid, s, e in zip(inputs.request_ids, starts, ends)}

@@ -48,8 +48,8 @@ class KVCacheManager:
         At least one token is always left to compute, so that the step yields logits.
         Does not take references: pass the blocks to ``allocate_slots``.
         """
-        if not self.pool.enable_caching:
-            return [], 0
+        if not self.pool.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0  # prompt logprobs need every prompt position computed
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []
         for block_hash in self._hashes(request, max_blocks):

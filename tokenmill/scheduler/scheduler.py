@@ -146,8 +146,11 @@ class Scheduler:
         for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             request = self.requests[request_id]
             request.num_computed_tokens += num_tokens
+            prompt_logprobs = runner_output.prompt_logprobs.get(request_id)
             if request.num_computed_tokens < request.num_tokens:
                 self.kv.cache_blocks(request)  # a prompt chunk that is not the last: no token yet
+                if prompt_logprobs is not None:
+                    outputs.append(EngineCoreOutput(request_id, [], prompt_logprobs=prompt_logprobs))
                 continue
             token = runner_output.sampled_token_ids[request_id][0]
             request.output_token_ids.append(token)
@@ -159,7 +162,8 @@ class Scheduler:
                 self.running.remove(request)
                 self._finish(request, status)
             outputs.append(EngineCoreOutput(request_id, [token], status.finish_reason if status else None,
-                                            request.stop_reason, runner_output.logprobs.get(request_id)))
+                                            request.stop_reason, runner_output.logprobs.get(request_id),
+                                            prompt_logprobs))
         return outputs
 
     @staticmethod
