@@ -109,3 +109,16 @@ def test_abort_frees_waiting_and_running():
     assert s.num_unfinished == 0 and s.kv.num_free_blocks == 64
     so = s.schedule()
     assert so.finished_req_ids == {"run", "wait"} and so.is_empty
+
+
+def test_prefix_cache_stats_count_admissions_not_attempts():
+    s = _make(num_blocks=4, block_size=4)
+    _add(s, "first", 12, max_tokens=4)  # 3 blocks, then 4: the whole pool until it finishes
+    _add(s, "second", 8, max_tokens=2)  # 2 blocks: waits, never preempts or is preempted
+    steps = 0
+    while s.num_unfinished:
+        _step(s)
+        steps += 1
+    assert steps > 4, "the second request was meant to wait several steps"
+    assert s.num_preemptions == 0
+    assert s.kv.num_queried_tokens == 12 + 8  # one lookup each, however many steps "second" waited

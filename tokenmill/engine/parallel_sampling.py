@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -61,6 +61,3 @@ class SampleGroup:
         return RequestOutput(self.request_id, first.prompt, first.prompt_token_ids, completions, self.finished,
                              first.metrics, first.num_cached_tokens)
 
-
-def completion_of(output: RequestOutput) -> CompletionOutput:
-    return output.outputs[0]

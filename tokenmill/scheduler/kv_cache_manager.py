@@ -57,9 +57,13 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.num_queried_tokens += request.num_tokens
-        self.num_hit_tokens += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Counts one admitted request's prefix-cache lookup (not the attempts that found no room)."""
+        if self.pool.enable_caching:
+            self.num_queried_tokens += num_tokens
+            self.num_hit_tokens += num_hit_tokens
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        computed_blocks: list[KVBlock] | None = None) -> bool:

@@ -99,6 +99,7 @@ class Scheduler:
             if not self.kv.allocate_slots(request, num_new, computed_blocks):
                 break
             self.waiting.popleft()
+            self.kv.record_prefix_query(request.num_tokens, num_cached)
             self.running.append(request)
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached
