@@ -42,27 +42,53 @@ def _generate(args) -> None:
     from tokenmill import SamplingParams
 
     llm = _make_llm(args)
+    early_stopping = {"true": True, "false": False, "never": "never"}[args.early_stopping]
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                            max_tokens=args.max_tokens, seed=args.seed if args.temperature > 0 else None,
-                            stop=args.stop or [], repetition_penalty=args.repetition_penalty,
+                            max_tokens=args.max_tokens, min_tokens=args.min_tokens, ignore_eos=args.ignore_eos,
+                            seed=args.seed if args.temperature > 0 else None, stop=args.stop or [],
+                            stop_token_ids=args.stop_token_id or [], repetition_penalty=args.repetition_penalty,
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                             no_repeat_ngram_size=args.no_repeat_ngram_size, bad_words=args.bad_word or [],
-                            logit_bias=dict(_parse_bias(b) for b in args.logit_bias or []))
+                            logit_bias=dict(_parse_bias(b) for b in args.logit_bias or []), n=args.n,
+                            best_of=args.best_of, logprobs=args.logprobs, beam_width=args.beam_width,
+                            length_penalty=args.length_penalty, early_stopping=early_stopping)
     engine = llm.engine
     engine.add_request(args.prompt, params)
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
+    streaming = params.n == 1 and params.best_of is None and not params.use_beam_search
+    if streaming:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
     while engine.has_unfinished_requests():
         for out in engine.step():
-            sys.stdout.write(out.outputs[0].delta_text)
-            sys.stdout.flush()
+            if streaming:
+                sys.stdout.write(out.outputs[0].delta_text)
+                sys.stdout.flush()
             if out.finished:
                 final = out
-    sys.stdout.write("\n")
+    if streaming:
+        sys.stdout.write("\n")
+    else:  # several completions (n, best_of, beams): each in full, best first where ranked
+        for c in final.outputs:
+            score = "" if c.cumulative_logprob is None else f" cumulative logprob {c.cumulative_logprob:.4f}"
+            print(f"--- completion {c.index}{score} ---\n{args.prompt}{c.text}")
+    if params.logprobs is not None:
+        _print_logprobs(llm, final)
     c = final.outputs[0]
     tpot = final.time_per_output_token
     print(f"[{len(c.token_ids)} tokens, finish_reason={c.finish_reason}, TTFT {1000 * final.time_to_first_token:.1f} ms"
           + (f", {1000 * tpot:.2f} ms/token" if tpot else "") + "]", file=sys.stderr)
+
+
+def _print_logprobs(llm, output) -> None:
+    """One line per generated token: the token, its logprob, and the most likely alternatives."""
+    def show(token_id: int) -> str:
+        return repr(llm.tokenizer.decode([token_id], skip_special_tokens=False)) if llm.tokenizer else str(token_id)
+
+    for c in output.outputs:
+        print(f"--- logprobs of completion {c.index} ---")
+        for token_id, entry in zip(c.token_ids, c.logprobs or []):
+            alternatives = ", ".join(f"{show(t)} {lp:.3f}" for t, lp in entry.items() if t != token_id)
+            print(f"{show(token_id):>16} {entry[token_id]:8.3f}" + (f"   | {alternatives}" if alternatives else ""))
 
 
 def _parse_bias(text: str) -> tuple[int, float]:
@@ -147,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
     gen.add_argument("--bad-word", action="append", help="a word never to generate (repeatable)")
     gen.add_argument("--logit-bias", action="append", metavar="TOKEN_ID=VALUE", help="add VALUE to a token's logit")
+    gen.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop token before this many tokens")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
+    gen.add_argument("--stop-token-id", type=int, action="append", help="token id that ends generation (repeatable)")
+    gen.add_argument("--n", type=int, default=1, help="how many completions (samples, or best beams)")
+    gen.add_argument("--best-of", type=int, help="sample this many, return the n most likely")
+    gen.add_argument("--logprobs", type=int, help="print each token's logprob and this many alternatives (0-20)")
+    gen.add_argument("--beam-width", type=int, default=1, help="beam search with this many beams when > 1")
+    gen.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length ** this")
+    gen.add_argument("--early-stopping", default="false", choices=["true", "false", "never"],
+                     help="beam search stopping rule (Hugging Face semantics)")
     gen.set_defaults(func=_generate)
 
     demo = sub.add_parser("demo", help="run a mixed batch on the embedded default model (random weights)")

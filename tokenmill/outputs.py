@@ -7,8 +7,12 @@ boundaries). Running requests travel as diffs: only what changed since their las
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.scheduler.beam_search import BeamHypothesis
 
 
 @dataclass
@@ -35,6 +39,8 @@ class CachedRequestData:
     """Tokens appended to the request since it was last scheduled (normally the last sampled one)."""
     new_block_ids: list[int]
     num_computed_tokens: int
+    block_ids: list[int] | None = None
+    """The whole block table, when copy-on-write replaced one of its blocks (new_block_ids is empty then)."""
 
 
 @dataclass
@@ -46,6 +52,8 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_req_ids: set[str] = field(default_factory=set)
     """Requests that ended (or were preempted) since the last step: the runner drops their state."""
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    """(source, destination) KV blocks to copy before the forward (copy-on-write of forked beams)."""
 
     @property
     def is_empty(self) -> bool:
@@ -60,6 +68,8 @@ class ModelRunnerOutput:
     """Request id -> per sampled token: (token ids, logprobs), the sampled token first (requests that ask only)."""
     prompt_logprobs: dict[str, tuple[int, list[tuple[list[int], list[float]]]]] = field(default_factory=dict)
     """Request id -> (position of the first prompt token covered, one (token ids, logprobs) per position)."""
+    beam_candidates: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    """Beam-search request id -> its best next tokens and their processed log-probabilities, best first."""
 
 
 @dataclass
@@ -72,6 +82,8 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     new_logprobs: list[tuple[list[int], list[float]]] | None = None
     prompt_logprobs: tuple[int, list[tuple[list[int], list[float]]]] | None = None
+    beams: list[BeamHypothesis] | None = None
+    """A finished beam search (request_id is the group's): the best n beams, best first."""
 
 
 @dataclass

@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.scheduler.beam_search import BeamGroup
 
 
 class RequestStatus(enum.IntEnum):
@@ -60,6 +64,8 @@ class Request:
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended the request, if any."""
     times: RequestTimes = field(default_factory=RequestTimes)
+    group: BeamGroup | None = None
+    """The beam-search group this sequence is a beam of, if any."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -57,12 +57,24 @@ class SamplingParams:
     and the ``prompt_logprobs`` most likely alternatives (0-20); None = off. Such requests skip the
     prefix cache, since cached positions are never computed."""
     n: int = 1
-    """How many samples of the prompt to return; they share the prompt's KV blocks."""
+    """How many samples of the prompt to return (with beam search: how many of the best beams);
+    they share the prompt's KV blocks."""
     best_of: int | None = None
     """Generate this many samples (>= n) and return the n with the highest cumulative logprob."""
     logprobs: int | None = None
     """Report the log-probability of each generated token and of the ``logprobs`` most likely
     alternatives (0-20), from the model's distribution before any processing; None = off."""
+    beam_width: int = 1
+    """Beam search with this many beams when > 1 (Hugging Face ``num_beams``): the ``n`` best
+    finished beams are returned, best first. Deterministic: temperature, top_p, top_k and min_p do
+    not apply."""
+    length_penalty: float = 1.0
+    """Beam search: a finished beam's score is its cumulative logprob / (generated tokens ** length_penalty);
+    > 0 favours longer outputs, < 0 shorter ones."""
+    early_stopping: bool | str = False
+    """Beam search (Hugging Face semantics): True stops once ``beam_width`` beams have finished; False
+    stops when no running beam can still beat the finished ones at the current length (heuristic);
+    ``"never"`` stops only when no running beam can beat them at any length."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -94,7 +106,14 @@ class SamplingParams:
             raise RequestError(f"n must be an integer in [1, {MAX_SAMPLES}], got {self.n!r}")
         if self.best_of is not None and (not _is_int(self.best_of) or not self.n <= self.best_of <= MAX_SAMPLES):
             raise RequestError(f"best_of must be an integer in [n={self.n}, {MAX_SAMPLES}], got {self.best_of!r}")
-        if (self.n > 1 or (self.best_of or 1) > 1) and self.temperature == 0:
+        if not _is_int(self.beam_width) or not 1 <= self.beam_width <= MAX_SAMPLES:
+            raise RequestError(f"beam_width must be an integer in [1, {MAX_SAMPLES}], got {self.beam_width!r}")
+        _check_number("length_penalty", self.length_penalty, low=-100.0, high=100.0)
+        if self.early_stopping not in (True, False, "never"):
+            raise RequestError(f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}")
+        if self.use_beam_search:
+            self._check_beam_search()
+        elif (self.n > 1 or (self.best_of or 1) > 1) and self.temperature == 0:
             raise RequestError("n > 1 and best_of > 1 need sampling (temperature > 0): greedy samples are identical")
         if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
                                                  or not 0 <= self.prompt_logprobs <= 20):
@@ -122,9 +141,32 @@ class SamplingParams:
             if not word or not all(_is_int(t) and t >= 0 for t in word):
                 raise RequestError(f"bad_words_token_ids must be non-empty lists of token ids, got {word!r}")
 
+    def _check_beam_search(self) -> None:
+        """What beam search does not combine with, each with its own message."""
+        if self.n > self.beam_width:
+            raise RequestError(f"n ({self.n}) must not exceed beam_width ({self.beam_width}): "
+                               "beam search returns the n best of its beams")
+        if self.best_of is not None:
+            raise RequestError("best_of does not apply to beam search: use beam_width")
+        if self.temperature not in (0.0, 1.0):
+            raise RequestError(f"beam search is deterministic: leave temperature at 0 or 1, got {self.temperature!r}")
+        for name, value, default in (("top_p", self.top_p, 1.0), ("top_k", self.top_k, 0), ("min_p", self.min_p, 0.0)):
+            if value != default:
+                raise RequestError(f"{name} does not apply to beam search (deterministic); got {value!r}")
+        if self.stop:
+            raise RequestError("stop strings are not supported with beam search; use stop_token_ids")
+        if self.logprobs is not None or self.prompt_logprobs is not None:
+            raise RequestError("logprobs and prompt_logprobs are not supported with beam search; "
+                               "each beam reports its cumulative_logprob")
+
+    @property
+    def use_beam_search(self) -> bool:
+        return self.beam_width > 1
+
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """No random draw: temperature 0, or beam search (which ranks log-probabilities)."""
+        return self.temperature == 0.0 or self.use_beam_search
 
     @property
     def uses_penalties(self) -> bool:

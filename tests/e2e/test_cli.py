@@ -58,3 +58,16 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "RANDOM" in result.stdout and "output tokens/s" in result.stdout
     assert "KV blocks free after the batch: 1024/1024" in result.stdout
+
+
+def test_generate_beam_search_n_and_logprobs_flags(checkpoint):
+    model = str(checkpoint("llama"))
+    common = ("generate", model, "--prompt", "hello world", "--max-tokens", "6", "--kv-cache-memory", "8MiB")
+    result = _run(*common, "--beam-width", "3", "--n", "2", "--length-penalty", "0.5", "--early-stopping", "true")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- completion") == 2 and "cumulative logprob" in result.stdout
+    result = _run(*common, "--temperature", "1", "--n", "2", "--logprobs", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- logprobs of completion") == 2
+    result = _run(*common, "--beam-width", "2", "--n", "3")
+    assert result.returncode == 2 and "n (3) must not exceed beam_width (2)" in result.stderr

@@ -109,6 +109,14 @@ def test_request_larger_than_kv_cache(checkpoint, make_llm):
     llm = make_llm(checkpoint("llama"), kv_cache_memory=4 * 2 * 2 * 2 * 8 * 4 * 16)  # 4 blocks of 16 tokens
     with pytest.raises(RequestError, match="needs up to 7 KV blocks but the cache has 4"):
         llm.generate({"prompt_token_ids": [1] * 100}, SamplingParams(max_tokens=4))
+    with pytest.raises(RequestError, match=r"needs up to 6 KV blocks \(3 beams\) but the cache has 4"):
+        llm.generate({"prompt_token_ids": [1] * 20}, SamplingParams(max_tokens=4, beam_width=3))
+
+
+def test_beam_width_beyond_max_num_seqs(checkpoint, make_llm):
+    llm = make_llm(checkpoint("llama"), max_num_seqs=4)
+    with pytest.raises(RequestError, match="beam_width 5 exceeds max_num_seqs 4"):
+        llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(beam_width=5))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -124,6 +132,16 @@ def test_request_larger_than_kv_cache(checkpoint, make_llm):
     ({"stop_token_ids": [-1]}, "stop_token_ids must be non-negative"),
     ({"temperature": float("nan")}, "temperature must be a number"),
     ({"seed": "x"}, "seed must be an integer"),
+    ({"beam_width": 0}, r"beam_width must be an integer in \[1, 128\]"),
+    ({"beam_width": 2.0}, "beam_width must be an integer"),
+    ({"beam_width": 2, "n": 3}, r"n \(3\) must not exceed beam_width \(2\)"),
+    ({"beam_width": 2, "best_of": 2}, "best_of does not apply to beam search"),
+    ({"beam_width": 2, "temperature": 0.7}, "beam search is deterministic"),
+    ({"beam_width": 2, "top_k": 5}, "top_k does not apply to beam search"),
+    ({"beam_width": 2, "stop": ["x"]}, "stop strings are not supported with beam search"),
+    ({"beam_width": 2, "logprobs": 1}, "logprobs and prompt_logprobs are not supported with beam search"),
+    ({"length_penalty": "long"}, "length_penalty must be a number"),
+    ({"early_stopping": "sometimes"}, "early_stopping must be true, false or \"never\""),
 ])
 def test_invalid_sampling_values(kwargs, message):
     with pytest.raises(RequestError, match=message):

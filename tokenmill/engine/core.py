@@ -81,17 +81,25 @@ class EngineCore:
             raise RequestError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) = "
                                f"{num_prompt + params.max_tokens} exceeds max_model_len {self.max_model_len}")
         max_tokens = params.max_tokens or self.max_model_len - num_prompt
-        num_blocks_needed = -(-(num_prompt + max_tokens) // self.config.cache.block_size)
+        # Beams may all have to be recomputed side by side after a preemption: budget for no sharing.
+        num_blocks_needed = params.beam_width * -(-(num_prompt + max_tokens) // self.config.cache.block_size)
         if num_blocks_needed > self.num_blocks:
-            raise RequestError(f"request needs up to {num_blocks_needed} KV blocks but the cache has "
-                               f"{self.num_blocks}; raise kv_cache_memory or lower max_tokens")
+            raise RequestError(f"request needs up to {num_blocks_needed} KV blocks"
+                               f"{f' ({params.beam_width} beams)' if params.use_beam_search else ''} but the cache "
+                               f"has {self.num_blocks}; raise kv_cache_memory or lower max_tokens")
+        if params.beam_width > self.config.scheduler.max_num_seqs:
+            raise RequestError(f"beam_width {params.beam_width} exceeds max_num_seqs "
+                               f"{self.config.scheduler.max_num_seqs}: every beam is a sequence in the batch")
         seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._seeds))) % 2**31
-        request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=params,
+        beam_search = params.use_beam_search
+        request = Request(request_id=f"{request_id}#beam0" if beam_search else request_id,
+                          prompt_token_ids=list(prompt_token_ids), sampling_params=params,
                           eos_token_ids=self.eos_token_ids, max_tokens=max_tokens, seed=seed)
-        self.scheduler.add_request(request)
+        self.scheduler.add_request(request, group_id=request_id if beam_search else None)
         return request
 
     def abort_requests(self, request_ids) -> None:
+        """Ends requests (a beam-search request by its own id, with all its beams) and frees their blocks."""
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def stop_requests(self, request_ids) -> None:

@@ -78,6 +78,8 @@ class LLMEngine:
             raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self.encode_prompt(prompt)
         request_id = request_id if request_id is not None else str(next(self._ids))
+        if params.use_beam_search:  # its n best beams come from one group of sequences in the core
+            return self._add_single(request_id, text, token_ids, params)
         if params.n > 1 or (params.best_of or 1) > 1:
             return self._add_group(request_id, {"prompt": text, "prompt_token_ids": token_ids}, params)
         return self._add_single(request_id, text, token_ids, params)
@@ -104,7 +106,8 @@ class LLMEngine:
         if params.bad_words:
             params = self._with_bad_word_ids(params)
         request = self.core.add_request(request_id, token_ids, params)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer else None
+        streams = self.tokenizer is not None and not params.use_beam_search  # beams are decoded when they finish
+        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if streams else None
         self._tracked[request_id] = _Tracked(request, text, detokenizer)
         return request_id
 
@@ -136,6 +139,10 @@ class LLMEngine:
         results = []
         for out in self.core.step():
             tracked = self._tracked[out.request_id]
+            if out.beams is not None:
+                results.append(self._beam_output(tracked, out))
+                del self._tracked[out.request_id]
+                continue
             if out.prompt_logprobs is not None:
                 first, entries = out.prompt_logprobs
                 if tracked.prompt_logprobs is None:
@@ -174,6 +181,22 @@ class LLMEngine:
             for index in range(group.num_children):
                 self._group_of.pop(child_request_id(group_id, index), None)
         return merged
+
+    def _beam_output(self, tracked: _Tracked, out) -> RequestOutput:
+        """A finished beam search: its n best beams, best first."""
+        skip = tracked.request.sampling_params.skip_special_tokens
+        completions = [CompletionOutput(
+            index=i, text=self.tokenizer.decode(beam.token_ids, skip_special_tokens=skip) if self.tokenizer else "",
+            token_ids=list(beam.token_ids), finish_reason=beam.finish_reason, stop_reason=beam.stop_reason,
+            cumulative_logprob=beam.cumulative_logprob) for i, beam in enumerate(out.beams)]
+        for completion in completions:
+            completion.delta_text = completion.text  # nothing was streamed before
+        request = tracked.request
+        times = request.times
+        metrics = RequestMetrics(times.arrival, times.first_scheduled, times.first_token, times.last_token,
+                                 times.finished, request.num_cached_tokens)
+        return RequestOutput(out.request_id, tracked.prompt, request.prompt_token_ids, completions, True,
+                             metrics, request.num_cached_tokens)
 
     @staticmethod
     def _make_output(tracked: _Tracked, finish_reason: str | None, stop_reason: int | str | None) -> RequestOutput:

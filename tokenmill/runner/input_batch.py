@@ -20,6 +20,7 @@ from tokenmill.attention.backend import AttentionMetadata, PrefillSpan
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sample.logits_processors import banned_bad_words, banned_ngram_tokens, build_penalties
 from tokenmill.sample.sampler import SamplingMetadata
+from tokenmill.scheduler.beam_search import num_beam_candidates
 
 
 @dataclass
@@ -137,6 +138,9 @@ def build_sampling_metadata(states: list[RunnerRequestState], device: torch.devi
         if p.uses_penalties:
             penalty_rows.append(row)
     logprob_rows = [row for row, state in enumerate(states) if state.sampling_params.logprobs is not None]
+    beam_rows = [row for row, state in enumerate(states) if state.sampling_params.use_beam_search]
+    beam_counts = [min(num_beam_candidates(states[r].sampling_params, states[r].eos_token_ids), vocab_size)
+                   for r in beam_rows]
     penalties = None
     if penalty_rows:
         chosen = [states[r] for r in penalty_rows]
@@ -146,7 +150,8 @@ def build_sampling_metadata(states: list[RunnerRequestState], device: torch.devi
             [s.sampling_params.presence_penalty for s in chosen], [s.sampling_params.frequency_penalty for s in chosen],
             vocab_size, device)
     return SamplingMetadata(
-        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+        temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32,
+                                 device=device),
         top_k=torch.tensor([p.top_k for p in params], device=device) if use_top_k else None,
         top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device) if use_top_p else None,
         min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device) if use_min_p else None,
@@ -156,6 +161,8 @@ def build_sampling_metadata(states: list[RunnerRequestState], device: torch.devi
         penalties=penalties,
         logprob_rows=torch.tensor(logprob_rows, dtype=torch.long, device=device) if logprob_rows else None,
         num_logprobs=max((states[r].sampling_params.logprobs for r in logprob_rows), default=0),
+        beam_rows=torch.tensor(beam_rows, dtype=torch.long, device=device) if beam_rows else None,
+        beam_num_candidates=beam_counts,
         bias=(torch.tensor(bias_rows, dtype=torch.long, device=device),
               torch.tensor(bias_cols, dtype=torch.long, device=device),
               torch.tensor(bias_values, dtype=torch.float32, device=device)) if bias_rows else None)

@@ -41,8 +41,20 @@ class ModelRunner:
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.request_id]
             state.token_ids.extend(cached.new_token_ids)
-            state.block_ids.extend(cached.new_block_ids)
+            if cached.block_ids is not None:
+                state.block_ids = list(cached.block_ids)
+            else:
+                state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+        if so.block_copies:
+            self._copy_blocks(so.block_copies)
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block dst takes block src's K and V in every layer."""
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for cache in self.kv_caches:  # (2, blocks, block_size, nkv, d)
+            cache[:, dst] = cache[:, src]
 
     def _forward(self, so: SchedulerOutput, all_positions: bool = False):
         self._update_states(so)
@@ -98,11 +110,17 @@ class ModelRunner:
                 state = self.requests[inputs.request_ids[row]]
                 keep = 1 + state.sampling_params.logprobs
                 logprobs[inputs.request_ids[row]] = [(ids[:keep], values[:keep])]
+        beam_candidates = {}
+        if sampled.beam_token_ids is not None:  # one more sync, only for steps with beam-search requests
+            md = inputs.sampling
+            for row, keep, ids, values in zip(md.beam_rows.tolist(), md.beam_num_candidates,
+                                              sampled.beam_token_ids.tolist(), sampled.beam_logprobs.tolist()):
+                beam_candidates[inputs.request_ids[row]] = (ids[:keep], values[:keep])
         prompt_logprobs = {}
         if any(self.requests[rid].sampling_params.prompt_logprobs is not None for rid in inputs.request_ids):
             prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         return ModelRunnerOutput({rid: [tok] for rid, tok in zip(inputs.request_ids, token_ids)}, logprobs,
-                                 prompt_logprobs)
+                                 prompt_logprobs, beam_candidates)
 
     @torch.inference_mode()
     def execute_logits(self, so: SchedulerOutput) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ tokens whatever else is in the batch and however often it was preempted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,13 +38,18 @@ class SamplingMetadata:
     logprob_rows: torch.Tensor | None = None
     """(R,) int64 rows whose requests want logprobs; ``num_logprobs`` alternatives for each."""
     num_logprobs: int = 0
+    beam_rows: torch.Tensor | None = None
+    """(R,) int64 rows of beam-search requests: their processors act on log-probabilities (as in
+    Hugging Face beam search) and they report their best ``beam_num_candidates[i]`` continuations."""
+    beam_num_candidates: list[int] = field(default_factory=list)
     penalties: PenaltyInputs | None = None
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     """(rows, token ids, values) of logit_bias, added to the logits."""
 
     @property
     def uses_processors(self) -> bool:
-        return self.banned_rows is not None or self.penalties is not None or self.bias is not None
+        return (self.banned_rows is not None or self.penalties is not None or self.bias is not None
+                or self.beam_rows is not None)
 
     @property
     def all_greedy(self) -> bool:
@@ -97,6 +102,10 @@ class SamplerOutput:
     """(R, 1 + num_logprobs) int64 for ``logprob_rows``: the sampled token, then the most likely ones."""
     logprobs: torch.Tensor | None = None
     """(R, 1 + num_logprobs) float32 log-probabilities of those tokens."""
+    beam_token_ids: torch.Tensor | None = None
+    """(R, max candidates) int64 for ``beam_rows``: the best next tokens, best first."""
+    beam_logprobs: torch.Tensor | None = None
+    """(R, max candidates) float32: their processed log-probabilities."""
 
 
 def raw_logprobs(logits: torch.Tensor, rows: torch.Tensor, sampled: torch.Tensor,
@@ -112,21 +121,31 @@ def raw_logprobs(logits: torch.Tensor, rows: torch.Tensor, sampled: torch.Tensor
 class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """logits (B, V) in the model's dtype -> token ids (and logprobs where asked). Never syncs with the host."""
-        sampled = self._sample(logits, md)
-        if md.logprob_rows is None:
-            return SamplerOutput(sampled)
-        ids, values = raw_logprobs(logits, md.logprob_rows, sampled, md.num_logprobs)
-        return SamplerOutput(sampled, ids, values)
+        processed = self._process(logits, md)
+        out = SamplerOutput(self._sample(processed, md))
+        if md.logprob_rows is not None:
+            out.logprob_token_ids, out.logprobs = raw_logprobs(logits, md.logprob_rows, out.token_ids, md.num_logprobs)
+        if md.beam_rows is not None:
+            out.beam_logprobs, out.beam_token_ids = processed[md.beam_rows].topk(max(md.beam_num_candidates), dim=-1)
+        return out
 
-    def _sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    @staticmethod
+    def _process(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """Applies penalties, bias and bans (float32); beam rows become log-probabilities first."""
         if md.uses_processors:
             logits = logits.float()  # processors run before greedy and sampling alike, as in transformers
+            if md.beam_rows is not None:
+                logits = logits.index_put((md.beam_rows,), logits[md.beam_rows].log_softmax(-1))
             if md.penalties is not None:
                 logits = apply_penalties(logits, md.penalties)
             if md.bias is not None:
                 logits = logits.index_put(md.bias[:2], md.bias[2], accumulate=True)
             if md.banned_rows is not None:
                 logits = logits.index_put((md.banned_rows, md.banned_cols), torch.tensor(_MASK, device=logits.device))
+        return logits
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         # max().indices: the first maximum, like argmax, but faster on CPU; exact in any dtype.
         greedy_tokens = logits.max(-1).indices
         if md.all_greedy:

@@ -17,6 +17,10 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self.req_hashes: dict[str, list[bytes]] = {}
+        self.pending_copies: list[tuple[int, int]] = []
+        """(source block, destination block) copies the runner must do before the next forward."""
+        self.replaced: set[str] = set()
+        """Requests whose block table changed in place (copy-on-write) since ``take_copies``."""
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
@@ -73,17 +77,40 @@ class KVCacheManager:
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
         num_new_blocks = num_needed - len(blocks) - len(computed_blocks)
+        write_index = num_computed // self.block_size  # the first block this step writes into
+        copy_on_write = num_new_tokens > 0 and write_index < len(blocks) and blocks[write_index].ref_cnt > 1
         # Hits that sit in the free queue stop being available once we take them.
         num_reclaimed = sum(1 for b in computed_blocks if b.ref_cnt == 0)
-        if num_new_blocks > self.pool.num_free_blocks - num_reclaimed:
+        if num_new_blocks + copy_on_write > self.pool.num_free_blocks - num_reclaimed:
             if not blocks:
                 del self.req_blocks[request.request_id]
             return False
+        if copy_on_write:
+            shared = blocks[write_index]
+            blocks[write_index] = self.pool.get_new_blocks(1)[0]
+            self.pool.free_blocks([shared])  # still held by the other sharers
+            self.pending_copies.append((shared.block_id, blocks[write_index].block_id))
+            self.replaced.add(request.request_id)
         self.pool.touch(computed_blocks)
         blocks.extend(computed_blocks)
         if num_new_blocks > 0:
             blocks.extend(self.pool.get_new_blocks(num_new_blocks))
         return True
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Gives ``child`` the parent's blocks (shared, by reference count) and prefix hashes."""
+        blocks = self.req_blocks[parent.request_id]
+        self.pool.touch(blocks)
+        self.req_blocks[child.request_id] = list(blocks)
+        # The parent's hashes cover full computed blocks only: tokens the child shares.
+        self.req_hashes[child.request_id] = list(self.req_hashes.get(parent.request_id, []))
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The queued copy-on-write copies whose destination is still held (then forgets them)."""
+        copies = [(src, dst) for src, dst in self.pending_copies if self.pool.blocks[dst].ref_cnt > 0]
+        self.pending_copies = []
+        self.replaced.clear()
+        return copies
 
     def cache_blocks(self, request: Request) -> None:
         """Registers the request's newly full blocks (up to num_computed_tokens) in the prefix cache."""

@@ -5,6 +5,11 @@ Every step walks the running requests (oldest first), then the waiting ones, giv
 and resumed requests need no special cases. When blocks run out, the newest running request is
 preempted: its blocks are freed and it is recomputed later from its tokens (which, with prefix
 caching, often finds its own blocks still cached).
+
+Beam search (see ``beam_search.py``) adds *groups*: the beams of one request are ordinary requests
+kept next to each other in the queues. A group is admitted and preempted as a unit, so that a
+beam never waits for a sibling that cannot run; after each step, a group whose beams have all
+reported advances, which forks, continues and drops beams.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                SchedulerOutput)
 from tokenmill.request import Request, RequestStatus
+from tokenmill.scheduler.beam_search import BeamGroup
 from tokenmill.scheduler.kv_cache_manager import KVCacheManager
 
 
@@ -28,27 +34,34 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_req_ids: set[str] = set()
         self._num_tokens_sent: dict[str, int] = {}  # tokens of each request the runner already holds
+        self.groups: dict[str, BeamGroup] = {}
         self.num_preemptions = 0
         self.num_computed_prompt_tokens = 0
 
     # ---- requests in and out -------------------------------------------------------------
-    def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+    def add_request(self, request: Request, group_id: str | None = None) -> None:
+        """Queues a request; a beam-search request becomes the first beam of group ``group_id``."""
+        for used in (request.request_id, group_id):
+            if used is not None and (used in self.requests or used in self.groups):
+                raise ValueError(f"request id {used!r} is already in use")
+        if request.sampling_params.use_beam_search:
+            group_id = group_id or request.request_id
+            request.group = self.groups[group_id] = BeamGroup(group_id, request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
     def finish_requests(self, request_ids, status: RequestStatus) -> None:
-        """Ends requests from outside the step (abort, stop string); frees their blocks at once."""
+        """Ends requests (or beam groups, by group id) from outside the step; frees their blocks at once."""
         for request_id in request_ids:
-            request = self.requests.get(request_id)
-            if request is None or request.status.finished:
-                continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
-            self._finish(request, status)
+            group = self.groups.pop(request_id, None)
+            for request in list(group.beams) if group else [self.requests.get(request_id)]:
+                if request is None or request.status.finished:
+                    continue
+                if request.status == RequestStatus.RUNNING:
+                    self.running.remove(request)
+                else:
+                    self.waiting.remove(request)
+                self._finish(request, status)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
@@ -66,68 +79,116 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
-        new_reqs: list[NewRequestData] = []
-        cached_reqs: list[CachedRequestData] = []
+        new_reqs: dict[str, NewRequestData] = {}
+        cached_reqs: dict[str, CachedRequestData] = {}
         preempted = False
 
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0:  # a beam that reported, waiting for its siblings
+                index += 1
+                continue
             num_blocks_before = len(self.kv.block_ids(request.request_id))
             while not self.kv.allocate_slots(request, num_new):
-                victim = self.running.pop()
-                self._preempt(victim)
+                unit, freed_budget = self._preempt_last(num_scheduled, new_reqs, cached_reqs)
+                budget += freed_budget
                 preempted = True
-                if victim is request:
+                if request in unit:
                     break
             else:
                 num_scheduled[request.request_id] = num_new
                 budget -= num_new
                 index += 1
-                cached_reqs.append(self._cached_data(request, num_blocks_before))
+                if request.request_id in self._num_tokens_sent:
+                    cached_reqs[request.request_id] = self._cached_data(request, num_blocks_before)
+                else:  # a beam forked last step
+                    new_reqs[request.request_id] = self._new_data(request)
                 continue
             break  # the request itself was preempted: nothing newer is left to schedule
 
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            computed_blocks, num_cached = self.kv.get_computed_blocks(request)
-            num_new = request.num_tokens - num_cached
-            if not self.config.enable_chunked_prefill and num_new > budget:
+        while self.waiting and budget > 0 and not preempted:
+            unit = self._unit(self.waiting[0])  # a beam group's members are contiguous at the front
+            if len(self.running) + len(unit) > self.config.max_num_seqs:
                 break
-            num_new = min(num_new, budget)
-            if not self.kv.allocate_slots(request, num_new, computed_blocks):
+            admitted = self._admit(unit, budget)
+            if admitted is None:
                 break
-            self.waiting.popleft()
-            self.kv.record_prefix_query(request.num_tokens, num_cached)
-            self.running.append(request)
-            if request.status == RequestStatus.WAITING:
-                request.num_cached_tokens = num_cached
-                request.times.first_scheduled = time.perf_counter()
-            request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_cached
-            num_scheduled[request.request_id] = num_new
-            budget -= num_new
-            self._num_tokens_sent[request.request_id] = request.num_tokens
-            new_reqs.append(NewRequestData(
-                request_id=request.request_id, token_ids=request.token_ids(0, request.num_tokens),
-                num_prompt_tokens=request.num_prompt_tokens, sampling_params=request.sampling_params,
-                seed=request.seed, block_ids=self.kv.block_ids(request.request_id),
-                num_computed_tokens=num_cached, num_output_tokens=request.num_output_tokens))
+            for request, num_new, num_cached in admitted:
+                self.waiting.popleft()
+                self.kv.record_prefix_query(request.num_tokens, num_cached)
+                self.running.append(request)
+                if request.status == RequestStatus.WAITING:
+                    request.num_cached_tokens = num_cached
+                    request.times.first_scheduled = request.times.first_scheduled or time.perf_counter()
+                request.status = RequestStatus.RUNNING
+                request.num_computed_tokens = num_cached
+                num_scheduled[request.request_id] = num_new
+                budget -= num_new
+                new_reqs[request.request_id] = self._new_data(request)
 
         for request_id, n in num_scheduled.items():
             request = self.requests[request_id]
             self.num_computed_prompt_tokens += max(0, min(request.num_prompt_tokens - request.num_computed_tokens, n))
         finished, self._finished_req_ids = self._finished_req_ids, set()
-        return SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()), finished)
+        return SchedulerOutput(list(new_reqs.values()), list(cached_reqs.values()), num_scheduled,
+                               sum(num_scheduled.values()), finished, self.kv.take_copies())
+
+    @staticmethod
+    def _unit(request: Request) -> list[Request]:
+        """What is admitted and preempted together: a beam group's live beams, else the request."""
+        return list(request.group.beams) if request.group is not None else [request]
+
+    def _admit(self, unit: list[Request], budget: int) -> list[tuple[Request, int, int]] | None:
+        """Allocates blocks for every request of ``unit`` (all or none): (request, tokens to compute, cached)."""
+        share = budget // len(unit)  # beams split the budget so that the whole group starts this step
+        if share == 0:
+            return None
+        admitted = []
+        for request in unit:
+            computed_blocks, num_cached = self.kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_cached
+            fits = self.config.enable_chunked_prefill or request.group is not None or num_new <= share
+            if not fits or not self.kv.allocate_slots(request, min(num_new, share), computed_blocks):
+                for done, _, _ in admitted:  # roll back: the unit waits as a whole
+                    self.kv.free(done)
+                return None
+            admitted.append((request, min(num_new, share), num_cached))
+        return admitted
+
+    def _new_data(self, request: Request) -> NewRequestData:
+        self._num_tokens_sent[request.request_id] = request.num_tokens
+        return NewRequestData(
+            request_id=request.request_id, token_ids=request.token_ids(0, request.num_tokens),
+            num_prompt_tokens=request.num_prompt_tokens, sampling_params=request.sampling_params,
+            seed=request.seed, block_ids=self.kv.block_ids(request.request_id),
+            num_computed_tokens=request.num_computed_tokens, num_output_tokens=request.num_output_tokens)
 
     def _cached_data(self, request: Request, num_blocks_before: int) -> CachedRequestData:
         num_sent = self._num_tokens_sent[request.request_id]
         self._num_tokens_sent[request.request_id] = request.num_tokens
+        block_ids = self.kv.block_ids(request.request_id)
+        replaced = request.request_id in self.kv.replaced  # copy-on-write swapped a block: send the table
         return CachedRequestData(
             request_id=request.request_id, new_token_ids=request.token_ids(num_sent, request.num_tokens),
-            new_block_ids=self.kv.block_ids(request.request_id)[num_blocks_before:],
-            num_computed_tokens=request.num_computed_tokens)
+            new_block_ids=[] if replaced else block_ids[num_blocks_before:],
+            num_computed_tokens=request.num_computed_tokens, block_ids=block_ids if replaced else None)
+
+    def _preempt_last(self, num_scheduled: dict[str, int], new_reqs: dict, cached_reqs: dict) -> tuple[list[Request], int]:
+        """Preempts the newest running unit, unscheduling what of it this step already scheduled."""
+        unit = self._unit(self.running[-1])
+        for request in unit:
+            self.running.remove(request)
+        freed_budget = 0
+        for request in reversed(unit):  # appendleft in reverse keeps the unit's order at the front
+            freed_budget += num_scheduled.pop(request.request_id, 0)
+            new_reqs.pop(request.request_id, None)
+            cached_reqs.pop(request.request_id, None)
+            self._preempt(request)
+        if unit[0].group is not None:
+            unit[0].group.clear_reports()  # every beam recomputes and reports again
+        return unit, freed_budget
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
@@ -144,6 +205,7 @@ class Scheduler:
         """Advances progress, appends sampled tokens, checks stop conditions, frees finished requests."""
         outputs: list[EngineCoreOutput] = []
         now = time.perf_counter()
+        reported: dict[str, BeamGroup] = {}
         for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             request = self.requests[request_id]
             request.num_computed_tokens += num_tokens
@@ -152,6 +214,11 @@ class Scheduler:
                 self.kv.cache_blocks(request)  # a prompt chunk that is not the last: no token yet
                 if prompt_logprobs is not None:
                     outputs.append(EngineCoreOutput(request_id, [], prompt_logprobs=prompt_logprobs))
+                continue
+            if request.group is not None:
+                request.group.report(request, *runner_output.beam_candidates[request_id])
+                self.kv.cache_blocks(request)
+                reported[request.group.group_id] = request.group
                 continue
             token = runner_output.sampled_token_ids[request_id][0]
             request.output_token_ids.append(token)
@@ -165,7 +232,58 @@ class Scheduler:
             outputs.append(EngineCoreOutput(request_id, [token], status.finish_reason if status else None,
                                             request.stop_reason, runner_output.logprobs.get(request_id),
                                             prompt_logprobs))
+        for group in reported.values():
+            if group.ready:
+                outputs.extend(self._advance_group(group, now))
         return outputs
+
+    def _advance_group(self, group: BeamGroup, now: float) -> list[EngineCoreOutput]:
+        """One beam-search step: fork the chosen continuations, drop the rest; finish when done."""
+        old = group.beams
+        next_beams = group.advance()
+        old[0].times.first_token = old[0].times.first_token or now
+        old[0].times.last_token = now
+        position = min(self.running.index(beam) for beam in old)
+        self.running = [r for r in self.running if r.group is not group]
+        if group.done:
+            for beam in old:
+                self._finish(beam, RequestStatus.FINISHED_STOPPED)
+            del self.groups[group.group_id]
+            best = group.results()
+            reason, stop_reason = (best[0].finish_reason, best[0].stop_reason) if best else ("length", None)
+            return [EngineCoreOutput(group.group_id, [], reason, stop_reason, beams=best)]
+        first_token: dict[str, int] = {}  # parent id -> the token it continues with itself
+        beams, forks, scores = [], [], {}
+        for cont in next_beams:  # best first
+            parent = cont.parent
+            if parent.request_id in first_token:  # a further child: a new sequence sharing the parent's blocks
+                beam = self._fork(parent, cont.token)
+                forks.append(beam)
+            else:
+                first_token[parent.request_id] = cont.token
+                beam = parent
+            beams.append(beam)
+            scores[beam.request_id] = cont.cumulative_logprob
+        for beam in old:  # after the forks copied the parents' tokens
+            if beam.request_id in first_token:
+                beam.output_token_ids.append(first_token[beam.request_id])
+            else:  # no continuation kept: dropped
+                self._finish(beam, RequestStatus.FINISHED_STOPPED)
+        # Forks first: they copy a shared partial block before the parent writes into it in place.
+        self.running[position:position] = forks + [b for b in beams if b not in forks]
+        group.set_beams(beams, scores)
+        return []
+
+    def _fork(self, parent: Request, token: int) -> Request:
+        child = Request(
+            request_id=parent.group.next_beam_id(), prompt_token_ids=parent.prompt_token_ids,
+            sampling_params=parent.sampling_params, eos_token_ids=parent.eos_token_ids,
+            max_tokens=parent.max_tokens, seed=parent.seed, output_token_ids=parent.output_token_ids + [token],
+            num_computed_tokens=parent.num_computed_tokens, num_cached_tokens=parent.num_cached_tokens,
+            status=RequestStatus.RUNNING, times=parent.times, group=parent.group)
+        self.kv.fork(parent, child)
+        self.requests[child.request_id] = child
+        return child
 
     @staticmethod
     def _check_stop(request: Request, token: int) -> RequestStatus | None:
@@ -186,3 +304,7 @@ class Scheduler:
             assert request.request_id in self.kv.req_blocks, f"running request {request.request_id} has no blocks"
         for request in self.waiting:
             assert request.request_id not in self.kv.req_blocks, f"waiting request {request.request_id} holds blocks"
+        for group_id, group in self.groups.items():
+            states = {beam.status for beam in group.beams}
+            assert len(states) == 1, f"beam group {group_id}: beams in states {states}, not one unit"
+            assert all(self.requests.get(b.request_id) is b for b in group.beams), f"beam group {group_id}: lost a beam"
