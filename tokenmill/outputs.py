@@ -84,6 +84,8 @@ class EngineCoreOutput:
     prompt_logprobs: tuple[int, list[tuple[list[int], list[float]]]] | None = None
     beams: list[BeamHypothesis] | None = None
     """A finished beam search (request_id is the group's): the best n beams, best first."""
+    num_cached_tokens: int = 0
+    """Prompt tokens the request found in the prefix cache."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""LLMEngine: text in, RequestOutputs out, over an in-process EngineCore.
+"""EngineFrontend and LLMEngine: text in, RequestOutputs out, over an engine core.
 
 Tokenises prompts, runs steps, detokenises incrementally, applies stop strings, and assembles
 per-request outputs with timings. ``LLM`` (offline) and ``tokenmill generate`` (streaming) use it.
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass
-from typing import Union
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, Union
 
 import torch
 
@@ -21,7 +22,7 @@ from tokenmill.engine.tokenizer import BaseTokenizer, load_tokenizer
 from tokenmill.errors import RequestError
 from tokenmill.models.loader import load_model
 from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from tokenmill.request import Request
+from tokenmill.outputs import EngineCoreOutput
 from tokenmill.sampling_params import SamplingParams
 
 PromptType = Union[str, dict]
@@ -30,12 +31,25 @@ PromptType = Union[str, dict]
 
 @dataclass
 class _Tracked:
-    request: Request
+    """What the front end knows of a request: everything it needs to build RequestOutputs."""
+
+    request_id: str
     prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    output_token_ids: list[int] = field(default_factory=list)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_cached_tokens: int = 0
     delta_text: str = ""
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
+
+    def metrics(self, finished: bool) -> RequestMetrics:
+        return RequestMetrics(self.arrival_time, None, self.first_token_time, self.last_token_time,
+                              self.last_token_time if finished else None, self.num_cached_tokens)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -46,16 +60,30 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class LLMEngine:
-    def __init__(self, config: EngineConfig):
+class CoreClient(Protocol):
+    """What the front end needs of an engine core, in this process or another."""
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> object: ...
+
+    def abort_requests(self, request_ids) -> None: ...
+
+    def stop_requests(self, request_ids) -> None: ...
+
+
+def frontend_tokenizer(config: EngineConfig) -> BaseTokenizer | None:
+    if config.skip_tokenizer_init or (config.tokenizer is None and _is_named_shape(config.model)):
+        return None
+    return load_tokenizer(config.model, config.tokenizer)
+
+
+class EngineFrontend:
+    """Text in, RequestOutputs out, over any engine core: tokenises, groups n > 1 samples, turns
+    the core's token-level outputs into per-request outputs (detokenised, stop strings applied)."""
+
+    def __init__(self, config: EngineConfig, tokenizer: BaseTokenizer | None, core: CoreClient):
         self.config = config
-        self.device = resolve_device(config.device)
-        model, self.model_config = load_model(config.model, config.dtype, self.device, seed=config.seed)
-        self.tokenizer: BaseTokenizer | None = None
-        if not config.skip_tokenizer_init and (config.tokenizer is not None or not _is_named_shape(config.model)):
-            self.tokenizer = load_tokenizer(config.model, config.tokenizer)
-        eos = tuple(self.model_config.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else ())
-        self.core = EngineCore(config, model, self.model_config, tuple(dict.fromkeys(eos)), self.device)
+        self.tokenizer = tokenizer
+        self.core = core
         self._tracked: dict[str, _Tracked] = {}
         self._groups: dict[str, SampleGroup] = {}
         self._group_of: dict[str, str] = {}  # child request id -> group id
@@ -105,10 +133,10 @@ class LLMEngine:
             raise RequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         if params.bad_words:
             params = self._with_bad_word_ids(params)
-        request = self.core.add_request(request_id, token_ids, params)
+        self.core.add_request(request_id, token_ids, params)
         streams = self.tokenizer is not None and not params.use_beam_search  # beams are decoded when they finish
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if streams else None
-        self._tracked[request_id] = _Tracked(request, text, detokenizer)
+        self._tracked[request_id] = _Tracked(request_id, text, list(token_ids), params, detokenizer)
         return request_id
 
     def _with_bad_word_ids(self, params: SamplingParams) -> SamplingParams:
@@ -134,11 +162,19 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._tracked) or bool(self._groups)
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one engine step; returns the outputs of requests that progressed (cumulative text)."""
+    def process_outputs(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
+        """The outputs of requests that progressed (cumulative text); outputs of aborted requests are dropped."""
         results = []
-        for out in self.core.step():
-            tracked = self._tracked[out.request_id]
+        now = time.perf_counter()
+        for out in core_outputs:
+            tracked = self._tracked.get(out.request_id)
+            if tracked is None:  # aborted while the core was stepping
+                continue
+            tracked.num_cached_tokens = out.num_cached_tokens
+            if out.new_token_ids or out.beams is not None:
+                tracked.output_token_ids.extend(out.new_token_ids)
+                tracked.first_token_time = tracked.first_token_time or now
+                tracked.last_token_time = now
             if out.beams is not None:
                 results.append(self._beam_output(tracked, out))
                 del self._tracked[out.request_id]
@@ -146,7 +182,7 @@ class LLMEngine:
             if out.prompt_logprobs is not None:
                 first, entries = out.prompt_logprobs
                 if tracked.prompt_logprobs is None:
-                    tracked.prompt_logprobs = [None] * len(tracked.request.prompt_token_ids)
+                    tracked.prompt_logprobs = [None] * len(tracked.prompt_token_ids)
                 for offset, (ids, values) in enumerate(entries):  # by position: a recompute rewrites the same
                     tracked.prompt_logprobs[first + offset] = dict(zip(ids, values))
             if out.new_logprobs is not None:
@@ -182,37 +218,46 @@ class LLMEngine:
                 self._group_of.pop(child_request_id(group_id, index), None)
         return merged
 
-    def _beam_output(self, tracked: _Tracked, out) -> RequestOutput:
+    def _beam_output(self, tracked: _Tracked, out: EngineCoreOutput) -> RequestOutput:
         """A finished beam search: its n best beams, best first."""
-        skip = tracked.request.sampling_params.skip_special_tokens
-        completions = [CompletionOutput(
-            index=i, text=self.tokenizer.decode(beam.token_ids, skip_special_tokens=skip) if self.tokenizer else "",
-            token_ids=list(beam.token_ids), finish_reason=beam.finish_reason, stop_reason=beam.stop_reason,
-            cumulative_logprob=beam.cumulative_logprob) for i, beam in enumerate(out.beams)]
-        for completion in completions:
-            completion.delta_text = completion.text  # nothing was streamed before
-        request = tracked.request
-        times = request.times
-        metrics = RequestMetrics(times.arrival, times.first_scheduled, times.first_token, times.last_token,
-                                 times.finished, request.num_cached_tokens)
-        return RequestOutput(out.request_id, tracked.prompt, request.prompt_token_ids, completions, True,
-                             metrics, request.num_cached_tokens)
+        skip = tracked.params.skip_special_tokens
+        completions = []
+        for index, beam in enumerate(out.beams):
+            text = self.tokenizer.decode(beam.token_ids, skip_special_tokens=skip) if self.tokenizer else ""
+            completions.append(CompletionOutput(
+                index=index, text=text, token_ids=list(beam.token_ids), finish_reason=beam.finish_reason,
+                stop_reason=beam.stop_reason, delta_text=text, cumulative_logprob=beam.cumulative_logprob))
+        return RequestOutput(out.request_id, tracked.prompt, tracked.prompt_token_ids, completions, True,
+                             tracked.metrics(True), tracked.num_cached_tokens)
 
     @staticmethod
     def _make_output(tracked: _Tracked, finish_reason: str | None, stop_reason: int | str | None) -> RequestOutput:
-        request = tracked.request
         det = tracked.detokenizer
         text = "" if det is None else det.text[:det.num_emitted_chars]
-        completion = CompletionOutput(index=0, text=text, token_ids=list(request.output_token_ids),
+        completion = CompletionOutput(index=0, text=text, token_ids=list(tracked.output_token_ids),
                                       finish_reason=finish_reason, stop_reason=stop_reason,
                                       delta_text=tracked.delta_text, logprobs=tracked.logprobs,
                                       cumulative_logprob=None if tracked.logprobs is None else sum(
-                                          lp[t] for lp, t in zip(tracked.logprobs, request.output_token_ids)))
-        times = request.times
-        metrics = RequestMetrics(times.arrival, times.first_scheduled, times.first_token, times.last_token,
-                                 times.finished, request.num_cached_tokens)
-        return RequestOutput(request.request_id, tracked.prompt, request.prompt_token_ids, [completion],
-                             finish_reason is not None, metrics, request.num_cached_tokens, tracked.prompt_logprobs)
+                                          lp[t] for lp, t in zip(tracked.logprobs, tracked.output_token_ids)))
+        finished = finish_reason is not None
+        return RequestOutput(tracked.request_id, tracked.prompt, tracked.prompt_token_ids, [completion], finished,
+                             tracked.metrics(finished), tracked.num_cached_tokens, tracked.prompt_logprobs)
+
+
+class LLMEngine(EngineFrontend):
+    """The front end over an EngineCore in this process: ``step()`` runs one core step."""
+
+    def __init__(self, config: EngineConfig):
+        self.device = resolve_device(config.device)
+        model, self.model_config = load_model(config.model, config.dtype, self.device, seed=config.seed)
+        tokenizer = frontend_tokenizer(config)
+        eos = tuple(self.model_config.eos_token_ids) + (tokenizer.eos_token_ids if tokenizer else ())
+        core = EngineCore(config, model, self.model_config, tuple(dict.fromkeys(eos)), self.device)
+        super().__init__(config, tokenizer, core)
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one engine step; returns the outputs of requests that progressed (cumulative text)."""
+        return self.process_outputs(self.core.step())
 
 
 def _is_named_shape(model: str) -> bool:

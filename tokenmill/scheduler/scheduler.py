@@ -213,7 +213,8 @@ class Scheduler:
             if request.num_computed_tokens < request.num_tokens:
                 self.kv.cache_blocks(request)  # a prompt chunk that is not the last: no token yet
                 if prompt_logprobs is not None:
-                    outputs.append(EngineCoreOutput(request_id, [], prompt_logprobs=prompt_logprobs))
+                    outputs.append(EngineCoreOutput(request_id, [], prompt_logprobs=prompt_logprobs,
+                                                    num_cached_tokens=request.num_cached_tokens))
                 continue
             if request.group is not None:
                 request.group.report(request, *runner_output.beam_candidates[request_id])
@@ -231,7 +232,7 @@ class Scheduler:
                 self._finish(request, status)
             outputs.append(EngineCoreOutput(request_id, [token], status.finish_reason if status else None,
                                             request.stop_reason, runner_output.logprobs.get(request_id),
-                                            prompt_logprobs))
+                                            prompt_logprobs, num_cached_tokens=request.num_cached_tokens))
         for group in reported.values():
             if group.ready:
                 outputs.extend(self._advance_group(group, now))
@@ -251,7 +252,8 @@ class Scheduler:
             del self.groups[group.group_id]
             best = group.results()
             reason, stop_reason = (best[0].finish_reason, best[0].stop_reason) if best else ("length", None)
-            return [EngineCoreOutput(group.group_id, [], reason, stop_reason, beams=best)]
+            return [EngineCoreOutput(group.group_id, [], reason, stop_reason, beams=best,
+                                     num_cached_tokens=old[0].num_cached_tokens)]
         first_token: dict[str, int] = {}  # parent id -> the token it continues with itself
         beams, forks, scores = [], [], {}
         for cont in next_beams:  # best first
