@@ -26,16 +26,26 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _engine_kwargs(args) -> dict:
+    return dict(tokenizer=args.tokenizer, attention_backend=args.attention_backend, dtype=args.dtype,
+                device=args.device, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+
+
 def _make_llm(args, skip_tokenizer_init: bool = False):
     from tokenmill import LLM
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, tokenizer=args.tokenizer, skip_tokenizer_init=skip_tokenizer_init,
-               attention_backend=args.attention_backend, dtype=args.dtype, device=args.device,
-               kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-               enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+    return LLM(args.model, skip_tokenizer_init=skip_tokenizer_init, **_engine_kwargs(args))
+
+
+def _serve(args) -> None:
+    from tokenmill.llm import engine_config
+    from tokenmill.server.main import serve
+
+    serve(engine_config(args.model, **_engine_kwargs(args)), args)
 
 
 def _generate(args) -> None:
@@ -230,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--num-iters", type=int, default=3)
     lat.add_argument("--output-json")
     lat.set_defaults(func=_bench)
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
+    _engine_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TOKENMILL_API_KEY)")
+    srv.add_argument("--served-model-name", help="the model name clients send (default: the model argument)")
+    srv.add_argument("--max-queued-requests", type=int, default=1024,
+                     help="requests that may wait beyond max_num_seqs; past that, 503 with Retry-After")
+    srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted")
+    srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body accepted")
+    srv.add_argument("--no-engine-process", action="store_true",
+                     help="step the engine in a thread of the server process (to measure what the split buys)")
+    srv.set_defaults(func=_serve)
     return parser
 
 

@@ -19,6 +19,21 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 
+def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
+                  kv_cache_memory: int | float | str | None = None, block_size: int = 16, max_num_seqs: int = 256,
+                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
+                  attention_backend: str = "auto", skip_tokenizer_init: bool = False,
+                  device: str = "auto") -> EngineConfig:
+    """An EngineConfig from the flat options of ``LLM`` (and the CLI); see ``LLM`` for their meaning."""
+    memory = None if kv_cache_memory is None else parse_memory(kv_cache_memory)
+    return EngineConfig(
+        model=str(model), tokenizer=None if tokenizer is None else str(tokenizer), dtype=dtype, device=device,
+        seed=seed, attention_backend=attention_backend, skip_tokenizer_init=skip_tokenizer_init,
+        cache=CacheConfig(block_size, memory, enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill))
+
+
 class LLM:
     """Loads a model once and runs batches of prompts through the continuous-batching engine.
 
@@ -43,11 +58,9 @@ class LLM:
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
                  attention_backend: str = "auto", skip_tokenizer_init: bool = False, device: str = "auto"):
-        memory = None if kv_cache_memory is None else parse_memory(kv_cache_memory)
-        config = EngineConfig(
-            model=str(model), tokenizer=None if tokenizer is None else str(tokenizer), dtype=dtype, device=device,
-            seed=seed, attention_backend=attention_backend, skip_tokenizer_init=skip_tokenizer_init, cache=CacheConfig(block_size, memory, enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill))
+        config = engine_config(model, tokenizer, dtype, kv_cache_memory, block_size, max_num_seqs,
+                               max_num_batched_tokens, max_model_len, enable_prefix_caching, enable_chunked_prefill,
+                               seed, attention_backend, skip_tokenizer_init, device)
         self.engine = LLMEngine(config)
 
     @property

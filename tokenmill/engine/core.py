@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -21,6 +21,58 @@ from tokenmill.scheduler.kv_cache_manager import KVCacheManager
 from tokenmill.scheduler.scheduler import Scheduler
 
 logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What a request is checked against; a front end in another process gets a copy."""
+
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, limits: EngineLimits) -> int:
+    """Raises RequestError if the request can never be served; returns its max_tokens (capped by the context)."""
+    if not prompt_token_ids:
+        raise RequestError("the prompt is empty: give at least one token")
+    vocab = limits.vocab_size
+    bad = [t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+    num_prompt, max_len = len(prompt_token_ids), limits.max_model_len
+    if num_prompt >= max_len:
+        raise RequestError(f"prompt has {num_prompt} tokens; max_model_len is {max_len}, which "
+                           f"leaves no room for output (at most {max_len - 1} prompt tokens)")
+    if params.max_tokens is not None and num_prompt + params.max_tokens > max_len:
+        raise RequestError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) = "
+                           f"{num_prompt + params.max_tokens} exceeds max_model_len {max_len}")
+    max_tokens = params.max_tokens or max_len - num_prompt
+    # Beams may all have to be recomputed side by side after a preemption: budget for no sharing.
+    num_blocks_needed = params.beam_width * -(-(num_prompt + max_tokens) // limits.block_size)
+    if num_blocks_needed > limits.num_blocks:
+        raise RequestError(f"request needs up to {num_blocks_needed} KV blocks"
+                           f"{f' ({params.beam_width} beams)' if params.use_beam_search else ''} but the cache "
+                           f"has {limits.num_blocks}; raise kv_cache_memory or lower max_tokens")
+    if params.beam_width > limits.max_num_seqs:
+        raise RequestError(f"beam_width {params.beam_width} exceeds max_num_seqs {limits.max_num_seqs}: "
+                           "every beam is a sequence in the batch")
+    return max_tokens
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the core for metrics; cumulative counts since start."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
 
 
 class EngineCore:
@@ -65,31 +117,14 @@ class EngineCore:
             raise ValueError(f"max_model_len {asked} exceeds the model's context length {limit}")
         return asked
 
+    @property
+    def limits(self) -> EngineLimits:
+        return EngineLimits(self.max_model_len, self.model_config.vocab_size, self.num_blocks,
+                            self.config.cache.block_size, self.config.scheduler.max_num_seqs)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         """Validates and queues a request; RequestError if it cannot ever be served."""
-        if not prompt_token_ids:
-            raise RequestError("the prompt is empty: give at least one token")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
-        num_prompt = len(prompt_token_ids)
-        if num_prompt >= self.max_model_len:
-            raise RequestError(f"prompt has {num_prompt} tokens; max_model_len is {self.max_model_len}, which "
-                               f"leaves no room for output (at most {self.max_model_len - 1} prompt tokens)")
-        if params.max_tokens is not None and num_prompt + params.max_tokens > self.max_model_len:
-            raise RequestError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) = "
-                               f"{num_prompt + params.max_tokens} exceeds max_model_len {self.max_model_len}")
-        max_tokens = params.max_tokens or self.max_model_len - num_prompt
-        # Beams may all have to be recomputed side by side after a preemption: budget for no sharing.
-        num_blocks_needed = params.beam_width * -(-(num_prompt + max_tokens) // self.config.cache.block_size)
-        if num_blocks_needed > self.num_blocks:
-            raise RequestError(f"request needs up to {num_blocks_needed} KV blocks"
-                               f"{f' ({params.beam_width} beams)' if params.use_beam_search else ''} but the cache "
-                               f"has {self.num_blocks}; raise kv_cache_memory or lower max_tokens")
-        if params.beam_width > self.config.scheduler.max_num_seqs:
-            raise RequestError(f"beam_width {params.beam_width} exceeds max_num_seqs "
-                               f"{self.config.scheduler.max_num_seqs}: every beam is a sequence in the batch")
+        max_tokens = validate_request(prompt_token_ids, params, self.limits)
         seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._seeds))) % 2**31
         beam_search = params.use_beam_search
         request = Request(request_id=f"{request_id}#beam0" if beam_search else request_id,
@@ -116,6 +151,11 @@ class EngineCore:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+
+    def stats(self) -> EngineStats:
+        kv = self.kv_cache_manager
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), kv.usage, kv.num_free_blocks,
+                           kv.num_queried_tokens, kv.num_hit_tokens, self.scheduler.num_preemptions)
 
     def all_blocks_free(self) -> bool:
         return self.kv_cache_manager.num_free_blocks == self.num_blocks

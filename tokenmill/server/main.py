@@ -1,0 +1,30 @@
+"""``tokenmill serve``: start the engine core, then the HTTP front end on uvicorn."""
+
+from __future__ import annotations
+
+import os
+
+from tokenmill.config import EngineConfig
+from tokenmill.logger import get_logger
+
+logger = get_logger(__name__)
+
+
+def serve(config: EngineConfig, args) -> None:
+    import torch
+    import uvicorn
+
+    from tokenmill.engine.async_llm import AsyncLLM
+    from tokenmill.server.app import ServerSettings, create_app
+
+    # The front end does no tensor work: one thread, so that it never competes with the engine's.
+    torch.set_num_threads(1)
+    engine_threads = args.threads or os.cpu_count()
+    engine = AsyncLLM(config, engine_process=not args.no_engine_process, num_threads=engine_threads)
+    settings = ServerSettings(model_name=args.served_model_name or args.model, api_key=args.api_key or None,
+                              max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
+                              max_body_bytes=args.max_body_bytes)
+    app = create_app(engine, settings)
+    logger.info("serving %s on http://%s:%d (engine %s, %d threads)", settings.model_name, args.host, args.port,
+                "in a thread" if args.no_engine_process else "in its own process", engine_threads)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)

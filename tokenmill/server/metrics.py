@@ -1,0 +1,68 @@
+"""Prometheus metrics, named as vLLM names them (``vllm:`` -> ``tokenmill:``) so dashboards carry over."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from tokenmill.engine.core import EngineStats
+from tokenmill.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0, 160.0)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name, doc):
+            return Gauge(f"tokenmill:{name}", doc, labels, registry=r).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(f"tokenmill:{name}", doc, labels, registry=r).labels(model_name)
+
+        def histogram(name, doc):
+            return Histogram(f"tokenmill:{name}", doc, labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
+
+        self.running = gauge("num_requests_running", "Sequences in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).")
+        self.hit_rate = gauge("prefix_cache_hit_rate", "Prefix cache hits / queries, in tokens, since start.")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.preemptions = counter("num_preemptions", "Requests preempted for KV cache space.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests.")
+        self._success = Counter("tokenmill:request_success", "Finished requests by finish reason.",
+                                labels + ["finished_reason"], registry=r)
+        self.model_name = model_name
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.")
+        self.tpot = histogram("time_per_output_token_seconds", "Mean time per output token after the first.")
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.")
+        self._last = EngineStats(0, 0, 0.0, 0, 0, 0, 0)
+
+    def on_stats(self, stats: EngineStats) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.hit_rate.set(stats.prefix_cache_hits / stats.prefix_cache_queries if stats.prefix_cache_queries else 0.0)
+        self.prefix_queries.inc(stats.prefix_cache_queries - self._last.prefix_cache_queries)
+        self.prefix_hits.inc(stats.prefix_cache_hits - self._last.prefix_cache_hits)
+        self.preemptions.inc(stats.num_preemptions - self._last.num_preemptions)
+        self._last = stats
+
+    def on_finished(self, output: RequestOutput) -> None:
+        num_generated = sum(len(c.token_ids) for c in output.outputs)
+        self.prompt_tokens.inc(len(output.prompt_token_ids))
+        self.generation_tokens.inc(num_generated)
+        reason = output.outputs[0].finish_reason if output.outputs else "abort"
+        self._success.labels(self.model_name, reason or "abort").inc()
+        m = output.metrics
+        if m.time_to_first_token is not None:
+            self.ttft.observe(m.time_to_first_token)
+            self.e2e.observe(m.last_token_time - m.arrival_time)
+        tpot = m.time_per_output_token(len(output.outputs[0].token_ids)) if output.outputs else None
+        if tpot is not None:
+            self.tpot.observe(tpot)
