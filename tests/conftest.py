@@ -12,8 +12,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers.checkpoints import make_checkpoint  # noqa: E402
 
-SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
-
 torch.set_num_threads(2)
 
 
@@ -51,10 +49,3 @@ def make_llm():
         core.check_integrity()
         assert not core.has_unfinished_requests(), "requests left unfinished"
         assert core.all_blocks_free(), f"KV blocks leaked: {core.kv_cache_manager.num_free_blocks}/{core.num_blocks} free"
-
-
-def stories_dir() -> Path:
-    folder = SHARED_MODELS / "stories260K"
-    if not (folder / "stories260K.bin").is_file():
-        pytest.skip(f"the trained stories260K model is not at {folder} (../shared/models is absent)")
-    return folder

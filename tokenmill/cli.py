@@ -129,6 +129,12 @@ def _bench(args) -> None:
         run_latency(llm, args)
 
 
+def _bench_serve(args) -> None:
+    from tokenmill.bench.serve import run_serve_bench
+
+    run_serve_bench(args)
+
+
 def _analyze(args) -> None:
     import json
 
@@ -240,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--num-iters", type=int, default=3)
     lat.add_argument("--output-json")
     lat.set_defaults(func=_bench)
+    bsv = bench_sub.add_parser("serve", help="load a running server: TTFT, TPOT, ITL, E2E and throughput")
+    bsv.add_argument("--base-url", default="http://127.0.0.1:8000")
+    bsv.add_argument("--model", help="model name to send (default: the server's first)")
+    bsv.add_argument("--num-prompts", type=int, default=200)
+    bsv.add_argument("--request-rate", type=float, default=float("inf"),
+                     help="Poisson arrivals per second (default inf: all at once)")
+    bsv.add_argument("--input-len", type=int, default=128, help="synthetic prompt length in tokens")
+    bsv.add_argument("--output-len", type=int, default=128, help="synthetic output length (ShareGPT: the cap)")
+    bsv.add_argument("--dataset", help="ShareGPT-format JSON file instead of the synthetic workload")
+    bsv.add_argument("--seed", type=int, default=0)
+    bsv.add_argument("--output-json")
+    bsv.set_defaults(func=_bench_serve)
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
     _engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")

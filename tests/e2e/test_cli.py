@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import stories_dir
+from helpers.shared_models import stories_dir
 
 
 def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -64,7 +64,7 @@ def test_checkpoint_missing_a_tensor(checkpoint, tmp_path):
 
 
 def test_truncated_llama2c_checkpoint(tmp_path):
-    from conftest import stories_dir
+    from helpers.shared_models import stories_dir
 
     data = (stories_dir() / "stories260K.bin").read_bytes()
     (tmp_path / "cut.bin").write_bytes(data[:50_000])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import SHARED_MODELS
+from helpers.shared_models import SHARED_MODELS
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.tokenizer import HFTokenizer
 from tokenmill.sampling_params import SamplingParams

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import stories_dir
+from helpers.shared_models import stories_dir
 from tokenmill import SamplingParams
 from tokenmill.engine.tokenizer import Llama2cTokenizer
 

@@ -93,6 +93,10 @@ def test_every_sampling_parameter_is_reachable(server):
         "early_stopping": "never"}, timeout=60)
     assert beam.status_code == 200, beam.text
     assert len(beam.json()["choices"]) == 2
+    prompt_lp = httpx.post(server.url + "/v1/completions", json={
+        "model": server.model, "prompt": [1, 40, 41, 42], "max_tokens": 2, "prompt_logprobs": 1}, timeout=60).json()
+    entries = prompt_lp["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == 4 and "40" in entries[1]
     chat = httpx.post(server.url + "/v1/chat/completions", json={
         "model": server.model, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4,
         "logprobs": True, "top_logprobs": 2, "temperature": 0}, timeout=60).json()
@@ -284,3 +288,23 @@ def test_timeout_aborts_and_a_dead_engine_fails_fast(start_server):
     assert health.status_code == 500 and "engine" in health.json()["error"]["message"]
     r = httpx.post(srv.url + "/v1/completions", json=body, timeout=10)
     assert r.status_code == 500 and r.json()["error"]["code"] == "engine_dead"
+
+
+def test_bench_serve_reports_latency_and_throughput(server, tmp_path):
+    import subprocess
+    import sys
+
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"hello {i}"},
+                                                       {"from": "gpt", "value": "x" * 40}]} for i in range(6)]))
+    for extra in (["--input-len", "16", "--output-len", "8", "--request-rate", "50"], ["--dataset", str(sharegpt)]):
+        out = tmp_path / "serve.json"
+        result = subprocess.run([sys.executable, "-m", "tokenmill", "bench", "serve", "--base-url", server.url,
+                                 "--num-prompts", "6", "--output-json", str(out), *extra],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        data = json.loads(out.read_text())
+        assert data["completed"] == 6 and data["failed"] == 0 and data["output_tokens"] > 0
+        assert data["ttft_ms"]["p99"] >= data["ttft_ms"]["median"] > 0
+        assert "TTFT" in result.stdout and "ITL" in result.stdout
+    server.wait_idle()

@@ -219,9 +219,14 @@ class _CompletionAPI(_BaseAPI):
             text_offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
-    def _choice(self, index: int, text: str, completion: CompletionOutput, logprobs) -> dict:
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": completion.finish_reason,
-                "stop_reason": completion.stop_reason}
+    def _choice(self, index: int, text: str, completion: CompletionOutput, logprobs,
+                prompt_logprobs=None) -> dict:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": completion.finish_reason,
+                  "stop_reason": completion.stop_reason}
+        if prompt_logprobs is not None:  # vLLM's extra: per prompt token, {token id: logprob}
+            choice["prompt_logprobs"] = [None if e is None else {str(t): lp for t, lp in e.items()}
+                                         for e in prompt_logprobs]
+        return choice
 
     def _chunk(self, index: int, delta: str, completion: CompletionOutput, sent_tokens: int) -> list[dict]:
         logprobs = self._logprobs(completion, sent_tokens, self.state.chars.get(index, 0) - len(delta))
@@ -234,7 +239,7 @@ class _CompletionAPI(_BaseAPI):
             for completion in output.outputs:
                 prefix = (output.prompt or "") if self.body.echo else ""
                 choices.append(self._choice(self._choice_index(output, completion), prefix + completion.text,
-                                            completion, self._logprobs(completion)))
+                                            completion, self._logprobs(completion), output.prompt_logprobs))
         return {"id": self.job.id, "object": "text_completion", "created": self.job.created, "model": self.model_name,
                 "choices": choices, "usage": self._usage(outputs)}
 
