@@ -59,6 +59,8 @@ def _generate(args) -> None:
                             stop_token_ids=args.stop_token_id or [], repetition_penalty=args.repetition_penalty,
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                             no_repeat_ngram_size=args.no_repeat_ngram_size, bad_words=args.bad_word or [],
+                            bad_words_token_ids=[_parse_ids(w) for w in args.bad_word_ids or []],
+                            skip_special_tokens=not args.keep_special_tokens, prompt_logprobs=args.prompt_logprobs,
                             logit_bias=dict(_parse_bias(b) for b in args.logit_bias or []), n=args.n,
                             best_of=args.best_of, logprobs=args.logprobs, beam_width=args.beam_width,
                             length_penalty=args.length_penalty, early_stopping=early_stopping)
@@ -81,7 +83,7 @@ def _generate(args) -> None:
         for c in final.outputs:
             score = "" if c.cumulative_logprob is None else f" cumulative logprob {c.cumulative_logprob:.4f}"
             print(f"--- completion {c.index}{score} ---\n{args.prompt}{c.text}")
-    if params.logprobs is not None:
+    if params.logprobs is not None or params.prompt_logprobs is not None:
         _print_logprobs(llm, final)
     c = final.outputs[0]
     tpot = final.time_per_output_token
@@ -94,11 +96,27 @@ def _print_logprobs(llm, output) -> None:
     def show(token_id: int) -> str:
         return repr(llm.tokenizer.decode([token_id], skip_special_tokens=False)) if llm.tokenizer else str(token_id)
 
+    def line(token_id: int, entry: dict[int, float]) -> str:
+        alternatives = ", ".join(f"{show(t)} {lp:.3f}" for t, lp in entry.items() if t != token_id)
+        return f"{show(token_id):>16} {entry[token_id]:8.3f}" + (f"   | {alternatives}" if alternatives else "")
+
+    if output.prompt_logprobs is not None:
+        print("--- logprobs of the prompt ---")
+        for token_id, entry in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:]):
+            print(line(token_id, entry))
     for c in output.outputs:
+        if c.logprobs is None:
+            continue
         print(f"--- logprobs of completion {c.index} ---")
-        for token_id, entry in zip(c.token_ids, c.logprobs or []):
-            alternatives = ", ".join(f"{show(t)} {lp:.3f}" for t, lp in entry.items() if t != token_id)
-            print(f"{show(token_id):>16} {entry[token_id]:8.3f}" + (f"   | {alternatives}" if alternatives else ""))
+        for token_id, entry in zip(c.token_ids, c.logprobs):
+            print(line(token_id, entry))
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--bad-word-ids takes comma-separated token ids (e.g. 17,42), got {text!r}") from None
 
 
 def _parse_bias(text: str) -> tuple[int, float]:
@@ -189,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
     gen.add_argument("--bad-word", action="append", help="a word never to generate (repeatable)")
     gen.add_argument("--logit-bias", action="append", metavar="TOKEN_ID=VALUE", help="add VALUE to a token's logit")
+    gen.add_argument("--bad-word-ids", action="append", metavar="ID,ID,...",
+                     help="a token sequence never to generate (repeatable)")
+    gen.add_argument("--keep-special-tokens", action="store_true", help="keep special tokens in the text")
+    gen.add_argument("--prompt-logprobs", type=int, help="print each prompt token's logprob and this many alternatives")
     gen.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop token before this many tokens")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
     gen.add_argument("--stop-token-id", type=int, action="append", help="token id that ends generation (repeatable)")

@@ -90,10 +90,9 @@ class EngineCoreOutput:
 
 @dataclass
 class RequestMetrics:
-    """Per-request timings in seconds."""
+    """Per-request times (time.perf_counter seconds), as the front end saw them."""
 
     arrival_time: float
-    first_scheduled_time: float | None
     first_token_time: float | None
     last_token_time: float | None
     finished_time: float | None

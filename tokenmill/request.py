@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,17 +33,6 @@ class RequestStatus(enum.IntEnum):
 
 
 @dataclass
-class RequestTimes:
-    """Wall-clock times (time.perf_counter) of a request's milestones."""
-
-    arrival: float = field(default_factory=time.perf_counter)
-    first_scheduled: float | None = None
-    first_token: float | None = None
-    last_token: float | None = None
-    finished: float | None = None
-
-
-@dataclass
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -63,7 +51,6 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended the request, if any."""
-    times: RequestTimes = field(default_factory=RequestTimes)
     group: BeamGroup | None = None
     """The beam-search group this sequence is a beam of, if any."""
 

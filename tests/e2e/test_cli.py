@@ -69,5 +69,9 @@ def test_generate_beam_search_n_and_logprobs_flags(checkpoint):
     result = _run(*common, "--temperature", "1", "--n", "2", "--logprobs", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("--- logprobs of completion") == 2
+    result = _run(*common, "--prompt-logprobs", "1", "--bad-word-ids", "5,6", "--keep-special-tokens",
+                  "--ignore-eos", "--min-tokens", "2", "--stop-token-id", "9")
+    assert result.returncode == 0, result.stderr
+    assert "--- logprobs of the prompt ---" in result.stdout and "--- logprobs of completion" not in result.stdout
     result = _run(*common, "--beam-width", "2", "--n", "3")
     assert result.returncode == 2 and "n (3) must not exceed beam_width (2)" in result.stderr

@@ -122,3 +122,28 @@ def test_prefix_cache_stats_count_admissions_not_attempts():
     assert steps > 4, "the second request was meant to wait several steps"
     assert s.num_preemptions == 0
     assert s.kv.num_queried_tokens == 12 + 8  # one lookup each, however many steps "second" waited
+
+
+def test_copy_on_write_gives_the_writer_a_copy_and_sends_its_whole_table():
+    s = _make(block_size=4)
+    a = _add(s, "a", 6, max_tokens=8)
+    _step(s)  # 6 prompt tokens computed: block 1 holds positions 4-5 of 8, a partial block
+    # A fork (as beam search makes): b shares a's blocks and continues with another token.
+    b = Request("b", a.prompt_token_ids, a.sampling_params, a.eos_token_ids, max_tokens=8, seed=0,
+                output_token_ids=a.output_token_ids[:-1] + [9], num_computed_tokens=a.num_computed_tokens,
+                status=RequestStatus.RUNNING)
+    s.kv.fork(a, b)
+    s.requests["b"] = b
+    s.running.append(b)
+    shared = s.kv.block_ids("a")
+    so = s.schedule()
+    # a comes first: its write would land in the shared partial block, so it writes to a copy.
+    cached = {c.request_id: c for c in so.scheduled_cached_reqs}
+    copy = cached["a"].block_ids[1]
+    assert cached["a"].block_ids == [shared[0], copy] and copy not in shared and cached["a"].new_block_ids == []
+    assert so.block_copies == [(shared[1], copy)]
+    # b, the last holder, writes in place: no second copy.
+    assert [n.block_ids for n in so.scheduled_new_reqs if n.request_id == "b"] == [shared]
+    s.update_from_output(so, ModelRunnerOutput({rid: [7] for rid in so.num_scheduled_tokens}))
+    s.check_integrity()
+    assert s.kv.pool.blocks[shared[0]].ref_cnt == 2 and s.kv.pool.blocks[shared[1]].ref_cnt == 1

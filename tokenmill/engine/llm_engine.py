@@ -48,7 +48,7 @@ class _Tracked:
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def metrics(self, finished: bool) -> RequestMetrics:
-        return RequestMetrics(self.arrival_time, None, self.first_token_time, self.last_token_time,
+        return RequestMetrics(self.arrival_time, self.first_token_time, self.last_token_time,
                               self.last_token_time if finished else None, self.num_cached_tokens)
 
 

@@ -14,7 +14,6 @@ reported advances, which forks, continues and drops beams.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
 from tokenmill.config import SchedulerConfig
@@ -65,7 +64,6 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
-        request.times.finished = time.perf_counter()
         self.kv.free(request)
         self._finished_req_ids.add(request.request_id)
         self._num_tokens_sent.pop(request.request_id, None)
@@ -121,7 +119,6 @@ class Scheduler:
                 self.running.append(request)
                 if request.status == RequestStatus.WAITING:
                     request.num_cached_tokens = num_cached
-                    request.times.first_scheduled = request.times.first_scheduled or time.perf_counter()
                 request.status = RequestStatus.RUNNING
                 request.num_computed_tokens = num_cached
                 num_scheduled[request.request_id] = num_new
@@ -204,7 +201,6 @@ class Scheduler:
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Advances progress, appends sampled tokens, checks stop conditions, frees finished requests."""
         outputs: list[EngineCoreOutput] = []
-        now = time.perf_counter()
         reported: dict[str, BeamGroup] = {}
         for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             request = self.requests[request_id]
@@ -223,8 +219,6 @@ class Scheduler:
                 continue
             token = runner_output.sampled_token_ids[request_id][0]
             request.output_token_ids.append(token)
-            request.times.first_token = request.times.first_token or now
-            request.times.last_token = now
             self.kv.cache_blocks(request)
             status = self._check_stop(request, token)
             if status is not None:
@@ -235,15 +229,13 @@ class Scheduler:
                                             prompt_logprobs, num_cached_tokens=request.num_cached_tokens))
         for group in reported.values():
             if group.ready:
-                outputs.extend(self._advance_group(group, now))
+                outputs.extend(self._advance_group(group))
         return outputs
 
-    def _advance_group(self, group: BeamGroup, now: float) -> list[EngineCoreOutput]:
+    def _advance_group(self, group: BeamGroup) -> list[EngineCoreOutput]:
         """One beam-search step: fork the chosen continuations, drop the rest; finish when done."""
         old = group.beams
         next_beams = group.advance()
-        old[0].times.first_token = old[0].times.first_token or now
-        old[0].times.last_token = now
         position = min(self.running.index(beam) for beam in old)
         self.running = [r for r in self.running if r.group is not group]
         if group.done:
@@ -282,7 +274,7 @@ class Scheduler:
             sampling_params=parent.sampling_params, eos_token_ids=parent.eos_token_ids,
             max_tokens=parent.max_tokens, seed=parent.seed, output_token_ids=parent.output_token_ids + [token],
             num_computed_tokens=parent.num_computed_tokens, num_cached_tokens=parent.num_cached_tokens,
-            status=RequestStatus.RUNNING, times=parent.times, group=parent.group)
+            status=RequestStatus.RUNNING, group=parent.group)
         self.kv.fork(parent, child)
         self.requests[child.request_id] = child
         return child

@@ -154,7 +154,7 @@ class _BaseAPI:
     def __init__(self, job: _Job, body, model_name: str, engine: AsyncLLM):
         self.job, self.body, self.model_name, self.engine = job, body, model_name, engine
         self.state = _StreamState()
-        self.n = 1 if job.params.use_beam_search and job.params.n == 1 else job.params.n
+        self.n = job.params.n  # choices per prompt
 
     def _choice_index(self, output: RequestOutput, completion: CompletionOutput) -> int:
         return self.job.prompt_index(output.request_id) * self.n + completion.index
