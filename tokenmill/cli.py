@@ -51,7 +51,7 @@ def _serve(args) -> None:
 def _generate(args) -> None:
     from tokenmill import SamplingParams
 
-    llm = _make_llm(args)
+    # The flags are checked first: a bad value fails at once, not after the model has loaded.
     early_stopping = {"true": True, "false": False, "never": "never"}[args.early_stopping]
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_tokens=args.max_tokens, min_tokens=args.min_tokens, ignore_eos=args.ignore_eos,
@@ -64,6 +64,7 @@ def _generate(args) -> None:
                             logit_bias=dict(_parse_bias(b) for b in args.logit_bias or []), n=args.n,
                             best_of=args.best_of, logprobs=args.logprobs, beam_width=args.beam_width,
                             length_penalty=args.length_penalty, early_stopping=early_stopping)
+    llm = _make_llm(args)
     engine = llm.engine
     engine.add_request(args.prompt, params)
     streaming = params.n == 1 and params.best_of is None and not params.use_beam_search
@@ -84,32 +85,34 @@ def _generate(args) -> None:
             score = "" if c.cumulative_logprob is None else f" cumulative logprob {c.cumulative_logprob:.4f}"
             print(f"--- completion {c.index}{score} ---\n{args.prompt}{c.text}")
     if params.logprobs is not None or params.prompt_logprobs is not None:
-        _print_logprobs(llm, final)
+        _print_logprobs(llm, final, params)
     c = final.outputs[0]
     tpot = final.time_per_output_token
     print(f"[{len(c.token_ids)} tokens, finish_reason={c.finish_reason}, TTFT {1000 * final.time_to_first_token:.1f} ms"
           + (f", {1000 * tpot:.2f} ms/token" if tpot else "") + "]", file=sys.stderr)
 
 
-def _print_logprobs(llm, output) -> None:
-    """One line per generated token: the token, its logprob, and the most likely alternatives."""
+def _print_logprobs(llm, output, params) -> None:
+    """One line per token: the token, its logprob, and the K most likely tokens at that position
+    (the chosen one among them, marked *, when it is one of the K)."""
     def show(token_id: int) -> str:
         return repr(llm.tokenizer.decode([token_id], skip_special_tokens=False)) if llm.tokenizer else str(token_id)
 
-    def line(token_id: int, entry: dict[int, float]) -> str:
-        alternatives = ", ".join(f"{show(t)} {lp:.3f}" for t, lp in entry.items() if t != token_id)
-        return f"{show(token_id):>16} {entry[token_id]:8.3f}" + (f"   | {alternatives}" if alternatives else "")
+    def line(token_id: int, entry: dict[int, float], k: int) -> str:
+        top = sorted(entry.items(), key=lambda item: item[1], reverse=True)[:k]
+        listed = ", ".join(f"{'*' if t == token_id else ''}{show(t)} {lp:.3f}" for t, lp in top)
+        return f"{show(token_id):>16} {entry[token_id]:8.3f}" + (f"   | top {k}: {listed}" if k else "")
 
     if output.prompt_logprobs is not None:
         print("--- logprobs of the prompt ---")
         for token_id, entry in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:]):
-            print(line(token_id, entry))
+            print(line(token_id, entry, params.prompt_logprobs))
     for c in output.outputs:
         if c.logprobs is None:
             continue
         print(f"--- logprobs of completion {c.index} ---")
         for token_id, entry in zip(c.token_ids, c.logprobs):
-            print(line(token_id, entry))
+            print(line(token_id, entry, params.logprobs or 0))
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -194,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
     _engine_args(gen)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True,
+                     help="the prompt text; an empty one generates from BOS alone (as llama2.c's run does)")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -210,13 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--bad-word-ids", action="append", metavar="ID,ID,...",
                      help="a token sequence never to generate (repeatable)")
     gen.add_argument("--keep-special-tokens", action="store_true", help="keep special tokens in the text")
-    gen.add_argument("--prompt-logprobs", type=int, help="print each prompt token's logprob and this many alternatives")
+    gen.add_argument("--prompt-logprobs", type=int,
+                     help="print each prompt token's logprob and the K most likely tokens at its position (0-20)")
     gen.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop token before this many tokens")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
     gen.add_argument("--stop-token-id", type=int, action="append", help="token id that ends generation (repeatable)")
     gen.add_argument("--n", type=int, default=1, help="how many completions (samples, or best beams)")
     gen.add_argument("--best-of", type=int, help="sample this many, return the n most likely")
-    gen.add_argument("--logprobs", type=int, help="print each token's logprob and this many alternatives (0-20)")
+    gen.add_argument("--logprobs", type=int,
+                     help="print each token's logprob and the K most likely tokens at its position (0-20)")
     gen.add_argument("--beam-width", type=int, default=1, help="beam search with this many beams when > 1")
     gen.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length ** this")
     gen.add_argument("--early-stopping", default="false", choices=["true", "false", "never"],
@@ -286,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                      help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TOKENMILL_API_KEY)")
-    srv.add_argument("--served-model-name", help="the model name clients send (default: the model argument)")
+    srv.add_argument("--served-model-name",
+                     help="the model name clients send (default: the model's folder or file name)")
     srv.add_argument("--max-queued-requests", type=int, default=1024,
                      help="requests that may wait beyond max_num_seqs; past that, 503 with Retry-After")
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted")

@@ -211,7 +211,8 @@ class CacheConfig:
     block_size: int = 16
     """Tokens per KV block."""
     kv_cache_memory: int | None = None
-    """Bytes for the KV cache pool; None sizes it from free memory (see ``default_kv_cache_memory``)."""
+    """Bytes for the KV cache pool; None: what max_num_seqs sequences of max_model_len tokens use,
+    within a share of free memory (see ``default_kv_cache_memory``)."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of earlier requests that share a prompt prefix."""
 

@@ -15,3 +15,13 @@ class TokenizerError(TokenmillError):
 
 class RequestError(TokenmillError, ValueError):
     """A request cannot be served as given (too long, bad prompt, bad sampling value)."""
+
+
+def check_unicode(text: str, field: str) -> None:
+    """Raises RequestError if ``text`` cannot be encoded as UTF-8 (it holds a lone surrogate, which
+    JSON's \\ud800 escapes can smuggle in); the message names the field and the position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{field} contains a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}: "
+                           "text must be valid Unicode") from None

@@ -95,15 +95,13 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Renders one conversation (or a list of them) with the chat template, then generates."""
-        if self.tokenizer is None:
-            raise RequestError("this model has no tokenizer, so it cannot chat")
+             add_generation_prompt: bool = True, use_tqdm: bool = True,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """Renders one conversation (or a list of them) with the chat template (``chat_template``, or
+        the tokenizer's), then generates."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = []
-        for conversation in conversations:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt)
-            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        prompts = [self.engine.encode_chat(conversation, add_generation_prompt, chat_template)
+                   for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-from tokenmill.errors import RequestError
+from tokenmill.errors import RequestError, check_unicode
 
 
 MAX_SAMPLES = 128
@@ -99,6 +100,7 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise RequestError(f"stop strings must be non-empty strings, got {s!r}")
+            check_unicode(s, "stop")
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise RequestError(f"stop_token_ids must be non-negative integers, got {t!r}")
@@ -127,7 +129,9 @@ class SamplingParams:
             raise RequestError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
         if not isinstance(self.logit_bias, dict):
             raise RequestError(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
-        self.logit_bias = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in self.logit_bias.items()}
+        # Digit-string keys (JSON's) are token ids; only ASCII digits: "²".isdigit() and "５".isdigit() are true.
+        self.logit_bias = {int(k) if isinstance(k, str) and re.fullmatch(r"[0-9]+", k) else k: v
+                           for k, v in self.logit_bias.items()}
         for token, bias in self.logit_bias.items():
             if not _is_int(token) or token < 0:
                 raise RequestError(f"logit_bias keys must be token ids >= 0, got {token!r}")
@@ -136,6 +140,7 @@ class SamplingParams:
         for word in self.bad_words:
             if not isinstance(word, str) or not word.strip():
                 raise RequestError(f"bad_words must be non-empty strings, got {word!r}")
+            check_unicode(word, "bad_words")
         self.bad_words_token_ids = [list(w) for w in self.bad_words_token_ids or []]
         for word in self.bad_words_token_ids:
             if not word or not all(_is_int(t) and t >= 0 for t in word):
@@ -162,6 +167,11 @@ class SamplingParams:
     @property
     def use_beam_search(self) -> bool:
         return self.beam_width > 1
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences one prompt runs as in the batch: its beams, or best_of (else n) samples."""
+        return self.beam_width if self.use_beam_search else self.best_of or self.n
 
     @property
     def greedy(self) -> bool:

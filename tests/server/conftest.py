@@ -25,6 +25,7 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = str(model)
+        self.name = Path(model).name  # the served model name: the folder's name
         cmd = [sys.executable, "-m", "tokenmill", "serve", self.model, "--port", str(self.port),
                "--kv-cache-memory", "8MiB", "--threads", "1", *args]
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tokenmill-server-{self.port}.log", "w+")

@@ -42,6 +42,11 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, limits
     bad = [t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
     if bad:
         raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+    for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids),
+                      ("bad_words_token_ids", [t for word in params.bad_words_token_ids for t in word])):
+        outside = sorted(t for t in ids if t >= vocab)
+        if outside:  # such a token can never be produced: a bias or stop on it would silently do nothing
+            raise RequestError(f"{name} has token id {outside[0]}, outside the vocabulary [0, {vocab})")
     num_prompt, max_len = len(prompt_token_ids), limits.max_model_len
     if num_prompt >= max_len:
         raise RequestError(f"prompt has {num_prompt} tokens; max_model_len is {max_len}, which "
@@ -86,8 +91,14 @@ class EngineCore:
         self.max_model_len = self._resolve_max_model_len(config, model_config)
         dtype = next(model.parameters()).dtype
         block_size = config.cache.block_size
-        budget = config.cache.kv_cache_memory or default_kv_cache_memory(device)
         bytes_per_block = kv_bytes_per_token(model_config, dtype) * block_size
+        max_num_seqs = config.scheduler.max_num_seqs
+        usable = max_num_seqs * -(-self.max_model_len // block_size) * bytes_per_block
+        budget = config.cache.kv_cache_memory or default_kv_cache_memory(device, usable)
+        if config.cache.kv_cache_memory is None:
+            logger.info("KV cache sized by default to %.1f MiB: room for max_num_seqs %d x max_model_len %d tokens "
+                        "where memory allows (set kv_cache_memory / --kv-cache-memory to change)",
+                        budget / 2**20, max_num_seqs, self.max_model_len)
         self.num_blocks = budget // bytes_per_block
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block of {block_size} tokens "

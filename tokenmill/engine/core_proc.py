@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import traceback
 from multiprocessing.connection import Connection
@@ -67,6 +68,13 @@ def run_core(config: EngineConfig, tokenizer_eos: tuple[int, ...], inbox: Connec
             pass
 
 
+def run_core_process(*args) -> None:
+    """Entry point of the core process: SIGINT (a terminal's Ctrl-C reaches the whole process group)
+    is left to the server, which stops the core with a shutdown message."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run_core(*args)
+
+
 def _loop(core, inbox: Connection, outbox: Connection) -> None:
     while True:
         if not core.has_unfinished_requests() and not _handle(core, inbox.recv(), outbox):
@@ -107,7 +115,7 @@ class CoreClient:
         core_inbox, self._outbox = ctx.Pipe(duplex=False)  # front end -> core
         args = (config, tokenizer_eos, core_inbox, core_outbox, num_threads or os.cpu_count())
         if use_process:
-            self._worker = ctx.Process(target=run_core, args=args, name="tokenmill-engine-core", daemon=True)
+            self._worker = ctx.Process(target=run_core_process, args=args, name="tokenmill-engine-core", daemon=True)
         else:
             self._worker = threading.Thread(target=run_core, args=args, name="tokenmill-engine-core", daemon=True)
         self._worker.start()
@@ -143,7 +151,15 @@ class CoreClient:
         except (EOFError, OSError) as e:
             return ("dead", f"the engine core exited ({type(e).__name__})")
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def reap(self, timeout: float = 5.0) -> None:
+        """Waits for a core that has gone (or said it is dead) to exit, so that no zombie remains."""
+        self._worker.join(timeout)
+        if isinstance(self._worker, multiprocessing.process.BaseProcess) and self._worker.is_alive():
+            self._worker.kill()
+            self._worker.join(timeout)
+
+    def shutdown(self, timeout: float = 3.0) -> None:
+        """Asks the core to stop (it reads the message between steps), then terminates it if it has not."""
         try:
             self._send(("shutdown",))
         except EngineDeadError:
@@ -151,3 +167,4 @@ class CoreClient:
         self._worker.join(timeout)
         if isinstance(self._worker, multiprocessing.process.BaseProcess) and self._worker.is_alive():
             self._worker.terminate()
+            self.reap(timeout)

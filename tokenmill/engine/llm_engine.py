@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, Union
@@ -15,11 +16,11 @@ from typing import Protocol, Union
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.core import EngineCore
+from tokenmill.engine.core import EngineCore, EngineLimits
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.parallel_sampling import SampleGroup, child_params, child_request_id
 from tokenmill.engine.tokenizer import BaseTokenizer, load_tokenizer
-from tokenmill.errors import RequestError
+from tokenmill.errors import RequestError, check_unicode
 from tokenmill.models.loader import load_model
 from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tokenmill.outputs import EngineCoreOutput
@@ -63,6 +64,9 @@ def resolve_device(device: str) -> torch.device:
 class CoreClient(Protocol):
     """What the front end needs of an engine core, in this process or another."""
 
+    @property
+    def limits(self) -> EngineLimits: ...
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> object: ...
 
     def abort_requests(self, request_ids) -> None: ...
@@ -78,7 +82,11 @@ def frontend_tokenizer(config: EngineConfig) -> BaseTokenizer | None:
 
 class EngineFrontend:
     """Text in, RequestOutputs out, over any engine core: tokenises, groups n > 1 samples, turns
-    the core's token-level outputs into per-request outputs (detokenised, stop strings applied)."""
+    the core's token-level outputs into per-request outputs (detokenised, stop strings applied).
+
+    Thread-safe: a server tokenizes in worker threads and processes outputs in a reader thread.
+    Tokenization runs outside the lock; only the bookkeeping is serialised.
+    """
 
     def __init__(self, config: EngineConfig, tokenizer: BaseTokenizer | None, core: CoreClient):
         self.config = config
@@ -88,11 +96,16 @@ class EngineFrontend:
         self._groups: dict[str, SampleGroup] = {}
         self._group_of: dict[str, str] = {}  # child request id -> group id
         self._ids = itertools.count()
+        self._lock = threading.Lock()
 
     def encode_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt. A string is checked (valid Unicode, not obviously longer
+        than the context) before it is tokenized; an empty one is encoded like any other (to BOS
+        alone where the tokenizer adds one). RequestError for anything else."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this model has no tokenizer: give prompts as {'prompt_token_ids': [...]}")
+            self._check_text(prompt, "prompt")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
@@ -101,16 +114,43 @@ class EngineFrontend:
             return prompt.get("prompt"), list(ids)
         raise RequestError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    chat_template: str | None = None) -> dict:
+        """A conversation rendered with ``chat_template`` (default: the tokenizer's) and tokenized:
+        ``{"prompt", "prompt_token_ids"}``."""
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer, so it cannot chat")
+        for i, message in enumerate(messages):
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                check_unicode(message["content"], f"messages[{i}].content")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template)
+        self._check_text(text, "the rendered chat")
+        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+    def _check_text(self, text: str, what: str) -> None:
+        """Valid Unicode, and not so long that it cannot fit the context: refused in O(len(text))
+        time, before tokenizing (which costs far more)."""
+        check_unicode(text, what)
+        max_len = self.core.limits.max_model_len
+        min_tokens = self.tokenizer.min_num_tokens(text)
+        if min_tokens >= max_len:
+            raise RequestError(f"{what} is too long: its {len(text)} characters make at least {min_tokens} tokens, "
+                               f"and max_model_len is {max_len} (prompt + output)")
+
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None) -> str:
+        """Tokenizes and queues a request; returns its id. RequestError (nothing queued) if it is bad."""
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self.encode_prompt(prompt)
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        if params.use_beam_search:  # its n best beams come from one group of sequences in the core
+        if params.bad_words:
+            params = self._with_bad_word_ids(params)
+        with self._lock:
+            request_id = request_id if request_id is not None else str(next(self._ids))
+            if params.use_beam_search:  # its n best beams come from one group of sequences in the core
+                return self._add_single(request_id, text, token_ids, params)
+            if params.n > 1 or (params.best_of or 1) > 1:
+                return self._add_group(request_id, {"prompt": text, "prompt_token_ids": token_ids}, params)
             return self._add_single(request_id, text, token_ids, params)
-        if params.n > 1 or (params.best_of or 1) > 1:
-            return self._add_group(request_id, {"prompt": text, "prompt_token_ids": token_ids}, params)
-        return self._add_single(request_id, text, token_ids, params)
 
     def _add_group(self, request_id: str, prompt: dict, params: SamplingParams) -> str:
         num_children = params.best_of or params.n
@@ -131,8 +171,6 @@ class EngineFrontend:
     def _add_single(self, request_id: str, text: str | None, token_ids: list[int], params: SamplingParams) -> str:
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
-        if params.bad_words:
-            params = self._with_bad_word_ids(params)
         self.core.add_request(request_id, token_ids, params)
         streams = self.tokenizer is not None and not params.use_beam_search  # beams are decoded when they finish
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params) if streams else None
@@ -140,7 +178,7 @@ class EngineFrontend:
         return request_id
 
     def _with_bad_word_ids(self, params: SamplingParams) -> SamplingParams:
-        """A copy of ``params`` whose bad_words are also token sequences (with and without a leading space)."""
+        """A copy of ``params`` whose bad_words are token sequences (with and without a leading space)."""
         if self.tokenizer is None:
             raise RequestError("bad_words need a tokenizer; this model has none (use bad_words_token_ids)")
         sequences = [list(w) for w in params.bad_words_token_ids]
@@ -149,21 +187,26 @@ class EngineFrontend:
                 ids = self.tokenizer.encode(variant, add_special_tokens=False)
                 if ids and ids not in sequences:
                     sequences.append(ids)
-        return dataclasses.replace(params, bad_words_token_ids=sequences)
+        return dataclasses.replace(params, bad_words=[], bad_words_token_ids=sequences)
 
     def abort_request(self, request_id: str) -> None:
-        group = self._groups.pop(request_id, None)
-        ids = [child_request_id(request_id, i) for i in range(group.num_children)] if group else [request_id]
-        self.core.abort_requests(ids)
-        for child_id in ids:
-            self._tracked.pop(child_id, None)
-            self._group_of.pop(child_id, None)
+        with self._lock:
+            group = self._groups.pop(request_id, None)
+            ids = [child_request_id(request_id, i) for i in range(group.num_children)] if group else [request_id]
+            self.core.abort_requests(ids)
+            for child_id in ids:
+                self._tracked.pop(child_id, None)
+                self._group_of.pop(child_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._tracked) or bool(self._groups)
 
     def process_outputs(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
         """The outputs of requests that progressed (cumulative text); outputs of aborted requests are dropped."""
+        with self._lock:
+            return self._process_outputs(core_outputs)
+
+    def _process_outputs(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
         results = []
         now = time.perf_counter()
         for out in core_outputs:

@@ -48,7 +48,9 @@ def available_memory(device: torch.device) -> int:
     return 8 * 2**30
 
 
-def default_kv_cache_memory(device: torch.device) -> int:
-    """90% of free GPU memory; on CPU a quarter of available RAM, at most 4 GiB."""
+def default_kv_cache_memory(device: torch.device, max_usable_bytes: int) -> int:
+    """What the model can use (``max_usable_bytes``: every sequence of the batch at full context)
+    within a budget of 90% of free GPU memory, or on CPU a quarter of available RAM, at most 4 GiB."""
     free = available_memory(device)
-    return int(free * 0.9) if device.type == "cuda" else min(free // 4, _DEFAULT_CPU_CAP)
+    budget = int(free * 0.9) if device.type == "cuda" else min(free // 4, _DEFAULT_CPU_CAP)
+    return min(budget, max_usable_bytes)

@@ -59,5 +59,5 @@ class SampleGroup:
             completions = [dataclasses.replace(c, index=i) for i, c in enumerate(completions)]
         first = children[0]
         return RequestOutput(self.request_id, first.prompt, first.prompt_token_ids, completions, self.finished,
-                             first.metrics, first.num_cached_tokens)
+                             first.metrics, first.num_cached_tokens, first.prompt_logprobs)
 

@@ -6,6 +6,7 @@ Both expose the same small interface: ``encode``, ``decode``, ``bos_token_id``,
 
 from __future__ import annotations
 
+import heapq
 import json
 import struct
 from abc import ABC, abstractmethod
@@ -36,14 +37,22 @@ class BaseTokenizer(ABC):
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``token_ids``; incomplete UTF-8 at the end decodes to U+FFFD."""
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Renders ``messages`` with the model's chat template in a sandboxed Jinja environment."""
+    def min_num_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text, add_special_tokens=False))``, in O(len(text)) and far
+        cheaper than encoding: lets an over-long prompt be refused before it is tokenized. 0 when
+        this tokenizer gives no such bound."""
+        return 0
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            chat_template: str | None = None) -> str:
+        """Renders ``messages`` with ``chat_template`` (default: the model's) in a sandboxed Jinja environment."""
         from tokenmill.engine.chat_template import render_chat_template
 
-        if not self.chat_template:
-            raise TokenizerError("this tokenizer has no chat_template (tokenizer_config.json); use generate() "
-                                 "with a plain prompt instead")
-        return render_chat_template(self.chat_template, messages, add_generation_prompt,
+        template = chat_template if chat_template is not None else self.chat_template
+        if not template:
+            raise TokenizerError("this model's tokenizer has no chat template (tokenizer_config.json): give one "
+                                 "(chat_template), or send a plain prompt to completions instead")
+        return render_chat_template(template, messages, add_generation_prompt,
                                     bos_token=self.bos_token, eos_token=self.eos_token)
 
 
@@ -75,13 +84,24 @@ class HFTokenizer(BaseTokenizer):
         eos_ids += _id_list(generation.get("eos_token_id"))
         self.eos_token_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
         self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        self._max_chars_per_token = _max_chars_per_token(json.loads(self._tok.to_str()),
+                                                         self._tok.get_vocab(with_added_tokens=True))
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it): a long prompt tokenized in a
+        # worker thread then never stalls the server's event loop.
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def min_num_tokens(self, text: str) -> int:
+        if not self._max_chars_per_token:
+            return 0
+        normalizer = self._tok.normalizer
+        length = len(normalizer.normalize_str(text)) if normalizer is not None else len(text)
+        return -(-length // self._max_chars_per_token)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -119,6 +139,7 @@ class Llama2cTokenizer(BaseTokenizer):
         if len(self.pieces) < 259:
             raise TokenizerError(f"{path}: only {len(self.pieces)} tokens; a llama2.c tokenizer has >= 259")
         self.lookup = {piece: i for i, piece in reversed(list(enumerate(self.pieces)))}
+        self.max_piece_bytes = max(len(p) for i, p in enumerate(self.pieces) if not 3 <= i <= 258)
         self.bos_token_id, self.eos_token_ids = self.BOS, (self.EOS,)
         self.special_ids = frozenset({0, self.BOS, self.EOS})
         self.bos_token, self.eos_token = "<s>", "</s>"
@@ -137,16 +158,52 @@ class Llama2cTokenizer(BaseTokenizer):
                 tokens.append(self.lookup[piece])
             else:
                 tokens.extend(b + 3 for b in piece)  # byte fallback: <0x00> is token 3
-        while True:
-            best_score, best_index, best_id = float("-inf"), -1, -1
-            for i in range(len(tokens) - 1):
-                merged = self.lookup.get(self.pieces[tokens[i]] + self.pieces[tokens[i + 1]])
-                if merged is not None and self.scores[merged] > best_score:
-                    best_score, best_index, best_id = self.scores[merged], i, merged
-            if best_index < 0:
-                break
-            tokens[best_index:best_index + 2] = [best_id]
+        tokens = self._merge(tokens)
         return [self.BOS] + tokens if add_special_tokens else tokens
+
+    def _merge(self, tokens: list[int]) -> list[int]:
+        """run.c's merge loop (merge the adjacent pair with the highest score, the leftmost on a
+        tie, until none is in the vocabulary) in O(n log n): candidate pairs wait in a heap keyed by
+        (-score, left position), and an entry whose pair has changed since it was pushed is skipped.
+
+        Symbol i keeps its position i while it grows by absorbing its right neighbour, so positions
+        stay in text order and the heap's smallest key is exactly the pair run.c's scan would pick.
+        """
+        n = len(tokens)
+        right = list(range(1, n + 1))  # right[i]: the next live symbol (n: none)
+        left = list(range(-1, n - 1))  # left[i]: the previous live symbol (-1: none)
+
+        def candidate(i: int) -> tuple[float, int, int, int, int] | None:
+            """The heap entry of the pair (i, right[i]) if it merges into a vocabulary piece."""
+            j = right[i]
+            if i < 0 or j >= n:
+                return None
+            merged = self.lookup.get(self.pieces[tokens[i]] + self.pieces[tokens[j]])
+            return None if merged is None else (-self.scores[merged], i, j, tokens[i], tokens[j])
+
+        heap = [entry for i in range(n - 1) if (entry := candidate(i)) is not None]
+        heapq.heapify(heap)
+        live = [True] * n
+        while heap:
+            _, i, j, token_i, token_j = heapq.heappop(heap)
+            if not live[i] or right[i] != j or tokens[i] != token_i or tokens[j] != token_j:
+                continue  # stale: one side was merged since this pair was pushed
+            tokens[i] = self.lookup[self.pieces[token_i] + self.pieces[token_j]]
+            live[j] = False
+            right[i] = right[j]
+            if right[j] < n:
+                left[right[j]] = i
+            for k in (left[i], i):  # the two pairs this merge changed
+                if (entry := candidate(k)) is not None:
+                    heapq.heappush(heap, entry)
+        return [t for t, alive in zip(tokens, live) if alive]
+
+    def min_num_tokens(self, text: str) -> int:
+        if not text:
+            return 0
+        # A token covers at most max_piece_bytes bytes of " " + text (a byte-fallback token covers one).
+        num_bytes = len(text.encode("utf-8", errors="surrogatepass")) + 1
+        return -(-num_bytes // self.max_piece_bytes)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         out = bytearray()
@@ -170,12 +227,13 @@ class Llama2cTokenizer(BaseTokenizer):
 def load_tokenizer(model: str | Path, tokenizer: str | Path | None = None) -> BaseTokenizer:
     """The tokenizer for a model: ``tokenizer`` if given (a folder or a llama2.c .bin), else the model folder's."""
     source = Path(tokenizer) if tokenizer is not None else Path(model)
+    if tokenizer is None and source.is_file():  # a llama2.c checkpoint: its tokenizer is a file of its own
+        raise TokenizerError(f"{source} is a checkpoint file without a tokenizer: pass its tokenizer with "
+                             "--tokenizer (LLM(tokenizer=...)), e.g. the tok512.bin or tokenizer.bin beside it")
     if source.is_file() and source.suffix == ".bin":
         return Llama2cTokenizer(source)
     if source.is_dir():
         return HFTokenizer(source)
-    if tokenizer is None and source.is_file():
-        raise TokenizerError(f"{source} is a checkpoint file: pass its tokenizer (e.g. tokenizer=\"tok512.bin\")")
     raise TokenizerError(f"tokenizer {source} not found: expected a folder with tokenizer.json or a llama2.c .bin")
 
 
@@ -196,3 +254,35 @@ def _id_list(value: Any) -> list[int]:
     if value is None:
         return []
     return [value] if isinstance(value, int) else list(value)
+
+
+_DROPPING_PRE_TOKENIZERS = {"Whitespace", "WhitespaceSplit", "BertPreTokenizer", "CharDelimiterSplit"}
+
+
+def _max_chars_per_token(spec: dict[str, Any], vocab: dict[str, int]) -> int:
+    """The most (normalized) characters one token can stand for, or 0 when no bound is safe.
+
+    A BPE token covers at most as many characters as its vocabulary string has: byte-level BPE
+    spells every byte as one character, and SentencePiece-style BPE spells a space as one "▁".
+    The bound fails where text can vanish or collapse into one token: pre-tokenizers that drop
+    whitespace, and unknown runs fused into one <unk> (without byte fallback); it also needs a
+    BPE model (WordPiece and Unigram can map a whole unknown word to one token).
+    """
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (model.get("fuse_unk") and not model.get("byte_fallback")):
+        return 0
+    if _component_types(spec.get("pre_tokenizer")) & _DROPPING_PRE_TOKENIZERS:
+        return 0
+    return max((len(token) for token in vocab), default=0)
+
+
+def _component_types(component: Any) -> set[str]:
+    """The "type" names in a tokenizer.json component, through Sequence nesting."""
+    if isinstance(component, dict):
+        found = {component.get("type")} if isinstance(component.get("type"), str) else set()
+        for value in component.values():
+            found |= _component_types(value)
+        return found
+    if isinstance(component, list):
+        return set().union(*(_component_types(item) for item in component)) if component else set()
+    return set()

@@ -2,13 +2,15 @@
 
 Every error leaves as an OpenAI error body ``{"error": {"message", "type", "param", "code"}}``:
 400 for bad input, 401 without the key, 404 for an unknown model or route, 413 for an over-large
-body, 503 (with Retry-After) when the queue is full, 504 past the request timeout, and 500 only
-when the engine itself has failed (``/health`` says so too).
+body, 415 for a body that is not JSON, 503 (with Retry-After) when the queue is full or the server
+is stopping, 504 past the request timeout, and 500 only when the engine itself has failed
+(``/health`` says so too).
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill.engine.async_llm import AsyncLLM, RequestTimeoutError
+from tokenmill.engine.async_llm import AsyncLLM, RequestTimeoutError, ServerShutdownError
 from tokenmill.engine.core_proc import EngineDeadError
 from tokenmill.errors import RequestError, TokenizerError
 from tokenmill.logger import get_logger
@@ -46,10 +48,18 @@ class APIError(Exception):
         self.headers = headers
 
 
+class _ASCIIJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message can never fail to encode (a lone surrogate from
+    the request would make a UTF-8 body raise, and the connection be dropped)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+    return _ASCIIJSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                              status_code=status, headers=headers)
 
 
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -58,7 +68,8 @@ _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404:
 
 
 class GuardMiddleware:
-    """Pure ASGI: the API key on /v1 routes, and the body-size limit (also for chunked bodies)."""
+    """Pure ASGI: the API key on /v1 routes, a JSON content type on their bodies, and the body-size
+    limit (also for chunked bodies), all checked before the body is read."""
 
     def __init__(self, app, settings: ServerSettings):
         self.app = app
@@ -73,7 +84,13 @@ class GuardMiddleware:
             given = headers.get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 return await error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                            "authentication_error", code="invalid_api_key")(scope, receive, send)
+                                            "authentication_error", code="invalid_api_key",
+                                            headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        if scope["method"] == "POST" and scope["path"].startswith("/v1") and content_type and not _is_json(content_type):
+            return await error_response(415, f"Content-Type must be application/json, got {content_type[:100]!r}: "
+                                        "send the body as JSON", "invalid_request_error",
+                                        code="unsupported_media_type")(scope, receive, send)
         limit = self.settings.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -95,6 +112,11 @@ class GuardMiddleware:
             await error_response(e.status, e.message, e.type)(scope, receive, send)
 
 
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
 def _too_large(limit: int) -> JSONResponse:
     return error_response(413, f"request body is larger than {limit} bytes", "invalid_request_error")
 
@@ -109,6 +131,7 @@ def create_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics(settings.model_name)
     engine.on_stats = metrics.on_stats
     engine.on_finished = metrics.on_finished
+    engine.on_dead = metrics.on_engine_dead
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -125,14 +148,21 @@ def create_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-        loc = [x for x in first.get("loc", ()) if x != "body"]
-        where = str(loc[0]) if loc and isinstance(loc[0], str) else ""  # the top-level field, not union members
+        # Our own checks (value errors) say the most; a union field also lists each member's mismatch.
+        first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else
+                     {"loc": (), "msg": "invalid request", "type": ""})
+
+        def field(error) -> str:  # the top-level field, not union members
+            loc = [x for x in error.get("loc", ()) if x != "body"]
+            return str(loc[0]) if loc and isinstance(loc[0], str) else ""
+
+        where, msg = field(first), str(first.get("msg")).removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
-            where, first = "", {**first, "msg": f"the body is not valid JSON ({first.get('ctx', {}).get('error', '')})"}
-        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+            where, msg = "", f"the body is not valid JSON ({first.get('ctx', {}).get('error', '')})"
+        message = f"{where}: {msg}" if where else msg
+        others = {field(e) for e in errors} - {where}
+        if others:
+            message += f" (and problems with {', '.join(sorted(o or 'the body' for o in others))})"
         return error_response(400, message, "invalid_request_error", param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
@@ -160,6 +190,10 @@ def create_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(EngineDeadError)
     async def on_dead(request: Request, exc: EngineDeadError):
         return error_response(500, str(exc), "internal_server_error", code="engine_dead")
+
+    @app.exception_handler(ServerShutdownError)
+    async def on_shutdown(request: Request, exc: ServerShutdownError):
+        return error_response(503, str(exc), "server_shutting_down", code="server_shutting_down")
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):

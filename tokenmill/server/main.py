@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from tokenmill.config import EngineConfig
 from tokenmill.logger import get_logger
 
 logger = get_logger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 3.0
+"""How long uvicorn waits for open connections after SIGTERM/SIGINT. In-flight requests are aborted
+at the signal, so their responses end at once and this wait is normally short."""
+
+
+def default_model_name(model: str) -> str:
+    """The name clients see (in /v1/models and every response): the folder or file name, not its path."""
+    return Path(model.rstrip("/")).name or model
 
 
 def serve(config: EngineConfig, args) -> None:
@@ -21,10 +31,25 @@ def serve(config: EngineConfig, args) -> None:
     torch.set_num_threads(1)
     engine_threads = args.threads or os.cpu_count()
     engine = AsyncLLM(config, engine_process=not args.no_engine_process, num_threads=engine_threads)
-    settings = ServerSettings(model_name=args.served_model_name or args.model, api_key=args.api_key or None,
-                              max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
-                              max_body_bytes=args.max_body_bytes)
+    settings = ServerSettings(model_name=args.served_model_name or default_model_name(args.model),
+                              api_key=args.api_key or None, max_queued_requests=args.max_queued_requests,
+                              request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes)
     app = create_app(engine, settings)
     logger.info("serving %s on http://%s:%d (engine %s, %d threads)", settings.model_name, args.host, args.port,
                 "in a thread" if args.no_engine_process else "in its own process", engine_threads)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    _make_server(uvicorn_config, engine).run()
+
+
+def _make_server(config, engine):
+    """uvicorn's server, which on SIGTERM or SIGINT also aborts every in-flight request at once, so
+    that streams end with an error event instead of running on while uvicorn waits for them."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            engine.request_shutdown("the server is shutting down")
+
+    return Server(config)

@@ -41,7 +41,15 @@ class ServerMetrics:
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.")
         self.tpot = histogram("time_per_output_token_seconds", "Mean time per output token after the first.")
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.")
+        self.healthy = gauge("engine_healthy", "1 while the engine core runs, 0 once it has failed.")
+        self.healthy.set(1)
         self._last = EngineStats(0, 0, 0.0, 0, 0, 0, 0)
+
+    def on_engine_dead(self) -> None:
+        """The core is gone, and its requests with it: nothing runs, waits or holds KV blocks."""
+        self.healthy.set(0)
+        for gauge in (self.running, self.waiting, self.kv_usage):
+            gauge.set(0)
 
     def on_stats(self, stats: EngineStats) -> None:
         self.running.set(stats.num_running)
