@@ -75,3 +75,37 @@ def test_generate_beam_search_n_and_logprobs_flags(checkpoint):
     assert "--- logprobs of the prompt ---" in result.stdout and "--- logprobs of completion" not in result.stdout
     result = _run(*common, "--beam-width", "2", "--n", "3")
     assert result.returncode == 2 and "n (3) must not exceed beam_width (2)" in result.stderr
+
+
+def test_generate_from_an_empty_prompt_is_run_c_golden_output():
+    """The one rule for empty prompts: "" encodes to BOS alone, as in llama2.c's run, and generates
+    the same story byte for byte."""
+    folder = stories_dir()
+    result = _run("generate", str(folder / "stories260K.bin"), "--tokenizer", str(folder / "tok512.bin"),
+                  "--prompt", "", "--max-tokens", "256", "--ignore-eos", "--stop-token-id", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.encode() == (folder / "expected_greedy.txt").read_bytes()
+
+
+def test_checkpoint_without_tokenizer_says_to_pass_one():
+    result = _run("generate", str(stories_dir() / "stories260K.bin"), "--prompt", "hi")
+    assert result.returncode == 2
+    assert "is a checkpoint file without a tokenizer" in result.stderr and "--tokenizer" in result.stderr
+    assert "piece runs past the end" not in result.stderr
+
+
+def test_sampling_flags_are_checked_before_the_model_loads(tmp_path):
+    # The model does not exist: had it loaded first, the error would be "not found".
+    result = _run("generate", str(tmp_path / "nope"), "--prompt", "hi", "--temperature", "-1")
+    assert result.returncode == 2 and "temperature must be >= 0" in result.stderr
+
+
+def test_logprobs_k_lists_k_tokens(checkpoint):
+    result = _run("generate", str(checkpoint("llama")), "--prompt", "hello", "--max-tokens", "4",
+                  "--kv-cache-memory", "8MiB", "--logprobs", "3")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "| top 3:" in line]
+    assert len(lines) == 4
+    for line in lines:  # greedy: the chosen token is the most likely, listed first and marked
+        listed = line.split("| top 3:", 1)[1]
+        assert listed.count(",") == 2 and listed.strip().startswith("*")

@@ -159,3 +159,33 @@ def test_invalid_sampling_values(kwargs, message):
 def test_invalid_engine_options(checkpoint, kwargs, message):
     with pytest.raises(ValueError, match=message):
         LLM(str(checkpoint("llama")), **kwargs)
+
+
+def test_default_kv_cache_is_sized_by_what_the_model_can_use(caplog):
+    """Not 4 GiB for a 260K-parameter model with a 512-token context: max_num_seqs sequences of
+    max_model_len tokens (here 8 x 32 blocks of 16), and start-up says so."""
+    import logging
+
+    from helpers.shared_models import stories_dir
+
+    folder = stories_dir()
+    logging.getLogger("tokenmill").propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger="tokenmill"):
+            llm = LLM(str(folder / "stories260K.bin"), tokenizer=str(folder / "tok512.bin"), max_num_seqs=8,
+                      device="cpu")
+    finally:
+        logging.getLogger("tokenmill").propagate = False
+    assert llm.engine.core.num_blocks == 8 * 512 // 16
+    assert "max_num_seqs 8 x max_model_len 512" in caplog.text
+
+
+def test_empty_prompts_follow_one_rule(checkpoint):
+    """An empty string is text like any other (BOS alone with this tokenizer); an empty id list is refused."""
+    llm = LLM(str(checkpoint("llama")), kv_cache_memory="8MiB", device="cpu")
+    out = llm.generate([""], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)[0]
+    assert out.prompt_token_ids == [1] and len(out.outputs[0].token_ids) == 3
+    with pytest.raises(RequestError, match="the prompt is empty"):
+        llm.generate({"prompt_token_ids": []}, SamplingParams(max_tokens=3))
+    with pytest.raises(RequestError, match="prompt is too long"):
+        llm.generate("x" * 100_000, SamplingParams(max_tokens=3))

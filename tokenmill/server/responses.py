@@ -91,14 +91,14 @@ class BaseAPI(ABC):
                 s.finished.add(index)
             first = index not in s.started
             s.started.add(index)
-            chunks.extend(self._chunk(index, output, completion, delta, sent_chars, sent_tokens, first))
+            chunks.extend(self._chunk(index, output, completion, delta, sent_tokens, first))
         return chunks
 
     @abstractmethod
-    def _chunk(self, index: int, output: RequestOutput, completion: CompletionOutput, delta: str, sent_chars: int,
+    def _chunk(self, index: int, output: RequestOutput, completion: CompletionOutput, delta: str,
                sent_tokens: int, first: bool) -> list[dict]:
-        """The chunks for one choice's new text (``delta``), after ``sent_chars`` characters and
-        ``sent_tokens`` tokens already sent; ``first``: nothing of this choice has been sent yet."""
+        """The chunks for one choice's new text (``delta``), after ``sent_tokens`` tokens already
+        sent; ``first``: nothing of this choice has been sent yet."""
 
     def usage_chunk(self) -> dict | None:
         if not self.body.include_usage:
@@ -165,7 +165,7 @@ class CompletionAPI(BaseAPI):
                                          for e in prompt_logprobs]
         return choice
 
-    def _chunk(self, index: int, output: RequestOutput, completion: CompletionOutput, delta: str, sent_chars: int,
+    def _chunk(self, index: int, output: RequestOutput, completion: CompletionOutput, delta: str,
                sent_tokens: int, first: bool) -> list[dict]:
         with_prompt = first and self.body.echo
         logprobs = self._logprobs(index, output, completion, sent_tokens, with_prompt)
@@ -203,7 +203,7 @@ class ChatAPI(BaseAPI):
                             "top_logprobs": top})
         return {"content": content}
 
-    def _chunk(self, index: int, output: RequestOutput, completion: CompletionOutput, delta: str, sent_chars: int,
+    def _chunk(self, index: int, output: RequestOutput, completion: CompletionOutput, delta: str,
                sent_tokens: int, first: bool) -> list[dict]:
         def chunk(delta_message: dict, finish_reason=None, stop_reason=None, logprobs=None) -> dict:
             return {"id": self.job.id, "object": "chat.completion.chunk", "created": self.job.created,

@@ -51,6 +51,7 @@ def register_routes(app: FastAPI, engine: AsyncLLM, settings: ServerSettings) ->
         _admit(engine, settings, 1, params)
         prompt = await engine.run_blocking(engine.frontend.encode_chat, [m.as_template_message() for m in body.messages],
                                            body.add_generation_prompt, body.chat_template)
+        _admit(engine, settings, 1, params)  # again: others may have been admitted while this one rendered
         job = _Job("chatcmpl", 1, params)
         await engine.add_requests([prompt], params, job.request_ids, job.queue)
         api = ChatAPI(job, body, settings.model_name, engine.tokenizer)
