@@ -265,14 +265,18 @@ def _max_chars_per_token(spec: dict[str, Any], vocab: dict[str, int]) -> int:
     A BPE token covers at most as many characters as its vocabulary string has: byte-level BPE
     spells every byte as one character, and SentencePiece-style BPE spells a space as one "▁".
     The bound fails where text can vanish or collapse into one token: pre-tokenizers that drop
-    whitespace, and unknown runs fused into one <unk> (without byte fallback); it also needs a
-    BPE model (WordPiece and Unigram can map a whole unknown word to one token).
+    whitespace or delimiters, added tokens that strip the whitespace beside them, and unknown runs
+    fused into one <unk> (without byte fallback); it also needs a BPE model (WordPiece and Unigram
+    can map a whole unknown word to one token).
     """
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or (model.get("fuse_unk") and not model.get("byte_fallback")):
         return 0
-    if _component_types(spec.get("pre_tokenizer")) & _DROPPING_PRE_TOKENIZERS:
-        return 0
+    pre_tokenizer = spec.get("pre_tokenizer")
+    if _component_types(pre_tokenizer) & _DROPPING_PRE_TOKENIZERS or '"removed"' in json.dumps(pre_tokenizer):
+        return 0  # whitespace or delimiters dropped (Split with behavior "removed")
+    if any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens") or []):
+        return 0  # such a token also swallows the whitespace beside it, however long
     return max((len(token) for token in vocab), default=0)
 
 
