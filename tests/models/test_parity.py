@@ -13,16 +13,20 @@ PROMPTS = [[1, 17, 45, 99, 3, 250, 77], [1, 300], [1, 5, 6, 7, 8, 9, 10, 11, 12,
                                                   22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37]]
 
 
-@pytest.mark.parametrize("mode", ["portable", "kernels"])
+@pytest.mark.parametrize("mode", ["portable", "kernels", "triton"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_prefill_and_decode_logits_match_reference(arch, mode, checkpoint, make_llm, monkeypatch):
-    """"portable": pure PyTorch (the CUDA path); "kernels": the C++ CPU kernels where they build."""
-    if mode == "portable":
+    """"portable": pure PyTorch; "kernels": the C++ CPU kernels where they build; "triton": the
+    Triton attention kernels (the CUDA default), in Triton's interpreter on CPU."""
+    if mode == "triton":
+        pytest.importorskip("triton", reason="the triton package is not installed")
+    if mode in ("portable", "triton"):
         monkeypatch.setenv("TOKENMILL_NO_CPU_KERNELS", "1")
     folder = checkpoint(arch)
     ref = load_reference(folder)
     # Small blocks: decodes cross block boundaries.
-    llm = make_llm(folder, dtype="float32", block_size=4, attention_backend="torch" if mode == "portable" else "auto")
+    backend = {"portable": "torch", "kernels": "auto", "triton": "triton"}[mode]
+    llm = make_llm(folder, dtype="float32", block_size=4, attention_backend=backend)
     core = llm.engine.core
     prompt = PROMPTS[0]
     core.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))

@@ -39,15 +39,18 @@ def test_decode_kernel_matches_portable_backend(cpu_backend, dtype, num_heads, n
     torch.testing.assert_close(ours.float(), reference.float(), atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_engine_parity_on_each_backend(backend, checkpoint, make_llm, monkeypatch):
-    """Greedy tokens under mixed lengths, chunking and preemption are the same on both backends
-    (``torch`` here also switches off every fused CPU kernel: the pure PyTorch path, as on CUDA)."""
+    """Greedy tokens under mixed lengths, chunking and preemption are the same on every backend
+    (``torch`` here also switches off every fused CPU kernel: the pure PyTorch path, as on CUDA;
+    ``triton`` runs its kernels in Triton's interpreter on CPU)."""
     import random
 
     from tokenmill import SamplingParams
 
-    if backend == "torch":
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the triton package is not installed")
+    if backend in ("torch", "triton"):
         monkeypatch.setenv("TOKENMILL_NO_CPU_KERNELS", "1")
     else:
         from tokenmill.kernels import cpu_kernels
@@ -69,5 +72,25 @@ def test_engine_parity_on_each_backend(backend, checkpoint, make_llm, monkeypatc
 def test_unknown_backend_is_rejected(checkpoint):
     from tokenmill import LLM
 
-    with pytest.raises(ValueError, match="attention backend 'flash' is not supported; supported: auto, torch, cpu"):
+    with pytest.raises(ValueError, match="attention backend 'flash' is not supported; supported: auto, torch, cpu, triton"):
         LLM(str(checkpoint("llama")), attention_backend="flash", device="cpu")
+
+
+def test_triton_backend_reuses_prefix_cache_hits(checkpoint, make_llm, monkeypatch):
+    """Prompts sharing a 40-token prefix: later ones start from cached blocks, so their first chunk
+    attends to a cached context (the prefill kernel's num_computed_tokens > 0), with the same tokens."""
+    pytest.importorskip("triton", reason="the triton package is not installed")
+    from tokenmill import SamplingParams
+
+    monkeypatch.setenv("TOKENMILL_NO_CPU_KERNELS", "1")
+    prefix = [1] + list(range(10, 49))
+    prompts = [{"prompt_token_ids": prefix + [100 + i, 200 + i, 300 - i]} for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].token_ids
+                for o in make_llm(checkpoint("llama"), attention_backend="torch").generate(prompts, params,
+                                                                                           use_tqdm=False)]
+    llm = make_llm(checkpoint("llama"), attention_backend="triton", block_size=8)
+    first = llm.generate(prompts[:1], params, use_tqdm=False)
+    rest = llm.generate(prompts[1:], params, use_tqdm=False)
+    assert all(o.num_cached_tokens == 40 for o in rest)
+    assert [o.outputs[0].token_ids for o in first + rest] == expected

@@ -38,6 +38,23 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True)
+class PrefillBatch:
+    """All of a step's prompt chunks as device tensors, for kernels that take them in one launch.
+
+    With the worked example above: query_start_loc = [1, 4], num_computed_tokens = [0],
+    block_tables = [[5]], max_query_len = 3.
+    """
+
+    query_start_loc: torch.Tensor
+    """(P + 1,) int32: chunk i's new tokens are rows query_start_loc[i]:query_start_loc[i + 1] of the batch."""
+    num_computed_tokens: torch.Tensor
+    """(P,) int32: tokens of chunk i's request already in the cache."""
+    block_tables: torch.Tensor
+    """(P, W) int64 block ids, padded with 0 past each request's blocks."""
+    max_query_len: int
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """What attention needs to know about one step's batch; built by the model runner."""
 
@@ -54,6 +71,8 @@ class AttentionMetadata:
     """(num_decodes, 1, 1, max_decode_seq_len) bool: True where a key position is inside the context;
     None when every decode has the same context length."""
     prefills: tuple[PrefillSpan, ...] = field(default_factory=tuple)
+    prefill_batch: PrefillBatch | None = None
+    """The same prompt chunks, packed (None when there are none)."""
 
 
 class AttentionBackend(ABC):

@@ -38,16 +38,18 @@ def materialize_shape(name: str, dtype: torch.dtype, seed: int = 0) -> Path:
     return folder
 
 
-def load_hf_model(folder: str | Path, dtype: torch.dtype) -> nn.Module:
+def load_hf_model(folder: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The reference model on the same device as the engine, so that the comparison is like for like."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
 @torch.inference_mode()
 def run_hf_static_batches(hf: nn.Module, workload: list[BenchRequest], batch_size: int) -> dict[str, float]:
     """Runs ``generate`` in static batches (left-padded, each to its longest output); counts useful tokens."""
     pad_id = 0
+    device = next(hf.parameters()).device
     start = time.perf_counter()
     for i in range(0, len(workload), batch_size):
         batch = workload[i:i + batch_size]
@@ -58,8 +60,10 @@ def run_hf_static_batches(hf: nn.Module, workload: list[BenchRequest], batch_siz
             ids[row, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
             mask[row, width - len(r.prompt_token_ids):] = 1
         max_new = max(r.output_len for r in batch)
-        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                    do_sample=False, pad_token_id=pad_id)
+        hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                    min_new_tokens=max_new, do_sample=False, pad_token_id=pad_id)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     num_out = sum(r.output_len for r in workload)
     num_in = sum(len(r.prompt_token_ids) for r in workload)

@@ -16,14 +16,20 @@ from tokenmill.models.loader import decode_read_bytes, weight_bytes
 from tokenmill.sampling_params import SamplingParams
 
 
-def measure_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes per second that a full read (a sum) of a large float32 tensor reaches, best of ``repeats``."""
-    data = torch.ones(num_bytes // 4, dtype=torch.float32)
+def measure_read_bandwidth(device: torch.device, num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second that a full read (a sum) of a large float32 tensor on ``device`` reaches,
+    best of ``repeats`` (on CUDA: the GPU's memory, timed after a synchronize)."""
+    data = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    data.sum()
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         data.sum()
+        sync()
         best = min(best, time.perf_counter() - start)
+    del data
     return num_bytes / best
 
 
@@ -41,7 +47,7 @@ def run_latency(llm: LLM, args) -> dict[str, Any]:
         tpots.append(out.time_per_output_token)
     model = llm.engine.core.runner.model
     num_bytes = decode_read_bytes(model)
-    bandwidth = measure_read_bandwidth()
+    bandwidth = measure_read_bandwidth(llm.engine.device)
     floor_ms = 1000 * num_bytes / bandwidth
     tpot_ms = 1000 * statistics.median(tpots)
     result = {

@@ -46,7 +46,7 @@ def run_throughput(llm: LLM, args) -> dict[str, Any]:
         from tokenmill.bench.hf_baseline import load_hf_model, run_hf_static_batches
 
         dtype = next(llm.engine.core.runner.model.parameters()).dtype
-        hf = load_hf_model(llm.engine.config.model, dtype)
+        hf = load_hf_model(llm.engine.config.model, dtype, llm.engine.device)
         hf_result = run_hf_static_batches(hf, workload, args.hf_batch_size)
         result["hf"] = hf_result
         result["speedup_vs_hf"] = result["output_tokens_per_s"] / hf_result["output_tokens_per_s"]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.kernels import cpu_kernels
+from tokenmill.kernels.triton_ops import triton_ops
 from tokenmill.layers.linear import new_parameter
 
 
@@ -30,9 +31,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """(..., size) -> same shape in out_dtype. With ``add``, ``x`` (the float32 residual stream)
-        is first updated in place, ``x += add``, in the same pass (the fused CPU kernel)."""
+        is first updated in place, ``x += add``, in the same pass (a fused kernel: Triton on CUDA, C++ on CPU)."""
+        fusable = x.dtype == torch.float32 and x.is_contiguous()
+        ops = triton_ops(x.device)
+        if ops is not None and fusable and x.dim() == 2 and (add is None or add.is_contiguous()):
+            return ops.add_rms_norm(x, add, self.weight, self.eps, self.out_dtype)
         kernels = cpu_kernels() if x.device.type == "cpu" else None
-        if kernels is not None and x.dtype == torch.float32 and x.is_contiguous():
+        if kernels is not None and fusable:
             return kernels.add_rms_norm(x, add, self.weight.float(), self.eps, self.out_dtype)
         if add is not None:
             x.add_(add)

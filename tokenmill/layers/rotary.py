@@ -14,6 +14,7 @@ from torch import nn
 
 from tokenmill.config import RopeScaling
 from tokenmill.kernels import cpu_kernels
+from tokenmill.kernels.triton_ops import triton_ops
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -42,7 +43,7 @@ class RopeInputs:
     positions: torch.Tensor
     """(T,) int64."""
     cos: torch.Tensor | None
-    """(T, 1, head_dim) in the model's dtype; None when the fused CPU kernel reads the tables itself."""
+    """(T, 1, head_dim) in the model's dtype; None when a fused kernel reads the tables itself."""
     signed_sin: torch.Tensor | None
 
 
@@ -58,7 +59,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeInputs:
-        if positions.device.type == "cpu" and cpu_kernels() is not None:
+        if triton_ops(positions.device) is not None or (positions.device.type == "cpu" and cpu_kernels() is not None):
             return RopeInputs(positions, None, None)
         cos, sin = self.cos[positions], self.sin[positions]  # (T, head_dim/2)
         # Full-width tables: cos for both halves, sin signed [-sin | sin] so that
@@ -70,7 +71,8 @@ class RotaryEmbedding(nn.Module):
     def rotate_(self, rope: RopeInputs, rows: torch.Tensor, num_heads: int, head_dim: int) -> None:
         """Rotates, in place, the first ``num_heads`` heads of each row of ``rows`` (T, width), contiguous."""
         if rope.cos is None:
-            cpu_kernels().rotary_inplace(rows, rope.positions, self.cos, self.sin, num_heads, head_dim)
+            ops = triton_ops(rows.device) or cpu_kernels()
+            ops.rotary_inplace(rows, rope.positions, self.cos, self.sin, num_heads, head_dim)
             return
         heads = rows[:, :num_heads * head_dim].view(rows.shape[0], num_heads, head_dim)
         heads.copy_(apply_rotary(heads, rope.cos, rope.signed_sin))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenmill.attention.backend import AttentionMetadata, PrefillSpan
+from tokenmill.attention.backend import AttentionMetadata, PrefillBatch, PrefillSpan
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sample.logits_processors import banned_bad_words, banned_ngram_tokens, build_penalties
 from tokenmill.sample.sampler import SamplingMetadata
@@ -96,12 +96,27 @@ def build_step_inputs(states: list[RunnerRequestState], num_scheduled: dict[str,
     attention = AttentionMetadata(
         slot_mapping=torch.tensor(slots, device=device), num_decodes=len(decodes),
         decode_block_tables=decode_tables, decode_seq_lens=decode_lens, max_decode_seq_len=max_decode_len,
-        decode_mask=decode_mask, prefills=tuple(spans))
+        decode_mask=decode_mask, prefills=tuple(spans), prefill_batch=_prefill_batch(prefills, spans, device))
     return StepInputs(
         input_ids=torch.tensor(input_ids, device=device), positions=torch.tensor(positions, device=device),
         attention=attention, logits_index=torch.tensor(logits_index, device=device),
         query_starts=[0] + [i + 1 for i in logits_index[:-1]],
         request_ids=[s.request_id for s in ordered], sampling=build_sampling_metadata(ordered, device, vocab_size))
+
+
+def _prefill_batch(states: list[RunnerRequestState], spans: list[PrefillSpan],
+                   device: torch.device) -> PrefillBatch | None:
+    if not spans:
+        return None
+    tables = [s.block_ids[:len(span.block_table)] for s, span in zip(states, spans)]
+    width = max(len(t) for t in tables)
+    return PrefillBatch(
+        query_start_loc=torch.tensor([span.query_start for span in spans] + [spans[-1].query_end], dtype=torch.int32,
+                                     device=device),
+        num_computed_tokens=torch.tensor([span.num_computed_tokens for span in spans], dtype=torch.int32,
+                                         device=device),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device),
+        max_query_len=max(span.query_end - span.query_start for span in spans))
 
 
 def build_sampling_metadata(states: list[RunnerRequestState], device: torch.device,
