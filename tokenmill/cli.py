@@ -131,7 +131,7 @@ def _parse_bias(text: str) -> tuple[int, float]:
 
 
 def _bench(args) -> None:
-    if getattr(args, "compare_hf", False):
+    if getattr(args, "compare_hf", False) or (args.bench_command == "suite" and not args.no_hf):
         from tokenmill.bench.hf_baseline import materialize_shape
         from tokenmill.config import parse_dtype
         from tokenmill.models.shapes import SHAPES
@@ -144,6 +144,10 @@ def _bench(args) -> None:
         from tokenmill.bench.throughput import run_throughput
 
         run_throughput(llm, args)
+    elif args.bench_command == "suite":
+        from tokenmill.bench.suite import run_suite
+
+        run_suite(llm, args)
     else:
         from tokenmill.bench.latency import run_latency
 
@@ -274,6 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--num-iters", type=int, default=3)
     lat.add_argument("--output-json")
     lat.set_defaults(func=_bench)
+    sui = bench_sub.add_parser("suite", help="the whole comparison with HF on this device in one run: batch-1 "
+                                             "latency and floor, a batch, a mixed workload, new KV lengths")
+    _engine_args(sui)
+    sui.add_argument("--input-len", type=int, default=128)
+    sui.add_argument("--output-len", type=int, default=128)
+    sui.add_argument("--batch-prompts", type=int, default=64, help="requests of input-len + output-len tokens")
+    sui.add_argument("--mixed-prompts", type=int, default=128, help="requests of 16-512 prompt, 16-256 output tokens")
+    sui.add_argument("--hf-batch-size", type=int, default=32, help="HF's static batch size for the mixed workload")
+    sui.add_argument("--kv-lengths", type=int, default=50, help="decode steps timed, each at a new KV length")
+    sui.add_argument("--kv-length-start", type=int, default=1000, help="prompt length before those steps")
+    sui.add_argument("--no-hf", action="store_true", help="skip the transformers runs")
+    sui.add_argument("--output-json")
+    sui.set_defaults(func=_bench)
     bsv = bench_sub.add_parser("serve", help="load a running server: TTFT, TPOT, ITL, E2E and throughput")
     bsv.add_argument("--base-url", default="http://127.0.0.1:8000")
     bsv.add_argument("--model", help="model name to send (default: the server's first)")

@@ -109,3 +109,18 @@ def test_logprobs_k_lists_k_tokens(checkpoint):
     for line in lines:  # greedy: the chosen token is the most likely, listed first and marked
         listed = line.split("| top 3:", 1)[1]
         assert listed.count(",") == 2 and listed.strip().startswith("*")
+
+
+def test_bench_suite_runs_the_whole_comparison(checkpoint, tmp_path):
+    """The one-command comparison for a lent GPU, here on CPU at toy sizes."""
+    out = tmp_path / "suite.json"
+    result = _run("bench", "suite", str(checkpoint("llama")), "--kv-cache-memory", "8MiB", "--batch-prompts", "4",
+                  "--mixed-prompts", "6", "--input-len", "16", "--output-len", "8", "--kv-lengths", "6",
+                  "--kv-length-start", "40", "--hf-batch-size", "3", "--output-json", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["kv_lengths"]["count"] == 6 and data["kv_lengths"]["first"] == 41
+    assert data["batch1"]["tpot_ms"] > 0 and data["batch1"]["bandwidth_floor_ms"] > 0
+    assert data["batch"]["output_tokens_per_s"] > 0 and data["mixed"]["num_requests"] == 6
+    assert set(data["speedup_vs_hf"]) == {"batch1", "batch", "mixed"}
+    assert "speed-up: batch 1 / batch / mixed" in result.stdout

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers.checkpoints import ARCHITECTURES, load_reference
+from helpers.devices import TRITON_DEVICE
 from tokenmill import SamplingParams
 from tokenmill.outputs import ModelRunnerOutput
 
@@ -26,7 +27,8 @@ def test_prefill_and_decode_logits_match_reference(arch, mode, checkpoint, make_
     ref = load_reference(folder)
     # Small blocks: decodes cross block boundaries.
     backend = {"portable": "torch", "kernels": "auto", "triton": "triton"}[mode]
-    llm = make_llm(folder, dtype="float32", block_size=4, attention_backend=backend)
+    llm = make_llm(folder, dtype="float32", block_size=4, attention_backend=backend,
+                   device=TRITON_DEVICE if mode == "triton" else "cpu")
     core = llm.engine.core
     prompt = PROMPTS[0]
     core.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
@@ -36,6 +38,7 @@ def test_prefill_and_decode_logits_match_reference(arch, mode, checkpoint, make_
         ours = core.runner.execute_logits(so)["r"]  # (n_new, V)
         with torch.no_grad():
             theirs = ref(torch.tensor([tokens])).logits[0, -ours.shape[0]:]
+        ours = ours.cpu()
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4,
                                    msg=lambda m: f"{arch} step {step} ({'prefill' if step == 0 else 'decode'}): {m}")
         if step == 0:

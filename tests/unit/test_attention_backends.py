@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.devices import TRITON_DEVICE
+
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.attention.torch_paged import TorchPagedAttention
 
@@ -63,7 +65,7 @@ def test_engine_parity_on_each_backend(backend, checkpoint, make_llm, monkeypatc
     reference = make_llm(checkpoint("qwen2"), attention_backend="torch")  # roomy: no preemption
     expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params, use_tqdm=False)]
     llm = make_llm(checkpoint("qwen2"), attention_backend=backend, block_size=4, max_num_batched_tokens=9,
-                   kv_cache_memory=24 * 2 * 2 * 3 * 8 * 4 * 4)
+                   kv_cache_memory=24 * 2 * 2 * 3 * 8 * 4 * 4, device=TRITON_DEVICE if backend == "triton" else "cpu")
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert llm.engine.core.scheduler.num_preemptions > 0
     assert got == expected
@@ -89,7 +91,7 @@ def test_triton_backend_reuses_prefix_cache_hits(checkpoint, make_llm, monkeypat
     expected = [o.outputs[0].token_ids
                 for o in make_llm(checkpoint("llama"), attention_backend="torch").generate(prompts, params,
                                                                                            use_tqdm=False)]
-    llm = make_llm(checkpoint("llama"), attention_backend="triton", block_size=8)
+    llm = make_llm(checkpoint("llama"), attention_backend="triton", block_size=8, device=TRITON_DEVICE)
     first = llm.generate(prompts[:1], params, use_tqdm=False)
     rest = llm.generate(prompts[1:], params, use_tqdm=False)
     assert all(o.num_cached_tokens == 40 for o in rest)

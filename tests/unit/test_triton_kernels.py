@@ -4,6 +4,8 @@ set in conftest before anything imports them), in float32 and float16."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from tokenmill.attention.torch_paged import TorchPagedAttention
 
 triton = pytest.importorskip("triton", reason="the triton package is not installed")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from helpers.devices import TRITON_DEVICE as DEVICE  # noqa: E402
 DTYPES = [torch.float32, torch.float16]
 
 
@@ -45,6 +47,20 @@ def test_write_kv_fills_slots_and_skips_negative_ones(kernels):
     written = torch.zeros(24, dtype=torch.bool)
     written[slots[keep]] = True
     assert flat[:, ~written].abs().sum() == 0  # the -1 token went nowhere (and not to the last slot)
+
+
+def test_decode_padding_rows_attend_to_nothing(kernels):
+    """Rows with seq_len 0 (a fixed-size batch padded, as CUDA graphs need) give zeros, not NaN,
+    and leave the real rows as they are."""
+    q, cache, md = _decode_case(6, 2, 32, 4, torch.float32, [5, 9])
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    padded_q = torch.cat([q, torch.randn(2, 6, 32)])
+    tables = torch.cat([md.decode_block_tables, torch.zeros(2, md.decode_block_tables.shape[1], dtype=torch.long)])
+    lens = torch.tensor([5, 9, 0, 0])
+    out = kernels.paged_decode(dev(padded_q), dev(cache), dev(tables), dev(lens), 9, 32 ** -0.5, 2).cpu()
+    alone = kernels.paged_decode(dev(q), dev(cache), dev(md.decode_block_tables), dev(md.decode_seq_lens), 9,
+                                 32 ** -0.5, 2).cpu()
+    assert torch.equal(out[:2], alone) and torch.equal(out[2:], torch.zeros(2, 6, 32))
 
 
 def _decode_case(num_heads, num_kv_heads, head_dim, block_size, dtype, seq_lens):
@@ -125,7 +141,7 @@ def test_varlen_prefill_matches_portable_backend(kernels, dtype, num_heads, num_
 @pytest.fixture(scope="module")
 def fused():
     pytest.importorskip("triton", reason="the triton package is not installed")
-    if DEVICE == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU, and Triton's interpreter is off")
     from tokenmill.kernels import triton_fused
 
@@ -188,7 +204,8 @@ def test_engine_on_triton_kernels_only_matches_transformers(arch, checkpoint, ma
     folder = checkpoint(arch)
     ref = load_reference(folder)
     prompts = [[1, 17, 45, 99, 3, 250, 77, 12, 13, 14, 15], [1, 300]]
-    llm = make_llm(folder, dtype="float32", attention_backend="triton", block_size=4, max_num_batched_tokens=8)
+    llm = make_llm(folder, dtype="float32", attention_backend="triton", block_size=4, max_num_batched_tokens=8,
+                   device=DEVICE)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(prompts, outputs):

@@ -100,8 +100,10 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_o_tok, str
     d_mask = offs_d < HEAD_DIM
     part = (seq * num_heads + head) * num_splits + offs_s
     lse = tl.load(part_lse_ptr + part, mask=s_mask, other=float("-inf"))  # (S,)
-    weights = tl.exp(lse - tl.max(lse, 0))  # split 0 always holds keys: the max is finite
-    weights = weights / tl.sum(weights, 0)
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # a padded row (seq_len 0) has no keys: its output is 0
+    weights = tl.exp(lse - top)
+    weights = weights / tl.maximum(tl.sum(weights, 0), 1e-30)
     parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
                     other=0.0)  # (S, D)
     out = tl.sum(parts * weights[:, None], 0)
@@ -184,6 +186,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
                  max_seq_len: int, scale: float, num_splits: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """q (D, nh, d): one new token per request, attending over seq_lens (D,) tokens through
     block_tables (D, W); the context is cut into ``num_splits`` slices attended in parallel.
+    A row with seq_len 0 (padding, as in a CUDA graph's fixed batch) attends to nothing and gets 0.
     Returns (D, nh, d), written into ``out`` if given."""
     num_decodes, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
