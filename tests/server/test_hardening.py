@@ -386,3 +386,21 @@ def test_protocol_details(server, start_server):
     srv = start_server("--api-key", "k")
     r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi"}, timeout=30)
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+
+
+def test_the_real_model_through_the_openai_client_knows_paris():
+    """SmolLM2-135M-Instruct served by its known name: a chat through the official client."""
+    import openai
+
+    from helpers.shared_models import smollm2_gguf
+
+    smollm2_gguf()
+    srv = Server(Path("smollm2-135m-instruct"), "--kv-cache-memory", "64MiB")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+        chat = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=24, temperature=0,
+                                              messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in chat.choices[0].message.content and chat.choices[0].finish_reason == "stop"
+    finally:
+        srv.stop()

@@ -76,13 +76,19 @@ class HFTokenizer(BaseTokenizer):
         if isinstance(template, list):  # named templates: use "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         jinja = folder / "chat_template.jinja"
-        self.chat_template = template or (jinja.read_text() if jinja.is_file() else None)
-        self.bos_token = _token_content(config.get("bos_token")) or ""
-        self.eos_token = _token_content(config.get("eos_token")) or ""
+        self._init_from(self._tok, template or (jinja.read_text() if jinja.is_file() else None),
+                        _token_content(config.get("bos_token")) or "", _token_content(config.get("eos_token")) or "",
+                        _id_list(generation.get("eos_token_id")))
+
+    def _init_from(self, tok, chat_template: str | None, bos_token: str, eos_token: str,
+                   extra_eos_ids: list[int]) -> None:
+        """Everything else from the tokenizers object and the special tokens (shared by every source)."""
+        self._tok = tok
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         eos_ids = [self._tok.token_to_id(self.eos_token)] if self.eos_token else []
-        eos_ids += _id_list(generation.get("eos_token_id"))
-        self.eos_token_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
+        self.eos_token_ids = tuple(dict.fromkeys(i for i in eos_ids + list(extra_eos_ids) if i is not None))
         self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
         self._max_chars_per_token = _max_chars_per_token(json.loads(self._tok.to_str()),
                                                          self._tok.get_vocab(with_added_tokens=True))
@@ -225,8 +231,14 @@ class Llama2cTokenizer(BaseTokenizer):
 
 
 def load_tokenizer(model: str | Path, tokenizer: str | Path | None = None) -> BaseTokenizer:
-    """The tokenizer for a model: ``tokenizer`` if given (a folder or a llama2.c .bin), else the model folder's."""
+    """The tokenizer for a model: ``tokenizer`` if given (a folder, a GGUF file or a llama2.c .bin),
+    else the model's (its folder, or the GGUF file's metadata)."""
+    from tokenmill.engine.gguf_tokenizer import GGUFTokenizer
+    from tokenmill.models.gguf import is_gguf_file
+
     source = Path(tokenizer) if tokenizer is not None else Path(model)
+    if is_gguf_file(source):
+        return GGUFTokenizer(source)
     if tokenizer is None and source.is_file():  # a llama2.c checkpoint: its tokenizer is a file of its own
         raise TokenizerError(f"{source} is a checkpoint file without a tokenizer: pass its tokenizer with "
                              "--tokenizer (LLM(tokenizer=...)), e.g. the tok512.bin or tokenizer.bin beside it")

@@ -63,7 +63,7 @@ def read_llama2c(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[str, tor
     return config, _hf_names(arrays, n_layers, n_heads, n_kv_heads)
 
 
-def _interleaved_to_halves(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+def interleaved_to_halves(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(num_heads*d, in) rows ordered (pair, 2) per head -> ordered (2, pair): evens first, then odds."""
     out_features, in_features = w.shape
     head_dim = out_features // num_heads
@@ -75,8 +75,8 @@ def _hf_names(a: dict[str, torch.Tensor], n_layers: int, n_heads: int, n_kv_head
     for i in range(n_layers):
         p = f"model.layers.{i}."
         yield p + "input_layernorm.weight", a["attn_norm"][i]
-        yield p + "self_attn.q_proj.weight", _interleaved_to_halves(a["wq"][i], n_heads)
-        yield p + "self_attn.k_proj.weight", _interleaved_to_halves(a["wk"][i], n_kv_heads)
+        yield p + "self_attn.q_proj.weight", interleaved_to_halves(a["wq"][i], n_heads)
+        yield p + "self_attn.k_proj.weight", interleaved_to_halves(a["wk"][i], n_kv_heads)
         yield p + "self_attn.v_proj.weight", a["wv"][i]
         yield p + "self_attn.o_proj.weight", a["wo"][i]
         yield p + "post_attention_layernorm.weight", a["ffn_norm"][i]

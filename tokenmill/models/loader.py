@@ -1,7 +1,7 @@
 """Builds a model and fills its parameters from a checkpoint.
 
 Sources of ``(name, tensor)`` pairs: Hugging Face safetensors (single or sharded, memory-mapped),
-llama2.c ``.bin`` files, or a seeded random init for named shapes. Every source ends in
+GGUF files (dequantized), llama2.c ``.bin`` files, or a seeded random init for named shapes. Every source ends in
 ``load_weights``, which routes each tensor through its parameter's ``weight_loader`` and
 checks that nothing is missing.
 """
@@ -114,20 +114,23 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int = 0) -> t
     ``dtype="auto"`` keeps the checkpoint's dtype, except float16 on CPU, which runs as float32.
     """
     from tokenmill.config import parse_dtype
+    from tokenmill.models.gguf import is_gguf_file, read_gguf
     from tokenmill.models.llama2c import is_llama2c_checkpoint, read_llama2c
     from tokenmill.models.shapes import SHAPES
 
     path = Path(model)
     if model in SHAPES and not path.exists():
         config, weights = SHAPES[model], None
+    elif is_gguf_file(path):
+        config, weights = read_gguf(path)
     elif is_llama2c_checkpoint(path):
         config, weights = read_llama2c(path)
     elif path.is_dir():
         config, weights = ModelConfig.from_pretrained(path), safetensors_weights(path)
     elif path.exists():
-        raise ModelLoadError(f"{model}: expected a Hugging Face model folder or a llama2.c .bin checkpoint")
+        raise ModelLoadError(f"{model}: expected a Hugging Face model folder, a GGUF file or a llama2.c .bin checkpoint")
     else:
-        raise ModelLoadError(f"model {model!r} not found: not a folder, a .bin file or a named shape "
+        raise ModelLoadError(f"model {model!r} not found: not a folder, a .gguf or .bin file or a named shape "
                              f"({', '.join(SHAPES)})")
     if dtype == "auto":
         torch_dtype = parse_dtype(config.torch_dtype)

@@ -1,0 +1,159 @@
+"""GGUF checkpoints (llama.cpp's format): the model config from the metadata, and the tensors under
+Hugging Face names, dequantized to float32 at load (the loader casts them to the run dtype).
+
+Read with the ``gguf`` package (llama.cpp's own reader). GGUF lists a matrix's dimensions
+innermost first, so a (out, in) weight is stored as [in, out]. llama.cpp's converter reorders the
+rows of Llama-family Q and K projections per head, for its interleaved rotary layout; the same
+permutation that turns llama2.c's layout into Hugging Face's undoes it. Qwen2/Qwen3 are stored
+as Hugging Face has them (their rotary is the "NeoX" layout already).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from tokenmill.config import ModelConfig, RopeScaling
+from tokenmill.errors import ModelLoadError
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+_LAYER_NAMES = {  # GGUF name inside blk.N -> Hugging Face name inside model.layers.N
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def open_gguf(path: str | Path):
+    """The ``gguf`` package's reader over ``path`` (memory-mapped); ModelLoadError if it is not GGUF."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ModelLoadError("reading GGUF files needs the gguf package: pip install gguf") from None
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, struct errors, ...
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def metadata(reader) -> dict[str, Any]:
+    """Every metadata field as a Python value (the token lists and merges included)."""
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """The model config and the weights (under Hugging Face names) of a GGUF checkpoint."""
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    config = gguf_model_config(meta, {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}, path)
+    return config, _weights(reader, config, path)
+
+
+def gguf_model_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
+                      path: str | Path = "") -> ModelConfig:
+    """The ModelConfig of a GGUF file's metadata; ``tensor_shapes`` (GGUF order, innermost first)
+    tell what the metadata may leave out: an untied head, biases, the vocabulary size."""
+    tensor_names = set(tensor_shapes)
+    arch = meta.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                             f"{', '.join(_ARCHITECTURES)}")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
+
+    hidden = int(get("embedding_length"))
+    num_heads = int(get("attention.head_count"))
+    head_count_kv = get("attention.head_count_kv", num_heads)
+    if isinstance(head_count_kv, list):  # per-layer counts: we run one for all
+        if len(set(head_count_kv)) != 1:
+            raise ModelLoadError(f"{path}: per-layer KV head counts {sorted(set(head_count_kv))} are not supported")
+        head_count_kv = head_count_kv[0]
+    scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
+    rope_scaling = None
+    if scaling_type == "linear":
+        rope_scaling = RopeScaling("linear", float(get("rope.scaling.factor")))
+    elif scaling_type not in ("none", None):
+        raise ModelLoadError(f"{path}: rope scaling {scaling_type!r} is not supported (only linear)")
+    if "rope_freqs.weight" in tensor_names:
+        raise ModelLoadError(f"{path}: per-frequency rope factors (rope_freqs, Llama 3.1 style) are not supported")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab_size = meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else tensor_shapes.get("token_embd.weight",
+                                                                                                (0, 0))[-1])
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        architecture=_ARCHITECTURES[arch],
+        vocab_size=int(vocab_size),
+        hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")), num_attention_heads=num_heads,
+        num_key_value_heads=int(head_count_kv),
+        head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // num_heads)),
+        max_position_embeddings=int(get("context_length")),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")), rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling, tie_word_embeddings="output.weight" not in tensor_names,
+        qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensor_names, o_bias="blk.0.attn_output.bias" in tensor_names,
+        qk_norm=arch == "qwen3", torch_dtype=_file_dtype(meta),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=() if eos is None else (int(eos),))
+
+
+def _file_dtype(meta: dict[str, Any]) -> str:
+    """``dtype="auto"``: float16/bfloat16 files run as such; quantized ones as float32."""
+    return {1: "float16", 32: "bfloat16"}.get(meta.get("general.file_type"), "float32")
+
+
+def dequantize(tensor, path: str | Path = "") -> torch.Tensor:
+    """One GGUF tensor as a float32 torch tensor of its Hugging Face shape (outermost dimension first)."""
+    from gguf import quants
+
+    kind = tensor.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise ModelLoadError(f"{path}: tensor {tensor.name} has type {kind}; supported: {', '.join(SUPPORTED_TYPES)}")
+    values = quants.dequantize(tensor.data, tensor.tensor_type).astype("float32", copy=False)
+    if not values.flags.writeable:  # float32 tensors come straight from the read-only memory map
+        values = values.copy()
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    return torch.from_numpy(values.reshape(shape))
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    stem, _, suffix = gguf_name.rpartition(".")  # suffix: weight or bias
+    if stem.startswith("blk."):
+        _, layer, part = stem.split(".", 2)
+        mapped = _LAYER_NAMES.get(part)
+        return None if mapped is None else f"model.layers.{layer}.{mapped}.{suffix}"
+    mapped = _GLOBAL_NAMES.get(stem)
+    return None if mapped is None else f"{mapped}.{suffix}"
+
+
+def _weights(reader, config: ModelConfig, path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from tokenmill.models.llama2c import interleaved_to_halves
+
+    unpermute = config.architecture == "LlamaForCausalLM"
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name)
+        if name is None:
+            raise ModelLoadError(f"{path}: unexpected tensor {tensor.name!r} for {config.architecture}")
+        weight = dequantize(tensor, path)
+        if unpermute and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+            num_heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
+            rows = weight if weight.dim() == 2 else weight[:, None]  # a bias is reordered like the rows
+            weight = interleaved_to_halves(rows, num_heads).reshape(weight.shape)
+        yield name, weight
