@@ -3,13 +3,13 @@ SmolLM2-135M-Instruct (Q4_1, with a Q8_0 embedding): logits, greedy tokens, toke
 
 from __future__ import annotations
 
-import random
 import warnings
 
 import pytest
 import torch
 
 from helpers.shared_models import smollm2_gguf
+from helpers.text_samples import mixed_strings
 from tokenmill import SamplingParams
 from tokenmill.outputs import ModelRunnerOutput
 
@@ -58,22 +58,13 @@ def test_logits_and_greedy_tokens_match_transformers(smollm2, reference, make_ll
     assert len(expected) > len(prompt) + 5 and tokens[:len(expected)] == expected
 
 
-def _mixed_strings(count: int) -> list[str]:
-    rng = random.Random(0)
-    pieces = ["Hello", " world", "naïve", " café", "Ünïcödé", "中文", "日本語のテキスト", "한국어", "🙂", "👩‍💻", "🇫🇷",
-              "def f(x):\n", "    return x ** 2\n", "\t", "  ", "   \n\n", "{\"key\": [1, 2.5e-3]}", "<|im_start|>",
-              "<|im_end|>", "<|endoftext|>", "<file_sep>", "1234567", "3.14159", "don't", "I'll", " THE END. ",
-              "https://example.com/a?b=c", "€£¥", "\u00a0", "x" * 40, " " * 17]
-    return [""] + pieces + ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))) for _ in range(count)]
-
-
 def test_tokenizer_encodes_and_decodes_as_transformers(smollm2, reference):
     from tokenmill.engine.tokenizer import load_tokenizer
 
     _, ref_tokenizer = reference
     ours = load_tokenizer(smollm2)
     assert ours.vocab_size == len(ref_tokenizer)
-    for text in _mixed_strings(300):
+    for text in mixed_strings(300):
         ids = ours.encode(text)
         assert ids == ref_tokenizer.encode(text), text
         assert ours.decode(ids, skip_special_tokens=False) == ref_tokenizer.decode(ids, skip_special_tokens=False)

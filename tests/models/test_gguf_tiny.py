@@ -15,6 +15,7 @@ pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accel
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
+from helpers.text_samples import mixed_strings  # noqa: E402
 from tokenmill import SamplingParams  # noqa: E402
 from tokenmill.outputs import ModelRunnerOutput  # noqa: E402
 
@@ -239,3 +240,107 @@ def test_k_quants_dequantize_as_the_reference_reads_them(qtype, block_bytes, tmp
     expected = np.array([[v for b in range(blocks_per_row) for v in k_quant_block(
         raw[r, b * block_bytes:(b + 1) * block_bytes], qtype)] for r in range(rows)], dtype=np.float32)
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+_GPT2 = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+         "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+
+
+def write_gpt2_gguf(model, qtype: Q, path) -> None:
+    """GPT-2 as llama.cpp's converter writes it: Conv1D (in, out) matrices stored as (out, in)."""
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(cfg.n_layer)
+    writer.add_context_length(cfg.n_positions)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    writer.add_token_list([f"<t{i}>" for i in range(cfg.vocab_size)])  # transformers takes the vocabulary size from it
+    for name, param in model.state_dict().items():
+        if name.startswith("lm_head.") or name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # tied head; mask buffers
+        values = param.float().numpy()
+        parts = name.split(".")
+        if parts[1] == "h":
+            gguf_name = f"blk.{parts[2]}.{_GPT2['.'.join(parts[3:-1])]}.{parts[-1]}"
+            values = values.T.copy() if values.ndim == 2 else values
+        else:
+            gguf_name = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}[parts[1]] + "." + parts[-1]
+        if values.ndim == 2 and qtype != Q.F32:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+def test_gpt2_gguf_matches_transformers_on_the_same_file(qtype, tmp_path, make_llm):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    # n_positions 1024: transformers' GGUF loading keeps GPT-2's default rather than gpt2.context_length.
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+                                       bos_token_id=1, eos_token_id=2)).eval()
+    write_gpt2_gguf(model, qtype, tmp_path / "gpt2.gguf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="gpt2.gguf", dtype=torch.float32).eval()
+    llm = make_llm(tmp_path / "gpt2.gguf", dtype="float32", skip_tokenizer_init=True)
+    prompt = [1, 17, 45, 60, 3, 25, 77]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                       use_tqdm=False)[0]
+    core = llm.engine.core
+    core.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=1))
+    ours = core.runner.execute_logits(core.scheduler.schedule())["r"]
+    core.abort_requests(["r"])
+    with torch.no_grad():
+        theirs = ref(torch.tensor([prompt])).logits[0]
+        if qtype == Q.F32:
+            torch.testing.assert_close(ours, model(torch.tensor([prompt])).logits[0], atol=1e-4, rtol=1e-4)
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert out.outputs[0].token_ids == expected
+
+
+def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
+    """The Llama 2 tokenizer (../shared/models) written as a GGUF the way llama.cpp writes one:
+    pieces, scores and token types, no merges (they are derived from the scores)."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from helpers.shared_models import SHARED_MODELS
+    from tokenmill.engine.tokenizer import load_tokenizer
+
+    model_file = SHARED_MODELS / "llama2-tokenizer" / "tokenizer.model"
+    if not model_file.is_file():
+        pytest.skip(f"the Llama 2 tokenizer is not at {model_file} (../shared/models is absent)")
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+             for i in range(sp.get_piece_size())]
+    writer = gguf.GGUFWriter(str(tmp_path / "llama2-tok.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+    writer.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = load_tokenizer(tmp_path / "llama2-tok.gguf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = AutoTokenizer.from_pretrained(tmp_path, gguf_file="llama2-tok.gguf")
+    assert ours.vocab_size == len(reference)
+    for text in mixed_strings(300, seed=1) + ["<s>", "</s>", " leading", "trailing ", "\n\nnewlines\n"]:
+        ids = ours.encode(text)
+        assert ids == reference.encode(text), text
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True), text
+        assert ours.decode(ids, skip_special_tokens=False) == reference.decode(ids, skip_special_tokens=False), text

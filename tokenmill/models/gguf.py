@@ -1,11 +1,13 @@
 """GGUF checkpoints (llama.cpp's format): the model config from the metadata, and the tensors under
 Hugging Face names, dequantized to float32 at load (the loader casts them to the run dtype).
+Architectures: ``llama`` (Llama, Mistral, SmolLM), ``qwen2``, ``qwen3`` and ``gpt2``.
 
 Read with the ``gguf`` package (llama.cpp's own reader). GGUF lists a matrix's dimensions
 innermost first, so a (out, in) weight is stored as [in, out]. llama.cpp's converter reorders the
 rows of Llama-family Q and K projections per head, for its interleaved rotary layout; the same
 permutation that turns llama2.c's layout into Hugging Face's undoes it. Qwen2/Qwen3 are stored
-as Hugging Face has them (their rotary is the "NeoX" layout already).
+as Hugging Face has them (their rotary is the "NeoX" layout already). GPT-2's Conv1D matrices are
+stored transposed, as ordinary (out, in) matrices.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from tokenmill.errors import ModelLoadError
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "gpt2": "GPT2LMHeadModel"}
 
 _LAYER_NAMES = {  # GGUF name inside blk.N -> Hugging Face name inside model.layers.N
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -29,6 +32,10 @@ _LAYER_NAMES = {  # GGUF name inside blk.N -> Hugging Face name inside model.lay
     "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GPT2_LAYER_NAMES = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+                     "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+_GPT2_GLOBAL_NAMES = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+                      "output_norm": "transformer.ln_f", "output": "lm_head"}
 
 
 def is_gguf_file(path: str | Path) -> bool:
@@ -82,6 +89,20 @@ def gguf_model_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, 
 
     hidden = int(get("embedding_length"))
     num_heads = int(get("attention.head_count"))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab_size = meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else tensor_shapes.get("token_embd.weight",
+                                                                                                (0, 0))[-1])
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    if arch == "gpt2":
+        return ModelConfig(
+            architecture="GPT2LMHeadModel", vocab_size=int(vocab_size), hidden_size=hidden,
+            intermediate_size=int(meta.get("gpt2.feed_forward_length", 4 * hidden)),
+            num_hidden_layers=int(get("block_count")), num_attention_heads=num_heads, num_key_value_heads=num_heads,
+            head_dim=hidden // num_heads, max_position_embeddings=int(get("context_length")),
+            norm_eps=float(get("attention.layer_norm_epsilon")), hidden_act="gelu_new", position_embedding="learned",
+            tie_word_embeddings="output.weight" not in tensor_names, qkv_bias=True, o_bias=True, mlp_bias=True,
+            torch_dtype=_file_dtype(meta), bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=() if eos is None else (int(eos),))
     head_count_kv = get("attention.head_count_kv", num_heads)
     if isinstance(head_count_kv, list):  # per-layer counts: we run one for all
         if len(set(head_count_kv)) != 1:
@@ -95,10 +116,6 @@ def gguf_model_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, 
         raise ModelLoadError(f"{path}: rope scaling {scaling_type!r} is not supported (only linear)")
     if "rope_freqs.weight" in tensor_names:
         raise ModelLoadError(f"{path}: per-frequency rope factors (rope_freqs, Llama 3.1 style) are not supported")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab_size = meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else tensor_shapes.get("token_embd.weight",
-                                                                                                (0, 0))[-1])
-    eos = meta.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
         architecture=_ARCHITECTURES[arch],
         vocab_size=int(vocab_size),
@@ -133,13 +150,13 @@ def dequantize(tensor, path: str | Path = "") -> torch.Tensor:
     return torch.from_numpy(values.reshape(shape))
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, gpt2: bool) -> str | None:
     stem, _, suffix = gguf_name.rpartition(".")  # suffix: weight or bias
     if stem.startswith("blk."):
         _, layer, part = stem.split(".", 2)
-        mapped = _LAYER_NAMES.get(part)
-        return None if mapped is None else f"model.layers.{layer}.{mapped}.{suffix}"
-    mapped = _GLOBAL_NAMES.get(stem)
+        mapped = (_GPT2_LAYER_NAMES if gpt2 else _LAYER_NAMES).get(part)
+        return None if mapped is None else f"{'transformer.h' if gpt2 else 'model.layers'}.{layer}.{mapped}.{suffix}"
+    mapped = (_GPT2_GLOBAL_NAMES if gpt2 else _GLOBAL_NAMES).get(stem)
     return None if mapped is None else f"{mapped}.{suffix}"
 
 
@@ -147,11 +164,14 @@ def _weights(reader, config: ModelConfig, path: str | Path) -> Iterator[tuple[st
     from tokenmill.models.llama2c import interleaved_to_halves
 
     unpermute = config.architecture == "LlamaForCausalLM"
+    gpt2 = config.architecture == "GPT2LMHeadModel"
     for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
+        name = _hf_name(tensor.name, gpt2)
         if name is None:
             raise ModelLoadError(f"{path}: unexpected tensor {tensor.name!r} for {config.architecture}")
         weight = dequantize(tensor, path)
+        if gpt2 and weight.dim() == 2 and name.startswith("transformer.h."):
+            weight = weight.t()  # back to GPT-2's Conv1D (in, out) layout, which the model's loader expects
         if unpermute and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
             num_heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
             rows = weight if weight.dim() == 2 else weight[:, None]  # a bias is reordered like the rows
