@@ -344,3 +344,62 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
         assert ids == reference.encode(text), text
         assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True), text
         assert ours.decode(ids, skip_special_tokens=False) == reference.decode(ids, skip_special_tokens=False), text
+
+
+def _random_k_blocks(rows: int, cols: int, qtype: Q, rng) -> np.ndarray:
+    """Random K-quant blocks (the Python gguf package cannot quantize to K-quants), with small
+    half-precision super-block scales so that the weights stay in a sane range."""
+    block_bytes = {Q.Q4_K: 144, Q.Q5_K: 176, Q.Q6_K: 210}[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // 256, block_bytes), dtype=np.uint8)
+    for offset in ([0, 2] if qtype != Q.Q6_K else [208]):
+        scale = rng.uniform(0.00002, 0.0002, size=raw.shape[:2]).astype(np.float16)
+        raw[:, :, offset:offset + 2] = scale[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
+def test_k_quant_model_matches_transformers(qtype, tmp_path, make_llm):
+    """A llama file whose matrices are K-quant blocks (256 wide): the same logits as transformers."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False))
+    rng = np.random.default_rng(1)
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(256)
+    writer.add_feed_forward_length(512)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_token_list([f"<t{i}>" for i in range(VOCAB)])
+    for name, param in model.state_dict().items():
+        if param.dim() == 2:
+            writer.add_tensor(_gguf_name(name), _random_k_blocks(*param.shape, qtype, rng), raw_dtype=qtype)
+        else:
+            writer.add_tensor(_gguf_name(name), param.float().numpy() + 0.5)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert cfg.vocab_size == VOCAB
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="k.gguf", dtype=torch.float32).eval()
+    llm = make_llm(tmp_path / "k.gguf", dtype="float32", skip_tokenizer_init=True)
+    core = llm.engine.core
+    prompt = [1, 17, 45, 60, 3, 25]
+    core.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=1))
+    ours = core.runner.execute_logits(core.scheduler.schedule())["r"]
+    core.abort_requests(["r"])
+    with torch.no_grad():
+        theirs = ref(torch.tensor([prompt])).logits[0]
+    assert not ours.isnan().any(), "ours"
+    assert not theirs.isnan().any(), "transformers"
+    assert theirs.abs().max() > 1e-3  # the logits are not trivially zero
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

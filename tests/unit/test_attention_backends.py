@@ -96,3 +96,17 @@ def test_triton_backend_reuses_prefix_cache_hits(checkpoint, make_llm, monkeypat
     rest = llm.generate(prompts[1:], params, use_tqdm=False)
     assert all(o.num_cached_tokens == 40 for o in rest)
     assert [o.outputs[0].token_ids for o in first + rest] == expected
+
+
+def test_cpu_fused_ops_stay_finite_on_large_activations():
+    """The C++ kernels are built with -ffast-math, which assumes no infinities: silu of a gate below
+    -88 (exp overflows) gave NaN where PyTorch gives ~0, and a random-weight model's logits NaN."""
+    from tokenmill.kernels import cpu_kernels
+
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    gate = torch.tensor([[-1000.0, -100.0, -89.0, -20.0, 0.0, 20.0, 100.0, 1000.0]])
+    up = torch.full_like(gate, 3.0)
+    out = kernels.silu_and_mul(torch.cat([gate, up], dim=-1))
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up)

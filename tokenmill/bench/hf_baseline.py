@@ -42,7 +42,12 @@ def load_hf_model(folder: str | Path, dtype: torch.dtype, device: torch.device) 
     """The reference model on the same device as the engine, so that the comparison is like for like."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    path = Path(folder)
+    if path.is_file():  # a GGUF file: transformers dequantizes it as we do
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval()
 
 
 @torch.inference_mode()

@@ -1,6 +1,7 @@
 // Fused elementwise CPU ops for the decoder layers. Each replaces 3-8 separate PyTorch ops (and
 // their dispatch and temporary tensors) with one pass over the data. All math is in float32.
 #include <torch/extension.h>
+#include <algorithm>
 #include <ATen/Parallel.h>
 #include <cmath>
 
@@ -63,7 +64,9 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
         const scalar_t* u = g + width;
         for (int64_t i = 0; i < width; ++i) {
           const float x = static_cast<float>(g[i]);
-          o[r * width + i] = static_cast<scalar_t>(x / (1.f + std::exp(-x)) * static_cast<float>(u[i]));
+          // -ffast-math assumes no infinities: exp(-x) for x < -88 would overflow to one and the
+          // vectorised division give NaN. exp(88) is finite and x / 1e38 rounds to silu's ~0.
+          o[r * width + i] = static_cast<scalar_t>(x / (1.f + std::exp(std::min(-x, 88.f))) * static_cast<float>(u[i]));
         }
       }
     });
