@@ -33,6 +33,29 @@ def _write_kv_kernel(k_ptr, v_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, str
 
 
 @triton.jit
+def _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, block_table_ptr, pos, n_mask, visible, kv_head,
+                 scale, offs_d, d_mask, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step: the rows of q (R, D) attend to the keys at positions ``pos`` (N,),
+    read in place through the block table row at ``block_table_ptr``; ``visible`` (R, N) says which
+    of them each row may see. Returns the updated running max, sum and output (R,), (R,), (R, D)."""
+    block = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=n_mask, other=0)
+    slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+    kv_offs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(key_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (N, D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (R, N)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(value_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (N, D)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
                          part_out_ptr, part_lse_ptr, scale, stride_q_tok, stride_q_head, stride_bt,
                          num_heads, num_splits, tokens_per_split,
@@ -61,24 +84,13 @@ def _decode_split_kernel(q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    row = NUM_KV_HEADS * HEAD_DIM  # one cache slot
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         n_mask = pos < end
-        block = tl.load(block_tables_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=n_mask, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_offs = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(key_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (N, D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (G, N)
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(value_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (N, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        visible = n_mask[None, :]
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, block_tables_ptr + seq * stride_bt,
+                                     pos, n_mask, visible, kv_head, scale, offs_d, d_mask, NUM_KV_HEADS, HEAD_DIM,
+                                     BLOCK_SIZE, DOT_PRECISION)
 
     has_keys = l_i > 0  # an empty split (past the end of a short context) contributes nothing
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
@@ -139,25 +151,13 @@ def _prefill_kernel(q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        row = NUM_KV_HEADS * HEAD_DIM
         for n0 in range(0, kv_end, BLOCK_N):
             pos = n0 + offs_n
             n_mask = pos < kv_end
-            block = tl.load(block_tables_ptr + chunk * stride_bt + pos // BLOCK_SIZE, mask=n_mask, other=0)
-            slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-            kv_offs = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(key_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (N, D)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (M, N)
             visible = (pos[None, :] <= query_pos[:, None]) & n_mask[None, :]  # position 0 is always visible
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(value_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr,
+                                         block_tables_ptr + chunk * stride_bt, pos, n_mask, visible, kv_head, scale,
+                                         offs_d, d_mask, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DOT_PRECISION)
         out = acc / l_i[:, None]
         tl.store(out_ptr + (query_start + offs_m)[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
