@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 
+from helpers.parity import greedy_steps_match
 from helpers.shared_models import smollm2_gguf
 from helpers.text_samples import mixed_strings
 from tokenmill import SamplingParams
-from tokenmill.outputs import ModelRunnerOutput
 
 pytest.importorskip("gguf", reason="the gguf package is not installed")
 pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accelerate")
@@ -41,18 +41,7 @@ def test_logits_and_greedy_tokens_match_transformers(smollm2, reference, make_ll
     ref, _ = reference
     llm = make_llm(smollm2, dtype="float32", block_size=8)
     prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(QUESTION), add_special_tokens=False)
-    core = llm.engine.core
-    core.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=33, ignore_eos=True))
-    tokens = list(prompt)
-    for step in range(33):
-        so = core.scheduler.schedule()
-        ours = core.runner.execute_logits(so)["r"]  # (n_new, V)
-        with torch.no_grad():
-            theirs = ref(torch.tensor([tokens])).logits[0, -ours.shape[0]:]
-        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
-        token = int(ours[-1].argmax())
-        tokens.append(token)
-        core.scheduler.update_from_output(so, ModelRunnerOutput({"r": [token]}))
+    tokens, _ = greedy_steps_match(llm.engine.core, prompt, 33, ref, label="SmolLM2")
     # generate stops at EOS (<|im_end|>, after "...is Paris."); our loop went on past it, still within 1e-4.
     expected = ref.generate(torch.tensor([prompt]), max_new_tokens=33, do_sample=False)[0].tolist()
     assert len(expected) > len(prompt) + 5 and tokens[:len(expected)] == expected

@@ -15,9 +15,9 @@ pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accel
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
+from helpers.parity import greedy_steps_match  # noqa: E402
 from helpers.text_samples import mixed_strings  # noqa: E402
 from tokenmill import SamplingParams  # noqa: E402
-from tokenmill.outputs import ModelRunnerOutput  # noqa: E402
 
 VOCAB = 96
 _LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -154,22 +154,8 @@ def test_logits_match_transformers_on_the_same_file(arch, qtype, tmp_path, make_
         warnings.simplefilter("ignore")
         ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     llm = make_llm(path, dtype="float32", block_size=4, skip_tokenizer_init=True)
-    core = llm.engine.core
-    prompt = [1, 17, 45, 60, 3, 25, 77, 12, 9]
-    core.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    tokens = list(prompt)
-    for step in range(8):
-        so = core.scheduler.schedule()
-        ours = core.runner.execute_logits(so)["r"]
-        with torch.no_grad():
-            theirs = ref(torch.tensor([tokens])).logits[0, -ours.shape[0]:]
-            if qtype == Q.F32:
-                original = model(torch.tensor([tokens])).logits[0, -ours.shape[0]:]
-                torch.testing.assert_close(ours, original, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
-        token = int(ours[-1].argmax())
-        tokens.append(token)
-        core.scheduler.update_from_output(so, ModelRunnerOutput({"r": [token]}))
+    references = (ref, model) if qtype == Q.F32 else (ref,)  # an F32 file is the original model itself
+    greedy_steps_match(llm.engine.core, [1, 17, 45, 60, 3, 25, 77, 12, 9], 8, *references, label=f"{arch} {qtype.name}")
 
 
 def _f16(raw: np.ndarray) -> float:

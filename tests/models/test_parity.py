@@ -7,8 +7,8 @@ import torch
 
 from helpers.checkpoints import ARCHITECTURES, load_reference
 from helpers.devices import TRITON_DEVICE
+from helpers.parity import greedy_steps_match
 from tokenmill import SamplingParams
-from tokenmill.outputs import ModelRunnerOutput
 
 PROMPTS = [[1, 17, 45, 99, 3, 250, 77], [1, 300], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
                                                   22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37]]
@@ -30,22 +30,8 @@ def test_prefill_and_decode_logits_match_reference(arch, mode, checkpoint, make_
     llm = make_llm(folder, dtype="float32", block_size=4, attention_backend=backend,
                    device=TRITON_DEVICE if mode == "triton" else "cpu")
     core = llm.engine.core
-    prompt = PROMPTS[0]
-    core.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
-    tokens = list(prompt)
-    for step in range(10):
-        so = core.scheduler.schedule()
-        ours = core.runner.execute_logits(so)["r"]  # (n_new, V)
-        with torch.no_grad():
-            theirs = ref(torch.tensor([tokens])).logits[0, -ours.shape[0]:]
-        ours = ours.cpu()
-        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4,
-                                   msg=lambda m: f"{arch} step {step} ({'prefill' if step == 0 else 'decode'}): {m}")
-        if step == 0:
-            assert ours.shape[0] == len(prompt)
-        token = int(ours[-1].argmax())
-        tokens.append(token)
-        core.scheduler.update_from_output(so, ModelRunnerOutput({"r": [token]}))
+    _, widths = greedy_steps_match(core, PROMPTS[0], 10, ref, label=arch)
+    assert widths[0] == len(PROMPTS[0])
     assert not core.has_unfinished_requests()
 
 
