@@ -25,13 +25,20 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", help="auto, torch (portable) or cpu (C++ decode kernel)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantization", choices=["int8", "int4", "gptq"],
+                   help="quantize a float checkpoint's weights at load: int8 (per channel) or int4 (groups); "
+                        "GPTQ checkpoints are recognised without it")
+    p.add_argument("--quantization-group-size", type=int, help="int4: 32, 64 (default), 128 or -1 (per channel)")
+    p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the LM head in the model dtype")
 
 
 def _engine_kwargs(args) -> dict:
     return dict(tokenizer=args.tokenizer, attention_backend=args.attention_backend, dtype=args.dtype,
                 device=args.device, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+                max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                quantization=args.quantization, quantization_group_size=args.quantization_group_size,
+                quantize_lm_head=not args.no_quantize_lm_head)
 
 
 def _make_llm(args, skip_tokenizer_init: bool = False):
@@ -160,6 +167,14 @@ def _bench(args) -> None:
         from tokenmill.bench.latency import run_latency
 
         run_latency(llm, args)
+
+
+def _bench_quality(args) -> None:
+    from tokenmill.bench.quality import run_quality
+    from tokenmill.models.fetch import resolve_model
+
+    args.model = resolve_model(args.model)
+    run_quality(args)
 
 
 def _bench_serve(args) -> None:
@@ -307,6 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--window", type=int, help="tokens per scoring window (default: the model's context)")
     ppl.add_argument("--output-json")
     ppl.set_defaults(func=_bench)
+    qual = bench_sub.add_parser("quality", help="perplexity under each weight scheme (int8, int4, GPTQ) beside "
+                                                "float32, on the held-out text")
+    qual.add_argument("model", help="the float model (Hugging Face folder, GGUF, llama2.c .bin, smollm2-135m-instruct)")
+    qual.add_argument("--tokenizer", help="tokenizer path when not in the model folder (llama2.c tokenizer.bin)")
+    qual.add_argument("--device", default="cpu")
+    qual.add_argument("--variants", nargs="+", metavar="DTYPE[:SCHEME]",
+                      help="e.g. float32 float32:int8 bfloat16:int4-g64 float32:int4-channel float32:gptq=FOLDER "
+                           "(default: a standard set; the first is the baseline)")
+    qual.add_argument("--text", help="a UTF-8 text file (default: the built-in held-out text)")
+    qual.add_argument("--window", type=int, help="tokens per scoring window (default 512)")
+    qual.add_argument("--output-json")
+    qual.set_defaults(func=_bench_quality)
     bsv = bench_sub.add_parser("serve", help="load a running server: TTFT, TPOT, ITL, E2E and throughput")
     bsv.add_argument("--base-url", default="http://127.0.0.1:8000")
     bsv.add_argument("--model", help="model name to send (default: the server's first)")

@@ -8,13 +8,14 @@ KV blocks, EOS ids from the tokenizer) live in their own objects and are never w
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers.quantization.config import LOAD_TIME_METHODS, QuantizationConfig
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -90,6 +91,8 @@ class ModelConfig:
     """The dtype the checkpoint was saved in (``dtype="auto"`` uses it)."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    quantization: QuantizationConfig | None = None
+    """How the checkpoint's linear layers are quantized (a GPTQ checkpoint), None for float ones."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -110,17 +113,23 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Converts a Hugging Face ``config.json`` dict; raises ModelLoadError on what we cannot run."""
+    def from_hf(cls, hf: dict[str, Any], quantize_config: dict[str, Any] | None = None) -> "ModelConfig":
+        """Converts a Hugging Face ``config.json`` dict (and a ``quantize_config.json``, which older GPTQ
+        checkpoints keep beside it); raises ModelLoadError on what we cannot run."""
         from tokenmill.models.registry import resolve_architecture
 
         arch = resolve_architecture(hf)
         try:
-            if arch == "GPT2LMHeadModel":
-                return cls._from_gpt2(hf)
-            return cls._from_llama_family(arch, hf)
+            config = cls._from_gpt2(hf) if arch == "GPT2LMHeadModel" else cls._from_llama_family(arch, hf)
         except KeyError as e:
             raise ModelLoadError(f"config.json for {arch} lacks the field {e.args[0]!r}") from None
+        if hf.get("quantization_config"):
+            quantization = QuantizationConfig.from_gptq(hf["quantization_config"], "config.json quantization_config")
+        elif quantize_config:
+            quantization = QuantizationConfig.from_gptq(quantize_config, "quantize_config.json")
+        else:
+            return config
+        return replace(config, quantization=quantization)
 
     @classmethod
     def _from_llama_family(cls, arch: str, hf: dict[str, Any]) -> "ModelConfig":
@@ -184,11 +193,13 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ModelLoadError(f"{model_dir}: no config.json found (expected a Hugging Face model folder)")
+        quantize_path = Path(model_dir) / "quantize_config.json"
         try:
             hf = json.loads(path.read_text())
+            quantize_config = json.loads(quantize_path.read_text()) if quantize_path.is_file() else None
         except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf(hf)
+            raise ModelLoadError(f"{path.parent}: a config file is not valid JSON ({e})") from None
+        return cls.from_hf(hf, quantize_config)
 
 
 def _checkpoint_dtype(hf: dict[str, Any]) -> str:
@@ -266,5 +277,27 @@ class EngineConfig:
     """``auto`` (the C++ decode kernel on CPU when it builds), ``torch`` (portable) or ``cpu``."""
     skip_tokenizer_init: bool = False
     """Load no tokenizer: prompts must be token ids and outputs carry no text (benchmarks)."""
+    quantization: str | None = None
+    """Weight quantization: ``int8`` (per channel) or ``int4`` (groups) of a float checkpoint, at load;
+    ``gptq`` (or None) for a GPTQ checkpoint, which is recognised from its config."""
+    quantization_group_size: int | None = None
+    """int4 only: inputs per scale and zero point, 32, 64 (default), 128 or -1 (per channel)."""
+    quantize_lm_head: bool = True
+    """Quantize the LM head as well (int8 under int4); off keeps it in the model dtype."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.quantization not in (None, "gptq", *LOAD_TIME_METHODS):
+            raise ValueError(f"quantization {self.quantization!r} is not supported; "
+                             f"choose one of {', '.join(LOAD_TIME_METHODS)} or gptq")
+        if self.quantization in LOAD_TIME_METHODS:
+            self.load_time_quantization()  # validates the group size
+        elif self.quantization_group_size is not None:
+            raise ValueError("quantization_group_size applies to quantization='int4' only")
+
+    def load_time_quantization(self) -> QuantizationConfig | None:
+        """The round-to-nearest scheme to apply while loading a float checkpoint (None: none)."""
+        if self.quantization not in LOAD_TIME_METHODS:
+            return None
+        return QuantizationConfig.load_time(self.quantization, self.quantization_group_size, self.quantize_lm_head)

@@ -24,7 +24,8 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
                   max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                   enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
                   attention_backend: str = "auto", skip_tokenizer_init: bool = False,
-                  device: str = "auto") -> EngineConfig:
+                  device: str = "auto", quantization: str | None = None, quantization_group_size: int | None = None,
+                  quantize_lm_head: bool = True) -> EngineConfig:
     """An EngineConfig from the flat options of ``LLM`` (and the CLI); see ``LLM`` for their meaning.
     A known model name (``smollm2-135m-instruct``) becomes its local file, fetched on first use."""
     from tokenmill.models.fetch import resolve_model
@@ -33,6 +34,7 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
     return EngineConfig(
         model=resolve_model(str(model)), tokenizer=None if tokenizer is None else str(tokenizer), dtype=dtype, device=device,
         seed=seed, attention_backend=attention_backend, skip_tokenizer_init=skip_tokenizer_init,
+        quantization=quantization, quantization_group_size=quantization_group_size, quantize_lm_head=quantize_lm_head,
         cache=CacheConfig(block_size, memory, enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill))
 
@@ -55,16 +57,23 @@ class LLM:
         attention_backend: ``auto``, ``torch`` (portable PyTorch) or ``cpu`` (C++ decode kernel).
         skip_tokenizer_init: load no tokenizer (prompts as token ids, outputs without text).
         device: ``auto``, ``cpu`` or ``cuda``.
+        quantization: ``int8`` or ``int4`` to quantize a float checkpoint's weights at load; GPTQ
+            checkpoints are recognised without it.
+        quantization_group_size: int4 only: 32, 64 (default), 128 or -1 (per channel).
+        quantize_lm_head: quantize the LM head too (int8 under int4).
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",
                  kv_cache_memory: int | float | str | None = None, block_size: int = 16, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
-                 attention_backend: str = "auto", skip_tokenizer_init: bool = False, device: str = "auto"):
+                 attention_backend: str = "auto", skip_tokenizer_init: bool = False, device: str = "auto",
+                 quantization: str | None = None, quantization_group_size: int | None = None,
+                 quantize_lm_head: bool = True):
         config = engine_config(model, tokenizer, dtype, kv_cache_memory, block_size, max_num_seqs,
                                max_num_batched_tokens, max_model_len, enable_prefix_caching, enable_chunked_prefill,
-                               seed, attention_backend, skip_tokenizer_init, device)
+                               seed, attention_backend, skip_tokenizer_init, device, quantization,
+                               quantization_group_size, quantize_lm_head)
         self.engine = LLMEngine(config)
 
     @property

@@ -39,7 +39,8 @@ def _build_core(config: EngineConfig, tokenizer_eos: tuple[int, ...]):
     from tokenmill.models.loader import load_model
 
     device = resolve_device(config.device)
-    model, model_config = load_model(config.model, config.dtype, device, seed=config.seed)
+    model, model_config = load_model(config.model, config.dtype, device, seed=config.seed, quantization=config.quantization,
+                                     load_time_quantization=config.load_time_quantization())
     eos = tuple(dict.fromkeys(tuple(model_config.eos_token_ids) + tuple(tokenizer_eos)))
     return EngineCore(config, model, model_config, eos, device)
 

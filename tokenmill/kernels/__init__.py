@@ -14,7 +14,8 @@ from pathlib import Path
 from tokenmill.logger import get_logger
 
 logger = get_logger(__name__)
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp",
+                                                                    "quant_linear.cpp", "quant_linear_vnni.cpp")]
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,8 +2,12 @@
 
 Projections that read the same input are merged into one GEMM (q/k/v, gate/up): fewer, larger
 matrix products are faster at every batch size. Each merged parameter carries a
-``weight_loader(param, tensor, shard_id)`` that copies one checkpoint tensor into its rows, and
+``weight_loader(param, tensor, shard_id)`` that copies one checkpoint tensor into its slice, and
 ``shard_ids``, the shards a complete checkpoint must provide.
+
+How the weight is held, loaded and multiplied is the layer's *linear method*
+(``layers/quantization``): float by default; int8, int4 or GPTQ after ``set_quant_method``.
+Model files never see the difference.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ from __future__ import annotations
 from typing import Hashable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers.quantization.methods import UnquantizedLinearMethod
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable = None) -> None:
@@ -29,13 +33,6 @@ def new_parameter(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
-def _can_prepack(weight: torch.Tensor) -> bool:
-    """oneDNN-prepacked bf16 weights: on CPUs with bf16 support (AMX, AVX512-BF16) they run matrix
-    products ~2x faster at batch 1 and several times faster at larger batches than plain F.linear."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 class Linear(nn.Module):
     """y = x W^T (+ b); W is (out_features, in_features) as in torch.nn.Linear and checkpoints."""
 
@@ -44,22 +41,31 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = new_parameter(out_features, in_features)
         self.bias = new_parameter(out_features) if bias else None
-        self.packed_weight: torch.Tensor | None = None
+        self.packed_weight: torch.Tensor | None = None  # oneDNN-prepacked bf16 (CPU)
+        self.qmatrix: nn.Module | None = None  # a QuantizedMatrix once a quantized method has loaded
+        self.quant_method = UnquantizedLinearMethod()
+
+    def set_quant_method(self, method) -> None:
+        """Switches to another linear method before loading; it may replace ``weight`` by the
+        parameters its checkpoints hold (GPTQ's ``qweight``, ...)."""
+        self.quant_method = method
+        method.create_weights(self)
+        self._attach_loaders()
+
+    def _attach_loaders(self) -> None:
+        """Hook for merged layers: give every parameter the shard-aware loader."""
 
     def process_weights_after_loading(self) -> None:
-        """Converts the loaded weight to the fastest layout for this device (once, after loading).
-
-        A prepacked weight replaces the plain one, so the memory is not doubled; the layer then
-        cannot load a checkpoint again.
-        """
-        if self.weight is not None and _can_prepack(self.weight):
-            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
-            self.weight = None
+        """Converts the loaded weight to its runtime form (prepacked, quantized), once."""
+        self.quant_method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        if self.packed_weight is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x)
+
+    def read_bytes(self) -> int:
+        """Weight bytes one forward pass reads (bias included)."""
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.quant_method.read_bytes(self) + bias
 
 
 class MergedLinear(Linear):
@@ -76,16 +82,32 @@ class MergedLinear(Linear):
         for shard_id, rows in shards.items():
             self.offsets[shard_id] = (start, rows)
             start += rows
-        for param in (self.weight, self.bias):
-            if param is not None:
-                param.weight_loader = self._load_shard
-                param.shard_ids = tuple(shards)
+        self._loaded_shared: set[int] = set()
+        self._attach_loaders()
+
+    def _attach_loaders(self) -> None:
+        for param in self.parameters(recurse=False):
+            param.weight_loader = self._load_shard
+            param.shard_ids = tuple(self.offsets)
 
     def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable) -> None:
+        """Copies one shard's tensor into its slice along ``param.output_dim`` (0 for float weights);
+        a parameter without an output dimension (GPTQ's g_idx) must be equal in every shard."""
         if shard_id not in self.offsets:
             raise ModelLoadError(f"unknown shard {shard_id!r}; expected one of {list(self.offsets)}")
+        dim = getattr(param, "output_dim", 0)
+        if dim is None:
+            if id(param) in self._loaded_shared and not torch.equal(param.data, loaded.to(param.dtype)):
+                raise ModelLoadError(f"shard {shard_id!r} differs from the other merged projections, which must "
+                                     "share it (they read the same input)")
+            default_weight_loader(param, loaded)
+            self._loaded_shared.add(id(param))
+            return
         start, rows = self.offsets[shard_id]
-        default_weight_loader(param.data.narrow(0, start, rows), loaded)
+        pack = getattr(param, "pack_factor", 1)
+        if start % pack or rows % pack:
+            raise ModelLoadError(f"shard {shard_id!r} ({rows} outputs) does not split the packed tensor evenly")
+        default_weight_loader(param.data.narrow(dim, start // pack, rows // pack), loaded)
 
     def output_sizes(self) -> Sequence[int]:
         return [rows for _, rows in self.offsets.values()]

@@ -20,7 +20,11 @@ from torch import nn
 from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.linear import default_weight_loader
+from tokenmill.layers.quantization import QuantizationConfig, apply_quantization
+from tokenmill.logger import get_logger
 from tokenmill.models.registry import model_class
+
+logger = get_logger(__name__)
 
 
 @contextmanager
@@ -39,20 +43,28 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
         return model_class(config.architecture)(config).eval()
 
 
+def parameter_name(model: nn.Module, ckpt_name: str) -> tuple[str | None, object]:
+    """(our parameter name, shard id) of a checkpoint tensor; (None, None) for tensors to skip.
+
+    Merged projections: ``...self_attn.k_proj.weight`` -> (``...self_attn.qkv_proj.weight``, "k")."""
+    name = model.checkpoint_name(ckpt_name)
+    if name is None:
+        return None, None
+    for ckpt_part, (our_part, shard) in getattr(model, "stacked_params", {}).items():
+        if f".{ckpt_part}." in name:
+            return name.replace(f".{ckpt_part}.", f".{our_part}."), shard
+    return name, None
+
+
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copies checkpoint tensors into ``model``; ModelLoadError on an unknown, misshapen or missing one."""
+    """Copies checkpoint tensors into ``model``; ModelLoadError on an unknown, misshapen or missing one
+    (parameters marked ``optional`` may be missing: they keep their initial value)."""
     params = dict(model.named_parameters())
-    stacked = getattr(model, "stacked_params", {})
     loaded: set[tuple[str, object]] = set()
     for ckpt_name, tensor in weights:
-        name = model.checkpoint_name(ckpt_name)
+        name, shard_id = parameter_name(model, ckpt_name)
         if name is None:
             continue
-        shard_id = None
-        for ckpt_part, (our_part, shard) in stacked.items():
-            if f".{ckpt_part}." in name:
-                name, shard_id = name.replace(f".{ckpt_part}.", f".{our_part}."), shard
-                break
         param = params.get(name)
         if param is None:
             raise ModelLoadError(f"checkpoint tensor {ckpt_name!r} has no place in {type(model).__name__}")
@@ -65,14 +77,14 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         loaded.add((name, shard_id))
     missing = [f"{name}[{shard}]" if shard is not None else name
                for name, param in params.items()
-               for shard in getattr(param, "shard_ids", (None,)) if (name, shard) not in loaded]
+               for shard in getattr(param, "shard_ids", (None,))
+               if (name, shard) not in loaded and not getattr(param, "optional", False)]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ModelLoadError(f"checkpoint lacks {len(missing)} weight(s) the model needs: {shown}")
 
 
-def safetensors_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields every tensor of a folder's ``model.safetensors`` or sharded ``*.safetensors`` files."""
+def _safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -84,7 +96,24 @@ def safetensors_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
         files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{model_dir}: no *.safetensors weight files found")
-    for file in files:
+    return files
+
+
+def safetensors_names(model_dir: Path) -> list[str]:
+    """The names of every tensor in a folder's safetensors files (headers only, no data read)."""
+    names = []
+    for file in _safetensors_files(model_dir):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names.extend(f.keys())
+        except SafetensorError as e:
+            raise ModelLoadError(f"{file}: cannot read safetensors file ({e}); is it truncated?") from None
+    return names
+
+
+def safetensors_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields every tensor of a folder's ``model.safetensors`` or sharded ``*.safetensors`` files."""
+    for file in _safetensors_files(model_dir):
         if not file.is_file():
             raise ModelLoadError(f"{file}: weight file named in the index is missing")
         try:
@@ -108,8 +137,12 @@ def random_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-def load_model(model: str, dtype: str, device: torch.device, seed: int = 0) -> tuple[nn.Module, ModelConfig]:
-    """Loads a Hugging Face folder, a llama2.c ``.bin`` checkpoint or a named random shape.
+def load_model(model: str, dtype: str, device: torch.device, seed: int = 0,
+               quantization: str | None = None,
+               load_time_quantization: QuantizationConfig | None = None) -> tuple[nn.Module, ModelConfig]:
+    """Loads a Hugging Face folder (float or GPTQ), a GGUF file, a llama2.c ``.bin`` checkpoint or a
+    named random shape; ``load_time_quantization`` (int8, int4) rounds a float checkpoint's linear
+    layers as they load. ``quantization`` is what the user asked for (checked against the checkpoint).
 
     ``dtype="auto"`` keeps the checkpoint's dtype, except float16 on CPU, which runs as float32.
     """
@@ -139,6 +172,7 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int = 0) -> t
     else:
         torch_dtype = parse_dtype(dtype)
     module = build_model(config, torch_dtype, device)
+    _quantize_layers(module, config, path, quantization, load_time_quantization)
     if weights is None:
         random_weights(module, seed)
     else:
@@ -147,9 +181,29 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int = 0) -> t
     return module, config
 
 
+def _quantize_layers(module: nn.Module, config: ModelConfig, path: Path, requested: str | None,
+                     load_time: QuantizationConfig | None) -> None:
+    """Assigns quantized linear methods before loading: a GPTQ checkpoint's to the layers it holds
+    ``qweight`` for, or a load-time scheme to every linear layer."""
+    checkpoint = config.quantization
+    if checkpoint is not None:
+        if requested not in (None, checkpoint.method):
+            raise ModelLoadError(f"{path} is a {checkpoint.method} checkpoint already; it cannot be loaded with "
+                                 f"quantization={requested!r} (leave it unset)")
+        quantized = {parameter_name(module, name)[0].removesuffix(".qweight")
+                     for name in safetensors_names(path) if name.endswith(".qweight")}
+        apply_quantization(module, checkpoint, lambda name: name in quantized)
+        logger.info("GPTQ checkpoint: %d linear layers quantized, %s", len(quantized), checkpoint.describe())
+    elif requested == "gptq":
+        raise ModelLoadError(f"quantization='gptq' needs a GPTQ checkpoint; {path} has no quantization_config")
+    elif load_time is not None:
+        count = apply_quantization(module, load_time)
+        logger.info("quantizing %d linear layers to %s at load", count, load_time.describe())
+
+
 def process_weights_after_loading(model: nn.Module) -> None:
-    """Lets each layer convert its loaded weights into its runtime layout (e.g. prepacked bf16)."""
-    for module in model.modules():
+    """Lets each layer convert its loaded weights into its runtime layout (prepacked bf16, quantized)."""
+    for module in list(model.modules()):  # a list: quantizing adds submodules
         hook = getattr(module, "process_weights_after_loading", None)
         if hook is not None and module is not model:
             hook()
@@ -164,20 +218,22 @@ def decode_read_bytes(model: nn.Module) -> int:
     total = 0
     for module in model.modules():
         if isinstance(module, Linear):
-            weight = module.packed_weight if module.packed_weight is not None else module.weight
-            total += weight.numel() * weight.element_size()
-            if module.bias is not None:
-                total += module.bias.numel() * module.bias.element_size()
+            total += module.read_bytes()
         elif isinstance(module, (RMSNorm, LayerNorm)):
             total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
     return total
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all weights as the model holds them at run time (prepacked ones included, shared ones once)."""
+    """Bytes of all weights as the model holds them at run time (prepacked and quantized ones
+    included, shared ones once)."""
+    from tokenmill.layers.quantization.quantized_matrix import QuantizedMatrix
+
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for module in model.modules():
         packed = getattr(module, "packed_weight", None)
         if packed is not None:
             total += packed.numel() * packed.element_size()
+        if isinstance(module, QuantizedMatrix):
+            total += module.nbytes() + (0 if module.perm is None else module.perm.numel() * 8)
     return total

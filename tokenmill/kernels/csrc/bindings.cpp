@@ -8,10 +8,16 @@ torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> 
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
 void rotary_inplace(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
                     int64_t num_rot_heads, int64_t head_dim);
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
+                           int64_t group_size, int64_t bits, c10::optional<torch::Tensor> bias);
+torch::Tensor quant_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
+                               int64_t in_features, int64_t group_size, int64_t bits);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention");
   m.def("add_rms_norm", &add_rms_norm, "residual += delta; RMSNorm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_inplace", &rotary_inplace, "rotary embedding, in place");
+  m.def("quant_linear", &quant_linear, "weight-only 8/4-bit linear");
+  m.def("quant_dequantize", &quant_dequantize, "8/4-bit codes -> float weight");
 }

@@ -1,0 +1,115 @@
+"""Quantized weights: packing round trips, round-to-nearest grids, and the CPU kernel against the
+reference formula ``scale * (q - zero)`` on every path (exact float, int8 activations, panels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.kernels import cpu_kernels
+from tokenmill.layers.quantization.config import QuantizationConfig
+from tokenmill.layers.quantization.packing import pack_int32, pack_nibbles, unpack_int32, unpack_nibbles
+from tokenmill.layers.quantization.quantized_matrix import QuantizedMatrix
+from tokenmill.layers.quantization.rtn import quantize_rtn
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_int32_packing_round_trips_codes(bits, dim):
+    codes = torch.randint(0, 2**bits, (64, 48), dtype=torch.int32)
+    packed = pack_int32(codes, bits, dim)
+    assert packed.dtype == torch.int32 and packed.shape[dim] == codes.shape[dim] * bits // 32
+    assert torch.equal(unpack_int32(packed, bits, dim), codes)
+
+
+def test_int32_packing_puts_the_first_code_in_the_lowest_bits():
+    codes = torch.tensor([[1], [2], [3], [4], [5], [6], [7], [15]], dtype=torch.int32)  # (K=8, N=1)
+    assert pack_int32(codes, 4, dim=0).item() == int("0xF7654321", 16) - 2**32
+
+
+def test_nibble_layout_round_trips_and_pairs_inputs_16_apart():
+    codes = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.shape == (5, 48)
+    assert torch.equal(unpack_nibbles(packed), codes)
+    assert packed[2, 3].item() == codes[2, 3].item() | (codes[2, 19].item() << 4)
+
+
+@pytest.mark.parametrize("bits, group_size, sym", [(8, -1, True), (4, 32, False), (4, 64, False), (4, -1, True)])
+def test_round_to_nearest_codes_and_error(bits, group_size, sym):
+    weight = torch.randn(16, 128)
+    codes, scales, zeros = quantize_rtn(weight, bits, group_size, sym)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    size = 128 if group_size == -1 else group_size
+    restored = scales.repeat_interleave(size, 1) * (codes - zeros.repeat_interleave(size, 1))
+    # Round to nearest: every weight within half a step of its grid point.
+    assert ((restored - weight).abs() <= scales.repeat_interleave(size, 1) / 2 + 1e-6).all()
+    if sym:
+        assert (zeros == 2 ** (bits - 1)).all()
+
+
+SHAPES = [  # (bits, group_size, in_features): packed 4-bit, one-per-byte 4-bit, 8-bit with tails
+    (8, -1, 576), (8, 32, 128), (8, -1, 200), (4, 64, 576), (4, 32, 96), (4, -1, 128), (4, 16, 48), (4, -1, 172)]
+
+
+@pytest.fixture(params=["kernels", "portable"])
+def kernel_mode(request, monkeypatch):
+    if request.param == "portable":
+        monkeypatch.setenv("TOKENMILL_NO_CPU_KERNELS", "1")
+    elif cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels do not build here")
+    return request.param
+
+
+@pytest.mark.parametrize("bits, group_size, in_features", SHAPES)
+@pytest.mark.parametrize("num_rows", [1, 3, 5, 40])  # tiles of 1-4 rows; 40: the dequantize-and-GEMM path
+def test_float32_matmul_equals_the_reference_formula(bits, group_size, in_features, num_rows, kernel_mode):
+    torch.manual_seed(0)
+    weight = torch.randn(37, in_features) * 0.05  # 37 outputs: a partial tile of rows
+    codes, scales, zeros = quantize_rtn(weight, bits, group_size, sym=False)
+    matrix = QuantizedMatrix(codes, scales, zeros, bits, group_size)
+    size = in_features if group_size == -1 else group_size
+    reference = scales.repeat_interleave(size, 1) * (codes - zeros.repeat_interleave(size, 1))
+    torch.testing.assert_close(matrix.dequantize(), reference, atol=1e-6, rtol=1e-6)
+    x = torch.randn(num_rows, in_features)
+    bias = torch.randn(37)
+    torch.testing.assert_close(matrix(x, bias), x @ reference.T + bias, atol=2e-5, rtol=1e-5)
+
+
+def test_act_order_permutation_is_applied_to_the_inputs(kernel_mode):
+    torch.manual_seed(1)
+    codes, scales, zeros = quantize_rtn(torch.randn(8, 64), 4, 32, sym=False)
+    perm = torch.randperm(64)
+    matrix = QuantizedMatrix(codes, scales, zeros, 4, 32, perm=perm)
+    stored = scales.repeat_interleave(32, 1) * (codes - zeros.repeat_interleave(32, 1))  # inputs in perm order
+    original = torch.empty_like(stored)
+    original[:, perm] = stored
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(matrix.dequantize(), original)
+    torch.testing.assert_close(matrix(x), x @ original.T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, -1), (4, 64), (4, 128)])
+def test_bf16_activations_take_int8_dot_products_within_their_rounding(bits, group_size):
+    """bf16 models multiply with int8-quantized activations (blocks of 64) where the CPU has
+    AVX512-VNNI: a relative error of ~0.5%, the size of int8 rounding, never more."""
+    if cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels do not build here")
+    torch.manual_seed(2)
+    codes, scales, zeros = quantize_rtn(torch.randn(64, 256) * 0.05, bits, group_size, sym=bits == 8)
+    matrix = QuantizedMatrix(codes, scales, zeros, bits, group_size)
+    for num_rows in (1, 4, 7):
+        x = torch.randn(num_rows, 256).bfloat16()
+        exact = x.float() @ matrix.dequantize().T
+        got = matrix(x).float()
+        assert got.dtype == torch.float32 and matrix(x).dtype == torch.bfloat16
+        assert ((got - exact).norm() / exact.norm()).item() < 0.015
+
+
+def test_quantization_config_errors_name_the_value():
+    with pytest.raises(ValueError, match="int4 quantization_group_size 48 is not supported"):
+        QuantizationConfig.load_time("int4", 48)
+    with pytest.raises(ValueError, match="quantization 'int3' is not supported"):
+        QuantizationConfig.load_time("int3")
+    with pytest.raises(ValueError, match="int8 quantization is per output channel"):
+        QuantizationConfig.load_time("int8", 64)

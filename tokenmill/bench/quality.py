@@ -1,0 +1,60 @@
+"""``tokenmill bench quality``: perplexity of one model under each weight scheme, beside its float32
+baseline, on the held-out text of ``bench perplexity`` (scored through ``prompt_logprobs``).
+
+A variant is ``DTYPE[:SCHEME]``: ``float32``, ``bfloat16:int8``, ``float32:int4-g64``,
+``float32:int4-channel``, or ``float32:gptq=FOLDER`` for a GPTQ checkpoint of the same model.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+from tokenmill.bench.perplexity import HELD_OUT_TEXT, perplexity
+from tokenmill.bench.report import write_json
+from tokenmill.llm import LLM
+from tokenmill.models.loader import weight_bytes
+
+DEFAULT_VARIANTS = ("float32", "float32:int8", "float32:int4-g32", "float32:int4-g64", "float32:int4-g128",
+                    "float32:int4-channel", "bfloat16", "bfloat16:int8", "bfloat16:int4-g64")
+
+
+def parse_variant(variant: str) -> tuple[str, dict[str, Any], str | None]:
+    """``"bfloat16:int4-g64"`` -> ("bfloat16", LLM quantization kwargs, GPTQ folder or None)."""
+    dtype, _, scheme = variant.partition(":")
+    if not scheme:
+        return dtype, {}, None
+    if scheme.startswith("gptq="):
+        return dtype, {}, scheme.removeprefix("gptq=")
+    if scheme == "int8":
+        return dtype, {"quantization": "int8"}, None
+    if scheme.startswith("int4-"):
+        size = scheme.removeprefix("int4-")
+        return dtype, {"quantization": "int4", "quantization_group_size": -1 if size == "channel" else
+                       int(size.removeprefix("g"))}, None
+    raise ValueError(f"variant {variant!r}: scheme must be int8, int4-gN, int4-channel or gptq=FOLDER")
+
+
+def run_quality(args) -> list[dict[str, Any]]:
+    text = Path(args.text).read_text() if args.text else HELD_OUT_TEXT
+    results, baseline = [], None
+    for variant in args.variants or DEFAULT_VARIANTS:
+        dtype, kwargs, gptq_folder = parse_variant(variant)
+        llm = LLM(gptq_folder or args.model, tokenizer=args.tokenizer, dtype=dtype, device=args.device,
+                  max_num_seqs=8, kv_cache_memory="256MiB", **kwargs)
+        token_ids = llm.tokenizer.encode(text)
+        window = min(args.window or 512, llm.engine.core.max_model_len - 1)
+        ppl, count = perplexity(llm, token_ids, window)
+        baseline = baseline if baseline is not None else ppl
+        results.append({"variant": variant, "perplexity": ppl, "change_vs_first": ppl / baseline - 1,
+                        "weight_bytes": weight_bytes(llm.engine.core.runner.model), "tokens_scored": count})
+        del llm
+        gc.collect()
+    print(f"\nperplexity on {'the built-in held-out text' if not args.text else args.text}: {args.model}")
+    print(f"{'variant':<36} {'perplexity':>10} {'vs first':>9} {'weights MB':>11}")
+    for r in results:
+        print(f"{r['variant']:<36} {r['perplexity']:>10.3f} {100 * r['change_vs_first']:>+8.2f}% "
+              f"{r['weight_bytes'] / 1e6:>11.1f}")
+    write_json(args.output_json, {"model": args.model, "results": results})
+    return results

@@ -1,0 +1,271 @@
+// Weight-only quantized linear layers on CPU: y = x W^T (+ b) with W held as 8- or 4-bit codes.
+//
+// W[n, k] = scale[n, g] * (c[n, k] - zero[n, g]) for k in group g = k / group_size (the last group
+// may be shorter). Codes c are centred on 0 (8-bit: -128..127, 4-bit: stored nibble - 8, -8..7) and
+// zeros likewise, so a symmetric weight has zero 0 and the sums below cancel nothing large. The
+// kernel never materialises W: per group it accumulates dot(x_g, c_g) in float32, then
+// y[n] = sum_g scale * dot_g - sum_g (scale * zero) * sum(x_g). The second sum needs only the
+// per-group sums of x, computed once per call, so the inner loop is convert + FMA.
+//
+// Layouts:
+//   8-bit: codes (N, K) int8, code of W[n, k] at [n, k].
+//   4-bit: codes (N, K / 2) uint8 in chunks of 32 inputs: byte 16 * c + j of a row holds input 32c + j in
+//          its low nibble and input 32c + 16 + j in its high nibble (K must be a multiple of 32), so one
+//          16-byte load unpacks into two 16-lane vectors with an AND and a shift.
+//
+// Small batches (decode) stream the codes once and keep up to 4 rows of x in registers; larger
+// batches (prompts) dequantize a panel of rows at a time into the activation dtype and hand it to
+// the BLAS GEMM, which is compute-bound there anyway. Small batches of bf16/fp16 activations take
+// the int8-activation path of quant_linear_vnni.cpp instead, on CPUs with AVX512-VNNI.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
+#include "quant_weight.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using tokenmill_quant::QuantWeight;
+using tokenmill_quant::code_at;
+
+constexpr int64_t kMaxRowsPerPass = 4;   // rows of x sharing one pass over the codes
+constexpr int64_t kGemvMaxRows = 16;      // above this, dequantize panels and call the GEMM
+
+// Tiles of MR rows of x times NR rows of W. Per group, MR * NR vector accumulators collect
+// x * code; at the group's end they are scaled into MR * NR running totals (still vectors), so a
+// horizontal sum happens once per output, not once per group, and the NR independent FMA chains
+// hide the FMA latency even for one row of x.
+constexpr int kTileRows = 4;  // NR: weight rows per tile
+
+#if defined(__AVX512F__)
+template <int MR, int NR>
+inline void tile_avx512(const float* x, int64_t K, const uint8_t* const* rows, const QuantWeight& w, int64_t n0,
+                        float* out_tile /* MR x NR */) {
+  const int64_t G = w.num_groups, group = w.group_size;
+  __m512 total[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) total[m][n] = _mm512_setzero_ps();
+  const __m512i low_mask = _mm512_set1_epi32(0xF), eight = _mm512_set1_epi32(8);
+  const int64_t step = w.bits == 8 ? 16 : 32;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k0 = g * group, k1 = std::min(K, k0 + group), vec_end = k0 + (k1 - k0) / step * step;
+    __m512 acc[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+    if (w.bits == 8) {
+      for (int64_t k = k0; k < vec_end; k += 16) {
+        __m512 xv[MR];
+        for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+        for (int n = 0; n < NR; ++n) {
+          const __m512 wv = _mm512_cvtepi32_ps(
+              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[n] + k))));
+          for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_fmadd_ps(xv[m], wv, acc[m][n]);
+        }
+      }
+    } else {
+      for (int64_t k = k0; k < vec_end; k += 32) {
+        __m512 xlo[MR], xhi[MR];
+        for (int m = 0; m < MR; ++m) {
+          xlo[m] = _mm512_loadu_ps(x + m * K + k);
+          xhi[m] = _mm512_loadu_ps(x + m * K + k + 16);
+        }
+        for (int n = 0; n < NR; ++n) {
+          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[n] + k / 2)));
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, low_mask), eight));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), eight));
+          for (int m = 0; m < MR; ++m) {
+            acc[m][n] = _mm512_fmadd_ps(xlo[m], lo, acc[m][n]);
+            acc[m][n] = _mm512_fmadd_ps(xhi[m], hi, acc[m][n]);
+          }
+        }
+      }
+    }
+    for (int n = 0; n < NR; ++n) {
+      const __m512 scale = _mm512_set1_ps(w.scales[(n0 + n) * G + g]);
+      for (int m = 0; m < MR; ++m) total[m][n] = _mm512_fmadd_ps(scale, acc[m][n], total[m][n]);
+    }
+    if (vec_end < k1) {  // a tail shorter than one vector (8-bit codes only: 4-bit groups are multiples of 32)
+      for (int n = 0; n < NR; ++n) {
+        const float scale = w.scales[(n0 + n) * G + g];
+        for (int m = 0; m < MR; ++m) {
+          float dot = 0.f;
+          for (int64_t k = vec_end; k < k1; ++k) dot += x[m * K + k] * code_at(rows[n], k, w.bits);
+          out_tile[m * NR + n] += scale * dot;
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) out_tile[m * NR + n] += _mm512_reduce_add_ps(total[m][n]);
+}
+#endif
+
+// Scalar version of one tile (builds without AVX-512).
+inline void tile_scalar(int MR, int NR, const float* x, int64_t K, const uint8_t* const* rows, const QuantWeight& w,
+                        int64_t n0, float* out_tile) {
+  const int64_t G = w.num_groups;
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        float dot = 0.f;
+        const int64_t k1 = std::min(K, (g + 1) * w.group_size);
+        for (int64_t k = g * w.group_size; k < k1; ++k) dot += x[m * K + k] * code_at(rows[n], k, w.bits);
+        out_tile[m * NR + n] += w.scales[(n0 + n) * G + g] * dot;
+      }
+}
+
+template <int MR>
+void tile(int NR, const float* x, int64_t K, const uint8_t* const* rows, const QuantWeight& w, int64_t n0,
+          float* out_tile) {
+#if defined(__AVX512F__)
+  switch (NR) {
+    case 4: return tile_avx512<MR, 4>(x, K, rows, w, n0, out_tile);
+    case 3: return tile_avx512<MR, 3>(x, K, rows, w, n0, out_tile);
+    case 2: return tile_avx512<MR, 2>(x, K, rows, w, n0, out_tile);
+    default: return tile_avx512<MR, 1>(x, K, rows, w, n0, out_tile);
+  }
+#else
+  tile_scalar(MR, NR, x, K, rows, w, n0, out_tile);
+#endif
+}
+
+// out (M, N) = x (M, K) W^T for small M: each task streams its rows of codes once, applying them
+// to every row of x (in tiles of up to 4) while they are in L1.
+void gemv(const float* x, const float* x_group_sums, int64_t M, const QuantWeight& w, float* out) {
+  const int64_t N = w.out_features, K = w.in_features, G = w.num_groups;
+  const int64_t grain = std::max<int64_t>(kTileRows * 2, 8192 / std::max<int64_t>(1, w.row_bytes()));
+  at::parallel_for(0, (N + kTileRows - 1) / kTileRows, grain / kTileRows, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t n0 = t * kTileRows, nr = std::min<int64_t>(kTileRows, N - n0);
+      const uint8_t* rows[kTileRows];
+      for (int n = 0; n < nr; ++n) rows[n] = w.codes + (n0 + n) * w.row_bytes();
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerPass) {
+        const int64_t mr = std::min(kMaxRowsPerPass, M - m0);
+        float tile_out[kMaxRowsPerPass * kTileRows] = {};
+        const float* xm = x + m0 * K;
+        switch (mr) {
+          case 1: tile<1>(nr, xm, K, rows, w, n0, tile_out); break;
+          case 2: tile<2>(nr, xm, K, rows, w, n0, tile_out); break;
+          case 3: tile<3>(nr, xm, K, rows, w, n0, tile_out); break;
+          default: tile<4>(nr, xm, K, rows, w, n0, tile_out); break;
+        }
+        for (int64_t m = 0; m < mr; ++m)
+          for (int64_t n = 0; n < nr; ++n) {
+            // The zero points' share: sum over groups of (scale * zero) * sum(x over the group).
+            const float* sz = w.scaled_zeros + (n0 + n) * G;
+            const float* xs = x_group_sums + (m0 + m) * G;
+            float zero_part = 0.f;
+            for (int64_t g = 0; g < G; ++g) zero_part += sz[g] * xs[g];
+            out[(m0 + m) * N + n0 + n] = tile_out[m * nr + n] - zero_part;
+          }
+      }
+    }
+  });
+}
+
+// W[n_begin:n_end] in float, into panel (n_end - n_begin, K), then cast by the caller.
+template <typename out_t>
+void dequantize_rows(const QuantWeight& w, int64_t n_begin, int64_t n_end, out_t* panel) {
+  const int64_t K = w.in_features, G = w.num_groups;
+  at::parallel_for(n_begin, n_end, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = w.codes + n * w.row_bytes();
+      out_t* dst = panel + (n - n_begin) * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = w.scales[n * G + g], sz = w.scaled_zeros[n * G + g];
+        const int64_t k0 = g * w.group_size, k1 = std::min(K, k0 + w.group_size);
+        if (w.bits == 8) {
+          const int8_t* codes = reinterpret_cast<const int8_t*>(row);
+          for (int64_t k = k0; k < k1; ++k) dst[k] = static_cast<out_t>(s * static_cast<float>(codes[k]) - sz);
+        } else {  // whole 32-input chunks (4-bit groups are multiples of 32): simple loops that vectorize
+          for (int64_t c = k0 / 32; c < k1 / 32; ++c) {
+            const uint8_t* bytes = row + c * 16;
+            out_t* out = dst + c * 32;
+            for (int j = 0; j < 16; ++j) {
+              out[j] = static_cast<out_t>(s * static_cast<float>((bytes[j] & 0xF) - 8) - sz);
+              out[j + 16] = static_cast<out_t>(s * static_cast<float>((bytes[j] >> 4) - 8) - sz);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+QuantWeight view_weight(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& scaled_zeros,
+                        int64_t in_features, int64_t group_size, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "quant_linear: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(codes.scalar_type() == (bits == 8 ? at::kChar : at::kByte) && codes.is_contiguous() && codes.dim() == 2,
+              "codes must be contiguous: (N, K) int8 for 8 bits, (N, K/2) uint8 for 4 bits");
+  TORCH_CHECK(bits == 8 || in_features % 32 == 0, "4-bit codes need in_features divisible by 32, got ", in_features);
+  TORCH_CHECK(bits == 8 || group_size % 32 == 0 || group_size >= in_features, "4-bit group_size must be a multiple of 32");
+  const int64_t N = codes.size(0), G = (in_features + group_size - 1) / group_size;
+  TORCH_CHECK(codes.size(1) == (bits == 8 ? in_features : in_features / 2), "codes have ", codes.size(1), " bytes per row");
+  for (const auto* t : {&scales, &scaled_zeros})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == N && t->size(1) == G,
+                "scales and scaled_zeros must be contiguous (N, num_groups) float32");
+  return {static_cast<const uint8_t*>(codes.data_ptr()), scales.data_ptr<float>(), scaled_zeros.data_ptr<float>(), N, in_features,
+          group_size, G, bits};
+}
+
+}  // namespace
+
+// x (..., K) float32/bfloat16/float16 -> (..., N) in x's dtype.
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
+                           int64_t group_size, int64_t bits, c10::optional<torch::Tensor> bias) {
+  const int64_t K = x.size(-1);
+  const QuantWeight w = view_weight(codes, scales, scaled_zeros, K, group_size, bits);
+  const int64_t M = x.numel() / K, N = w.out_features;
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  torch::Tensor out;
+  if (M > kGemvMaxRows) {
+    const auto x2 = x.reshape({M, K});
+    out = torch::empty({M, N}, x.options());
+    // Panels of ~1 MiB in the activation dtype: they stay in L2 while the GEMM reads them.
+    const int64_t panel_rows = std::max<int64_t>(64, (1 << 20) / (K * x.element_size()));
+    auto panel = torch::empty({std::min(panel_rows, N), K}, x.options());
+    for (int64_t n0 = 0; n0 < N; n0 += panel_rows) {
+      const int64_t n1 = std::min(N, n0 + panel_rows);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dequantize_panel", [&] {
+        dequantize_rows<scalar_t>(w, n0, n1, panel.data_ptr<scalar_t>());
+      });
+      out.narrow(1, n0, n1 - n0).copy_(at::mm(x2, panel.narrow(0, 0, n1 - n0).t()));
+    }
+  } else {
+    const auto xf = x.reshape({M, K}).to(at::kFloat).contiguous();  // (M, K) float32
+    auto out_f = torch::empty({M, N}, xf.options());
+    if (x.scalar_type() != at::kFloat && tokenmill_quant::vnni_supported(w)) {
+      tokenmill_quant::vnni_linear(xf.data_ptr<float>(), M, w, out_f.data_ptr<float>());
+      out = out_f.to(x.scalar_type());
+      if (bias.has_value()) out.add_(*bias);
+      return out.view(out_sizes);
+    }
+    const int64_t G = w.num_groups;
+    auto group_sums = torch::empty({M, G}, xf.options());  // (M, G): x summed over each group
+    const float* xp = xf.data_ptr<float>();
+    float* gs = group_sums.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        float sum = 0.f;
+        for (int64_t k = g * group_size; k < std::min(K, (g + 1) * group_size); ++k) sum += xp[m * K + k];
+        gs[m * G + g] = sum;
+      }
+    gemv(xp, gs, M, w, out_f.data_ptr<float>());
+    out = x.scalar_type() == at::kFloat ? out_f : out_f.to(x.scalar_type());
+  }
+  if (bias.has_value()) out.add_(*bias);
+  return out.view(out_sizes);
+}
+
+// The float weight (N, K) the codes stand for (tests, and layers that fall back to dense).
+torch::Tensor quant_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
+                               int64_t in_features, int64_t group_size, int64_t bits) {
+  const QuantWeight w = view_weight(codes, scales, scaled_zeros, in_features, group_size, bits);
+  auto out = torch::empty({w.out_features, in_features}, scales.options());
+  dequantize_rows<float>(w, 0, w.out_features, out.data_ptr<float>());
+  return out;
+}

@@ -1,0 +1,32 @@
+// Shared by the quantized linear kernels (quant_linear.cpp, quant_linear_vnni.cpp): a view of one
+// quantized weight matrix. See quant_linear.cpp for the formula and the layouts.
+#pragma once
+#include <torch/extension.h>
+#include <cstdint>
+
+namespace tokenmill_quant {
+
+struct QuantWeight {
+  const uint8_t* codes;      // int8 for 8-bit, viewed as bytes
+  const float* scales;       // (N, G)
+  const float* scaled_zeros; // (N, G): scale * zero
+  int64_t out_features, in_features, group_size, num_groups, bits;
+  int64_t row_bytes() const { return bits == 8 ? in_features : in_features / 2; }
+};
+
+// Code of input k of one row, centred (scalar path: tails and non-AVX-512 builds).
+inline float code_at(const uint8_t* row, int64_t k, int64_t bits) {
+  if (bits == 8) return static_cast<float>(static_cast<int8_t>(row[k]));
+  const int64_t chunk = k / 32, lane = k % 32;
+  const uint8_t byte = row[chunk * 16 + (lane % 16)];
+  return static_cast<float>((lane < 16 ? (byte & 0xF) : (byte >> 4)) - 8);
+}
+
+// Whether the int8-activation (AVX512-VNNI) path can run this weight: this build has VNNI, and
+// activation blocks of 64 inputs fit the weight's groups.
+bool vnni_supported(const QuantWeight& w);
+
+// out (M, N) float32 = x (M, K) W^T with x quantized to int8 per block of 64 inputs.
+void vnni_linear(const float* x, int64_t M, const QuantWeight& w, float* out);
+
+}  // namespace tokenmill_quant

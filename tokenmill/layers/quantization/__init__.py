@@ -1,0 +1,60 @@
+"""Quantized linear layers: a registry of linear methods and the step that assigns them to a model.
+
+``apply_quantization(model, config)`` runs after the model is built and before it loads: each
+linear layer gets the method its config names, by the layer's name (the LM head only when the
+config says so). The layer then loads and multiplies in that form; model files do not change.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from tokenmill.layers.quantization.config import QuantizationConfig
+from tokenmill.layers.quantization.methods import GPTQLinearMethod, RTNLinearMethod, UnquantizedLinearMethod
+
+
+
+def _round_to_nearest(cfg: QuantizationConfig, name: str, bits: int) -> RTNLinearMethod:
+    """int8 layers per channel and symmetric; int4 ones in the config's groups, asymmetric."""
+    return RTNLinearMethod(bits, -1 if bits == 8 else cfg.group_size, bits == 8, name)
+
+
+_METHODS: dict[str, Callable[[QuantizationConfig, str, int], object]] = {
+    "int8": _round_to_nearest,
+    "int4": _round_to_nearest,
+    "gptq": lambda cfg, name, bits: GPTQLinearMethod(cfg, name),
+}
+
+
+def supported_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def apply_quantization(model: nn.Module, config: QuantizationConfig,
+                       is_quantized: Callable[[str], bool] | None = None) -> int:
+    """Gives every linear layer of ``model`` the method of ``config``; returns how many layers got it.
+
+    ``is_quantized(name)`` may exclude layers (a GPTQ checkpoint says which it quantized by holding
+    their ``qweight``); the LM head is included only when ``config.lm_head`` is set.
+    """
+    from tokenmill.layers.linear import Linear
+
+    if config.method not in _METHODS:
+        raise ValueError(f"quantization method {config.method!r} is not supported; "
+                         f"supported: {', '.join(supported_methods())}")
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        is_head = name.split(".")[-1] == "lm_head"
+        if (is_head and not config.lm_head) or (is_quantized is not None and not is_quantized(name)):
+            continue
+        bits = config.lm_head_bits if is_head else config.bits
+        module.set_quant_method(_METHODS[config.method](config, name, bits))
+        count += 1
+    return count
+
+
+__all__ = ["QuantizationConfig", "UnquantizedLinearMethod", "apply_quantization", "supported_methods"]

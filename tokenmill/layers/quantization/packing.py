@@ -1,0 +1,60 @@
+"""Bit packing of quantized weights: the GPTQ checkpoint format and tokenmill's 4-bit kernel layout.
+
+GPTQ (AutoGPTQ, GPTQModel, transformers) packs 32 // bits codes into each int32, lowest bits first:
+- ``qweight`` (K * bits / 32, N): packed along the input dimension; code of input ``k`` of output
+  ``n`` sits in ``qweight[k // pack, n]`` at bits ``(k % pack) * bits``;
+- ``qzeros`` (num_groups, N * bits / 32): packed along the output dimension the same way.
+
+tokenmill's 4-bit layout (what ``kernels/csrc/quant_linear.cpp`` reads): (N, K / 2) uint8 in
+chunks of 32 inputs; byte ``16 c + j`` of a row holds input ``32 c + j`` in its low nibble and
+input ``32 c + 16 + j`` in its high nibble.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _pack_factor(bits: int) -> int:
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8 to pack into int32, got {bits}")
+    return 32 // bits
+
+
+def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Unsigned codes (values in [0, 2**bits)) -> int32, ``32 // bits`` codes per int32 along ``dim``."""
+    pack = _pack_factor(bits)
+    if codes.shape[dim] % pack:
+        raise ValueError(f"dimension {dim} of size {codes.shape[dim]} is not a multiple of {pack} ({bits}-bit packing)")
+    moved = codes.movedim(dim, -1).to(torch.int64)
+    grouped = moved.reshape(*moved.shape[:-1], -1, pack)  # (..., size / pack, pack)
+    shifts = torch.arange(pack, dtype=torch.int64, device=codes.device) * bits
+    words = (grouped << shifts).sum(-1)  # < 2**32, as int64
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
+    return words.movedim(-1, dim).contiguous()
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words -> unsigned codes (int32), the inverse of :func:`pack_int32`."""
+    pack = _pack_factor(bits)
+    moved = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(pack, dtype=torch.int64, device=packed.device) * bits
+    codes = (moved.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., words, pack)
+    return codes.reshape(*moved.shape[:-1], -1).to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 16) -> (N, K / 2) uint8 in the kernel's chunk-of-32 layout (K % 32 == 0)."""
+    rows, in_features = codes.shape
+    if in_features % 32:
+        raise ValueError(f"4-bit kernel layout needs in_features divisible by 32, got {in_features}")
+    chunks = codes.to(torch.uint8).view(rows, in_features // 32, 2, 16)  # [.., 0, :] low halves, [.., 1, :] high
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(rows, in_features // 2).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K / 2) uint8 -> (N, K) uint8 codes in [0, 16), the inverse of :func:`pack_nibbles`."""
+    rows, half = packed.shape
+    chunks = packed.view(rows, half // 16, 1, 16)
+    both = torch.cat([chunks & 0xF, chunks >> 4], dim=2)  # (N, K / 32, 2, 16)
+    return both.reshape(rows, half * 2).contiguous()

@@ -1,0 +1,81 @@
+"""QuantizedMatrix: a weight matrix held as 8- or 4-bit codes, and its matrix product.
+
+Every quantized linear method (int8, int4, GPTQ) ends here after loading, so that one kernel
+serves them all: ``W[n, k] = scale[n, g] * (code[n, k] - zero[n, g])`` with ``g = k // group_size``
+(after an optional permutation of the inputs, which act-order GPTQ checkpoints need so that each
+group's inputs are contiguous). CPU: the C++ kernel in ``kernels/csrc/quant_linear.cpp``.
+Elsewhere, or without a compiler: dequantize and ``F.linear`` (correct, not fast).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.kernels import cpu_kernels
+from tokenmill.layers.quantization.packing import pack_nibbles, unpack_nibbles
+
+
+class QuantizedMatrix(nn.Module):
+    """Codes, scales and zeros of one (N, K) weight, as buffers (they move with ``.to``)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                 perm: torch.Tensor | None = None):
+        """codes (N, K) unsigned in [0, 2**bits); scales and zeros (N, G) with G = ceil(K / group_size),
+        group_size -1 meaning K; perm (K,): input ``perm[i]`` of the checkpoint is input ``i`` here."""
+        super().__init__()
+        out_features, in_features = codes.shape
+        self.bits, self.in_features, self.out_features = bits, in_features, out_features
+        self.group_size = in_features if group_size == -1 else group_size
+        num_groups = -(-in_features // self.group_size)
+        if scales.shape != (out_features, num_groups) or zeros.shape != scales.shape:
+            raise ValueError(f"scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)} must be "
+                             f"({out_features}, {num_groups})")
+        center = 2 ** (bits - 1)  # codes and zeros are stored centred on 0 (see the kernel's header)
+        # The 4-bit layout packs 32 inputs per 16 bytes; other shapes keep 4-bit codes one per byte.
+        self.storage_bits = 4 if bits == 4 and in_features % 32 == 0 and self.group_size % 32 == 0 else 8
+        if self.storage_bits == 4:
+            stored = pack_nibbles(codes)  # (N, K / 2) uint8
+        else:
+            stored = (codes.to(torch.int32) - center).to(torch.int8).contiguous()  # (N, K)
+        self.register_buffer("codes", stored)
+        self.register_buffer("scales", scales.float().contiguous())  # (N, G)
+        self.register_buffer("scaled_zeros", (scales.float() * (zeros.float() - center)).contiguous())  # (N, G)
+        self.register_buffer("perm", None if perm is None else perm.to(torch.int64))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # (..., K) -> (..., N)
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        kernels = cpu_kernels() if x.device.type == "cpu" else None
+        if kernels is not None:
+            return kernels.quant_linear(x.contiguous(), self.codes, self.scales, self.scaled_zeros, self.group_size,
+                                        self.storage_bits, bias)
+        return F.linear(x, self._dequantize_stored().to(x.dtype), bias)
+
+    def _dequantize_stored(self) -> torch.Tensor:
+        """(N, K) float32 in the stored (permuted) input order."""
+        if self.storage_bits == 4:
+            centred = unpack_nibbles(self.codes).float() - 8
+        else:
+            centred = self.codes.float()
+        size, in_features = self.group_size, self.in_features
+        expand = lambda t: t.repeat_interleave(size, dim=1)[:, :in_features]  # noqa: E731  (N, G) -> (N, K)
+        return expand(self.scales) * centred - expand(self.scaled_zeros)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (N, K) weight these codes stand for, inputs in the checkpoint's order."""
+        weight = self._dequantize_stored()
+        if self.perm is None:
+            return weight
+        restored = torch.empty_like(weight)
+        restored[:, self.perm] = weight
+        return restored
+
+    def nbytes(self) -> int:
+        """Bytes one matrix product reads: codes, scales and zeros."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.scaled_zeros))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features} -> {self.out_features}, {self.bits}-bit, group {self.group_size}"
+                f"{', act-order' if self.perm is not None else ''}")
