@@ -113,3 +113,23 @@ def test_a_layer_that_cannot_hold_the_groups_stays_float_with_a_warning(checkpoi
     assert "model.layers.0.mlp.down_proj: 96 inputs are not a multiple of the group size 64" in caplog.text
     outputs = llm.generate(_prompts()[:2], GREEDY, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in outputs)
+
+
+@pytest.mark.parametrize("arch", ["llama3", "llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_analyze_counts_what_the_engine_allocates(arch, scheme, checkpoint, make_llm):
+    """`tokenmill analyze --dtype int8|int4` and the engine agree to the byte on weights (codes,
+    scales, layers left in float, the int8 head, float32 norms) and on KV bytes per token."""
+    import json
+
+    from tokenmill.analysis.memory import kv_bytes_per_token, memory_report
+    from tokenmill.analysis.model_shape import ModelShape
+    from tokenmill.engine.memory import kv_bytes_per_token as engine_kv_bytes_per_token
+    from tokenmill.models.loader import weight_bytes
+
+    folder = checkpoint(arch)
+    llm = make_llm(folder, dtype="float16", quantization=scheme)  # analyze's int8/int4 compute in fp16
+    shape = ModelShape.from_hf(json.loads((folder / "config.json").read_text()))
+    report = memory_report(shape, 1, 16, 16, scheme, "fp16", 1e12, 1)
+    assert report.weight_bytes == weight_bytes(llm.engine.core.runner.model)
+    assert kv_bytes_per_token(shape, "fp16") == engine_kv_bytes_per_token(llm.engine.model_config, torch.float16)

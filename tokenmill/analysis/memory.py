@@ -17,6 +17,50 @@ def dtype_bytes(dtype: str) -> float:
     return DTYPE_BYTES[dtype]
 
 
+QUANTIZED_DTYPES = {"int8": 8, "int4": 4}
+INT4_GROUP_SIZE = 64
+"""The engine's default int4 group size (``quantization_group_size``)."""
+
+
+def linear_shapes(shape: ModelShape) -> list[tuple[int, int]]:
+    """(out, in) of each of one layer's linear layers as the engine merges them: qkv, o, gate_up
+    (or the plain MLP's up), down; MoE experts each."""
+    h, q, kv, i = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim, \
+        shape.intermediate_size
+    mlp = [((2 if shape.gated_mlp else 1) * i, h), (h, i)] * shape.num_experts
+    return [(q + 2 * kv, h), (h, q), *mlp]
+
+
+def quantized_matrix_bytes(out_features: int, in_features: int, bits: int, group_size: int,
+                           float_bytes: float) -> float:
+    """What the engine holds for one quantized (out, in) matrix: codes plus a float32 scale and zero
+    per group, or the float matrix when its inputs are not a multiple of the group size or packing."""
+    group = in_features if group_size == -1 else group_size
+    if in_features % group or in_features % (32 // bits):
+        return out_features * in_features * float_bytes
+    return out_features * in_features * bits / 8 + 8 * out_features * (in_features // group)
+
+
+def weight_bytes_quantized(shape: ModelShape, dtype: str, act_dtype: str, group_size: int = INT4_GROUP_SIZE) -> float:
+    """Weight bytes of a model whose linear layers (and LM head) the engine quantized at load:
+    ``dtype`` int8 (per channel) or int4 (groups of ``group_size``, the head in int8); embeddings and
+    biases in the activation dtype, norm weights in float32, as the engine keeps them."""
+    bits, act = QUANTIZED_DTYPES[dtype], dtype_bytes(act_dtype)
+    layer_group = -1 if bits == 8 else group_size
+    per_layer = sum(quantized_matrix_bytes(n, k, bits, layer_group, act) for n, k in linear_shapes(shape))
+    linear_params = sum(n * k for n, k in linear_shapes(shape))
+    other_layer_params = shape.layer_params() - 2 * shape.norm_params() - linear_params  # biases, q/k norms
+    if shape.is_moe:
+        other_layer_params -= shape.hidden_size * shape.num_experts  # the router stays float
+        per_layer += shape.hidden_size * shape.num_experts * act
+    qk_norms = 2 * shape.head_dim if shape.qk_norm else 0
+    norm = act if shape.layer_norm else 4  # RMSNorm weights are kept in float32, LayerNorm's in the model dtype
+    per_layer += (other_layer_params - qk_norms) * act + 4 * qk_norms + norm * 2 * shape.norm_params()
+    embeddings = (shape.vocab_size + shape.learned_positions) * shape.hidden_size * act
+    head = quantized_matrix_bytes(shape.vocab_size, shape.hidden_size, 8, -1, act)
+    return shape.num_layers * per_layer + embeddings + head + norm * shape.norm_params()
+
+
 def simple_weight_bytes(shape: ModelShape) -> float:
     """The seed's estimate in fp16: layers x (8 h^2 + 4 h h_mlp) bytes (attention 4h^2 + MLP 2h*h_mlp params, 2 bytes each)."""
     h, i = shape.hidden_size, shape.intermediate_size
@@ -62,8 +106,11 @@ class MemoryReport:
 
 def memory_report(shape: ModelShape, batch: int, input_len: int, output_len: int, dtype: str, kv_dtype: str,
                   device_memory: float, tp: int) -> MemoryReport:
-    weights = shape.total_params() * dtype_bytes(dtype)
     act_dtype = "fp32" if dtype == "fp32" else "fp16"
+    if dtype in QUANTIZED_DTYPES:  # weight-only quantization as the engine does it: codes, scales, float rest
+        weights = weight_bytes_quantized(shape, dtype, act_dtype)
+    else:
+        weights = shape.total_params() * dtype_bytes(dtype)
     per_sequence = (kv_bytes_per_token(shape, kv_dtype) * (input_len + output_len)
                     + activation_bytes_per_sequence(shape, input_len, act_dtype))
     total_memory = device_memory * tp
