@@ -169,6 +169,23 @@ def _bench(args) -> None:
         run_latency(llm, args)
 
 
+def _quantize(args) -> None:
+    from pathlib import Path
+
+    from tokenmill.models.fetch import resolve_model
+    from tokenmill.quantize.quantizer import QuantizeOptions, quantize_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = QuantizeOptions(args.method, args.bits, args.group_size, args.sym, args.desc_act, args.damp,
+                              args.num_samples, args.seq_len)
+    from tokenmill.quantize.quantizer import BUILTIN_CALIBRATION
+
+    text = Path(args.calibration or BUILTIN_CALIBRATION).read_text()
+    out = quantize_model(resolve_model(args.model), args.out, options, text, args.tokenizer)
+    print(f"wrote {out} ({options.method}, {options.bits}-bit, group {options.group_size})")
+
+
 def _bench_quality(args) -> None:
     from tokenmill.bench.quality import run_quality
     from tokenmill.models.fetch import resolve_model
@@ -279,6 +296,24 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--explain", action="store_true", help="show the formulas with the numbers filled in")
     ana.add_argument("--measure", metavar="MODEL_DIR", help="also run the engine here at the same shapes")
     ana.set_defaults(func=_analyze)
+
+    qnt = sub.add_parser("quantize", help="GPTQ or round-to-nearest quantization of a float model, written as a "
+                                          "GPTQ (v1) checkpoint folder")
+    qnt.add_argument("model", help="Hugging Face folder, GGUF file, llama2.c .bin or smollm2-135m-instruct")
+    qnt.add_argument("out", help="the folder to write")
+    qnt.add_argument("--tokenizer", help="tokenizer path when not in the model (llama2.c tokenizer.bin)")
+    qnt.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    qnt.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    qnt.add_argument("--group-size", type=int, default=128, help="inputs per scale and zero; -1: per channel")
+    qnt.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
+    qnt.add_argument("--sym", action="store_true", help="symmetric (default: asymmetric, a zero point per group)")
+    qnt.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, a fraction of mean(diag H)")
+    qnt.add_argument("--calibration", help="a UTF-8 text file for GPTQ (default: a built-in ~900-word text, "
+                                           "different from bench perplexity's held-out text)")
+    qnt.add_argument("--num-samples", type=int, default=16, help="calibration windows")
+    qnt.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
+    qnt.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    qnt.set_defaults(func=_quantize)
 
     bench = sub.add_parser("bench", help="benchmarks (tables and JSON; never part of the tests)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

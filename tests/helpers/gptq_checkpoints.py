@@ -128,3 +128,24 @@ def make_gptq_checkpoint(folder: Path, hf_config, spec: GPTQSpec, seed: int = 0)
     (folder / "config.json").write_text(json.dumps(config))
     train_tokenizer(folder)
     return model
+
+
+def _unpack_rows(words: np.ndarray, bits: int) -> np.ndarray:
+    """(K * bits / 32, N) int32 -> (K, N) codes: the inverse of ``_pack_rows``."""
+    pack, mask = 32 // bits, (1 << bits) - 1
+    words = words.view(np.uint32)
+    codes = np.empty((words.shape[0] * pack, words.shape[1]), dtype=np.int64)
+    for j in range(pack):
+        codes[j::pack] = (words >> np.uint32(bits * j)) & np.uint32(mask)
+    return codes
+
+
+def read_gptq_layer(state: dict[str, torch.Tensor], prefix: str, bits: int, checkpoint_format: str) -> torch.Tensor:
+    """The (N, K) float weight a checkpoint layer encodes, read with this module's own unpacking."""
+    codes = _unpack_rows(state[f"{prefix}.qweight"].numpy(), bits)  # (K, N)
+    zeros = np.ascontiguousarray(_unpack_rows(np.ascontiguousarray(state[f"{prefix}.qzeros"].numpy().T), bits).T)
+    if checkpoint_format == "gptq":
+        zeros = (zeros + 1) & ((1 << bits) - 1)
+    g_idx = state[f"{prefix}.g_idx"].long().numpy()
+    scales = state[f"{prefix}.scales"].float().numpy()
+    return torch.from_numpy((scales[g_idx] * (codes - zeros[g_idx])).T.astype(np.float32))
