@@ -30,6 +30,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "GPTQ checkpoints are recognised without it")
     p.add_argument("--quantization-group-size", type=int, help="int4: 32, 64 (default), 128 or -1 (per channel)")
     p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the LM head in the model dtype")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="auto (the model's dtype) or int8 (a float16 scale per token and head: ~2x the tokens)")
 
 
 def _engine_kwargs(args) -> dict:
@@ -38,7 +40,7 @@ def _engine_kwargs(args) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
                 quantization=args.quantization, quantization_group_size=args.quantization_group_size,
-                quantize_lm_head=not args.no_quantize_lm_head)
+                quantize_lm_head=not args.no_quantize_lm_head, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _make_llm(args, skip_tokenizer_init: bool = False):

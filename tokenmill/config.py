@@ -226,8 +226,16 @@ class CacheConfig:
     within a share of free memory (see ``default_kv_cache_memory``)."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of earlier requests that share a prompt prefix."""
+    kv_cache_dtype: str = "auto"
+    """``auto`` (the model's dtype) or ``int8`` (a float16 scale per token and head: ~2x the tokens
+    of a 16-bit cache in the same memory)."""
 
     def __post_init__(self) -> None:
+        from tokenmill.attention.kv_quant import KV_CACHE_DTYPES
+
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; "
+                             f"choose one of {', '.join(KV_CACHE_DTYPES)}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

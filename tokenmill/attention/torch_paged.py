@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, PrefillSpan
+from tokenmill.attention.kv_quant import Int8CacheSide, Int8KVCache
 
 
 class TorchPagedAttention(AttentionBackend):
@@ -23,12 +24,16 @@ class TorchPagedAttention(AttentionBackend):
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-        key_cache, value_cache = kv_cache[0], kv_cache[1]  # (num_blocks, block_size, nkv, d) each
-        num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
-        flat_k = key_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-        flat_v = value_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-        flat_k.index_copy_(0, metadata.slot_mapping, k)
-        flat_v.index_copy_(0, metadata.slot_mapping, v)
+        if isinstance(kv_cache, Int8KVCache):  # reads dequantize the gathered blocks (Int8CacheSide.gather)
+            k, v = kv_cache.write(metadata.slot_mapping, k, v)
+            key_cache, value_cache = kv_cache.side(0), kv_cache.side(1)
+        else:
+            key_cache, value_cache = kv_cache[0], kv_cache[1]  # (num_blocks, block_size, nkv, d) each
+            num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
+            flat_k = key_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+            flat_v = value_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+            flat_k.index_copy_(0, metadata.slot_mapping, k)
+            flat_v.index_copy_(0, metadata.slot_mapping, v)
 
         n = metadata.num_decodes
         if not metadata.prefills:  # pure decode step: no output buffer to fill
@@ -77,8 +82,10 @@ def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Ten
     """cache (num_blocks, block_size, nkv, d), block_tables (B, W) -> (B, W * block_size, nkv, d).
 
     index_select over whole blocks viewed as rows is a plain row copy, several times faster than
-    advanced indexing of the 4-D cache.
+    advanced indexing of the 4-D cache. An int8 cache side gathers and dequantizes its own.
     """
+    if isinstance(cache, Int8CacheSide):
+        return cache.gather(block_tables)
     num_blocks, block_size, num_kv_heads, head_dim = cache.shape
     batch, width = block_tables.shape
     rows = cache.view(num_blocks, -1).index_select(0, block_tables.flatten())

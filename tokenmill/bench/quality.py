@@ -1,8 +1,9 @@
 """``tokenmill bench quality``: perplexity of one model under each weight scheme, beside its float32
 baseline, on the held-out text of ``bench perplexity`` (scored through ``prompt_logprobs``).
 
-A variant is ``DTYPE[:SCHEME]``: ``float32``, ``bfloat16:int8``, ``float32:int4-g64``,
-``float32:int4-channel``, or ``float32:gptq=FOLDER`` for a GPTQ checkpoint of the same model.
+A variant is ``DTYPE[:SCHEME[+SCHEME]]``: ``float32``, ``bfloat16:int8``, ``float32:int4-g64``,
+``float32:int4-channel``, ``float32:gptq=FOLDER`` for a GPTQ checkpoint of the same model, and
+``+kv-int8`` for an int8 KV cache (``float32:kv-int8``, ``bfloat16:int8+kv-int8``).
 """
 
 from __future__ import annotations
@@ -17,23 +18,30 @@ from tokenmill.llm import LLM
 from tokenmill.models.loader import weight_bytes
 
 DEFAULT_VARIANTS = ("float32", "float32:int8", "float32:int4-g32", "float32:int4-g64", "float32:int4-g128",
-                    "float32:int4-channel", "bfloat16", "bfloat16:int8", "bfloat16:int4-g64")
+                    "float32:int4-channel", "float32:kv-int8", "bfloat16", "bfloat16:int8", "bfloat16:int4-g64",
+                    "bfloat16:kv-int8")
 
 
 def parse_variant(variant: str) -> tuple[str, dict[str, Any], str | None]:
-    """``"bfloat16:int4-g64"`` -> ("bfloat16", LLM quantization kwargs, GPTQ folder or None)."""
-    dtype, _, scheme = variant.partition(":")
-    if not scheme:
-        return dtype, {}, None
-    if scheme.startswith("gptq="):
-        return dtype, {}, scheme.removeprefix("gptq=")
-    if scheme == "int8":
-        return dtype, {"quantization": "int8"}, None
-    if scheme.startswith("int4-"):
-        size = scheme.removeprefix("int4-")
-        return dtype, {"quantization": "int4", "quantization_group_size": -1 if size == "channel" else
-                       int(size.removeprefix("g"))}, None
-    raise ValueError(f"variant {variant!r}: scheme must be int8, int4-gN, int4-channel or gptq=FOLDER")
+    """``"bfloat16:int4-g64+kv-int8"`` -> ("bfloat16", LLM kwargs, GPTQ folder or None)."""
+    dtype, _, schemes = variant.partition(":")
+    kwargs: dict[str, Any] = {}
+    folder = None
+    for scheme in filter(None, schemes.split("+")):
+        if scheme.startswith("gptq="):
+            folder = scheme.removeprefix("gptq=")
+        elif scheme == "kv-int8":
+            kwargs["kv_cache_dtype"] = "int8"
+        elif scheme == "int8":
+            kwargs["quantization"] = "int8"
+        elif scheme.startswith("int4-"):
+            size = scheme.removeprefix("int4-")
+            kwargs.update(quantization="int4", quantization_group_size=-1 if size == "channel" else
+                          int(size.removeprefix("g")))
+        else:
+            raise ValueError(f"variant {variant!r}: a scheme is int8, int4-gN, int4-channel, gptq=FOLDER or kv-int8, "
+                             "joined with +")
+    return dtype, kwargs, folder
 
 
 def run_quality(args) -> list[dict[str, Any]]:

@@ -91,7 +91,8 @@ class EngineCore:
         self.max_model_len = self._resolve_max_model_len(config, model_config)
         dtype = next(model.parameters()).dtype
         block_size = config.cache.block_size
-        bytes_per_block = kv_bytes_per_token(model_config, dtype) * block_size
+        kv_cache_dtype = config.cache.kv_cache_dtype
+        bytes_per_block = kv_bytes_per_token(model_config, dtype, kv_cache_dtype) * block_size
         max_num_seqs = config.scheduler.max_num_seqs
         usable = max_num_seqs * -(-self.max_model_len // block_size) * bytes_per_block
         budget = config.cache.kv_cache_memory or default_kv_cache_memory(device, usable)
@@ -103,14 +104,18 @@ class EngineCore:
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block of {block_size} tokens "
                              f"({bytes_per_block} bytes each); give at least {bytes_per_block}")
+        stored = str(dtype).removeprefix("torch.")
+        if kv_cache_dtype == "int8":
+            ratio = kv_bytes_per_token(model_config, torch.float16) / kv_bytes_per_token(model_config, dtype, "int8")
+            stored = f"int8 with a float16 scale per token and head: {ratio:.2f}x the tokens of a 16-bit cache"
         logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %d layers x %d KV heads x %d)",
                     self.num_blocks, block_size, self.num_blocks * block_size,
-                    self.num_blocks * bytes_per_block / 2**20, str(dtype).removeprefix("torch."),
+                    self.num_blocks * bytes_per_block / 2**20, stored,
                     model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim)
-        backend = create_backend(config.attention_backend, device)
+        backend = create_backend(config.attention_backend, device, kv_cache_dtype)
         logger.info("attention backend: %s", backend.name)
         self.runner = ModelRunner(model, backend, self.num_blocks, block_size, dtype, device,
-                                  list(eos_token_ids))
+                                  list(eos_token_ids), kv_cache_dtype)
         self.kv_cache_manager = KVCacheManager(self.num_blocks, block_size, config.cache.enable_prefix_caching)
         scheduler_config = replace(config.scheduler, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache_manager)

@@ -30,10 +30,14 @@ def parse_memory(value: int | float | str) -> int:
     return result
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """K and V for every layer: 2 * layers * kv_heads * head_dim * bytes per element."""
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """K and V for every layer: 2 * layers * kv_heads * (bytes of one head's row); an int8 row is
+    head_dim bytes plus a float16 scale."""
+    from tokenmill.attention.kv_quant import bytes_per_element_row
+
     element = torch.tensor([], dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+    row = bytes_per_element_row(config.head_dim, kv_cache_dtype, element)
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * row
 
 
 def available_memory(device: torch.device) -> int:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend
+from tokenmill.attention.kv_quant import Int8KVCache
 from tokenmill.attention.layer import forward_context
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.runner.input_batch import RunnerRequestState, build_step_inputs
@@ -14,7 +15,7 @@ from tokenmill.sample.sampler import Sampler
 
 class ModelRunner:
     def __init__(self, model: nn.Module, backend: AttentionBackend, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype, device: torch.device, eos_token_ids: list[int]):
+                 kv_dtype: torch.dtype, device: torch.device, eos_token_ids: list[int], kv_cache_dtype: str = "auto"):
         self.model = model
         self.backend = backend
         self.block_size = block_size
@@ -26,7 +27,10 @@ class ModelRunner:
         shape = backend.kv_cache_shape(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_caches = []
         for layer in model.attention_layers():
-            cache = torch.zeros(shape, dtype=kv_dtype, device=device)  # (2, blocks, block_size, nkv, d)
+            if kv_cache_dtype == "int8":
+                cache = Int8KVCache(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, kv_dtype, device)
+            else:
+                cache = torch.zeros(shape, dtype=kv_dtype, device=device)  # (2, blocks, block_size, nkv, d)
             layer.bind_kv_cache(backend, cache)
             self.kv_caches.append(cache)
 
@@ -54,7 +58,10 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for cache in self.kv_caches:  # (2, blocks, block_size, nkv, d)
-            cache[:, dst] = cache[:, src]
+            if isinstance(cache, Int8KVCache):
+                cache.copy_blocks(src, dst)
+            else:
+                cache[:, dst] = cache[:, src]
 
     def _forward(self, so: SchedulerOutput, all_positions: bool = False):
         self._update_states(so)

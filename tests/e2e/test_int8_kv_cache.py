@@ -1,0 +1,100 @@
+"""The int8 KV cache: quantization error bounds, attention over it equal to attention over the
+dequantized values, the engine's invariants, and ~2x the tokens in the same memory."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tokenmill import SamplingParams
+from tokenmill.attention.backend import AttentionMetadata, PrefillSpan
+from tokenmill.attention.kv_quant import Int8KVCache, dequantize_rows, quantize_rows
+from tokenmill.attention.torch_paged import TorchPagedAttention
+
+
+def test_rows_round_trip_within_half_a_step():
+    x = torch.randn(50, 3, 64) * torch.logspace(-2, 1, 50)[:, None, None]
+    codes, scales = quantize_rows(x)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float16 and codes.abs().max() <= 127
+    error = (dequantize_rows(codes, scales, torch.float32) - x).abs()
+    assert (error <= scales.float().unsqueeze(-1) / 2 + 1e-6).all()
+
+
+def test_attention_over_int8_cache_equals_attention_over_the_dequantized_values():
+    """Decode and a prefill chunk with cached context, through the int8 cache, equal the same
+    backend over a float cache that holds the dequantized K/V."""
+    torch.manual_seed(0)
+    block_size, num_blocks, nkv, nh, d = 4, 8, 2, 4, 16
+    backend = TorchPagedAttention()
+    int8_cache = Int8KVCache(num_blocks, block_size, nkv, d, torch.float32, torch.device("cpu"))
+    float_cache = torch.zeros(2, num_blocks, block_size, nkv, d)
+    # A request with 6 cached tokens in blocks [3, 5], then a step: its decode of token 7 and
+    # another request's 3-token chunk after 2 cached tokens in block [1].
+    history = torch.randn(2, 8, nkv, d)  # (K/V, token, nkv, d)
+    slots = torch.tensor([3 * 4 + 0, 3 * 4 + 1, 3 * 4 + 2, 3 * 4 + 3, 5 * 4 + 0, 5 * 4 + 1, 1 * 4 + 0, 1 * 4 + 1])
+    k_hist, v_hist = int8_cache.write(slots, history[0], history[1])
+    float_cache[0].view(-1, nkv, d)[slots] = k_hist
+    float_cache[1].view(-1, nkv, d)[slots] = v_hist
+    q, k, v = torch.randn(4, nh, d), torch.randn(4, nkv, d), torch.randn(4, nkv, d)
+    md = AttentionMetadata(
+        slot_mapping=torch.tensor([5 * 4 + 2, 1 * 4 + 2, 1 * 4 + 3, 2 * 4 + 0]), num_decodes=1,
+        decode_block_tables=torch.tensor([[3, 5]]), decode_seq_lens=torch.tensor([7]), max_decode_seq_len=7,
+        decode_mask=None, prefills=(PrefillSpan(1, 4, 2, torch.tensor([1, 2])),))
+    ours = backend.forward(q, k, v, int8_cache, md, 0.25)
+    k_rt, v_rt = dequantize_rows(*quantize_rows(k), torch.float32), dequantize_rows(*quantize_rows(v), torch.float32)
+    reference = backend.forward(q, k_rt, v_rt, float_cache, md, 0.25)
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)
+    exact_cache = torch.zeros_like(float_cache)  # the unquantized history: int8 must differ from it, a little
+    exact_cache[0].view(-1, nkv, d)[slots] = history[0]
+    exact_cache[1].view(-1, nkv, d)[slots] = history[1]
+    exact = backend.forward(q, k, v, exact_cache, md, 0.25)
+    assert 0 < (ours - exact).abs().max() < 0.05
+
+
+def _prompts(n: int = 6, seed: int = 5) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [1] + [rng.randrange(3, 380) for _ in range(rng.randint(3, 40))]} for _ in range(n)]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+def test_engine_invariants_with_an_int8_kv_cache(checkpoint, make_llm):
+    folder = checkpoint("llama")
+    tokens = lambda outs: [o.outputs[0].token_ids for o in outs]  # noqa: E731
+    alone_llm = make_llm(folder, dtype="float32", kv_cache_dtype="int8")
+    alone = [tokens(alone_llm.generate(p, GREEDY, use_tqdm=False))[0] for p in _prompts()]
+    together = make_llm(folder, dtype="float32", kv_cache_dtype="int8", block_size=4, max_num_batched_tokens=7)
+    assert tokens(together.generate(_prompts(), GREEDY, use_tqdm=False)) == alone  # batched, 7-token chunks
+    cfg = together.engine.model_config
+    row = cfg.head_dim + 2
+    tight = make_llm(folder, dtype="float32", kv_cache_dtype="int8", block_size=4,
+                     kv_cache_memory=16 * 4 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * row)
+    assert tokens(tight.generate(_prompts(), GREEDY, use_tqdm=False)) == alone
+    assert tight.engine.core.scheduler.num_preemptions > 0
+    shared = {"prompt_token_ids": _prompts()[0]["prompt_token_ids"] * 3}
+    first = alone_llm.generate(shared, GREEDY, use_tqdm=False)[0]
+    again = alone_llm.generate(shared, GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens > 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    beams = SamplingParams(beam_width=3, n=2, max_tokens=6)
+    assert len(alone_llm.generate(_prompts()[1], beams, use_tqdm=False)[0].outputs) == 2
+
+
+def test_int8_cache_holds_about_twice_the_tokens(checkpoint, make_llm, caplog):
+    folder = checkpoint("llama3")  # head_dim 16: a row is 16 + 2 bytes against 32
+    fp16 = make_llm(folder, dtype="float16", kv_cache_memory="1MiB")
+    int8 = make_llm(folder, dtype="float16", kv_cache_memory="1MiB", kv_cache_dtype="int8")
+    assert int8.engine.core.num_blocks / fp16.engine.core.num_blocks == pytest.approx(32 / 18, rel=0.01)
+    assert "int8 with a float16 scale per token and head: 1.78x the tokens of a 16-bit cache" in caplog.text
+
+
+def test_backends_that_cannot_read_int8_say_so(checkpoint):
+    from tokenmill import LLM
+
+    with pytest.raises(ValueError, match="attention backend 'cpu' cannot read a kv_cache_dtype 'int8' cache yet"):
+        LLM(str(checkpoint("llama")), device="cpu", kv_cache_memory="8MiB", attention_backend="cpu",
+            kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="kv_cache_dtype 'fp4' is not supported; choose one of auto, int8"):
+        LLM(str(checkpoint("llama")), device="cpu", kv_cache_memory="8MiB", kv_cache_dtype="fp4")
