@@ -93,8 +93,38 @@ def test_int8_cache_holds_about_twice_the_tokens(checkpoint, make_llm, caplog):
 def test_backends_that_cannot_read_int8_say_so(checkpoint):
     from tokenmill import LLM
 
-    with pytest.raises(ValueError, match="attention backend 'cpu' cannot read a kv_cache_dtype 'int8' cache yet"):
-        LLM(str(checkpoint("llama")), device="cpu", kv_cache_memory="8MiB", attention_backend="cpu",
+    with pytest.raises(ValueError, match="attention backend 'triton' cannot read a kv_cache_dtype 'int8' cache yet"):
+        LLM(str(checkpoint("llama")), device="cpu", kv_cache_memory="8MiB", attention_backend="triton",
             kv_cache_dtype="int8")
     with pytest.raises(ValueError, match="kv_cache_dtype 'fp4' is not supported; choose one of auto, int8"):
         LLM(str(checkpoint("llama")), device="cpu", kv_cache_memory="8MiB", kv_cache_dtype="fp4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_kernel_reads_the_int8_cache_like_the_portable_backend(dtype):
+    from tokenmill.attention.cpu_paged import CpuPagedAttention
+    from tokenmill.kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels do not build here")
+    torch.manual_seed(3)
+    block_size, num_blocks, nkv, nh, d = 16, 12, 3, 9, 64  # SmolLM2's heads: the specialised kernel
+    cache = Int8KVCache(num_blocks, block_size, nkv, d, dtype, torch.device("cpu"))
+    tables = torch.tensor([[4, 7, 1, 0], [2, 9, 11, 5]])
+    lens = torch.tensor([37, 58])
+    slots = torch.cat([(tables[i, :, None] * block_size + torch.arange(block_size)).flatten()[:lens[i]]
+                       for i in range(2)])
+    cache.write(slots, torch.randn(len(slots), nkv, d).to(dtype), torch.randn(len(slots), nkv, d).to(dtype))
+    md = AttentionMetadata(slot_mapping=slots[:0], num_decodes=2, decode_block_tables=tables, decode_seq_lens=lens,
+                           max_decode_seq_len=58, decode_mask=torch.arange(64)[None, None, None, :58] < lens[:, None,
+                                                                                                            None, None])
+    q = torch.randn(2, nh, d).to(dtype)
+    ours = CpuPagedAttention()._decode(q, cache.side(0), cache.side(1), md, 0.125)
+    reference = TorchPagedAttention()._decode(q, cache.side(0), cache.side(1), md, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), reference.float(), atol=tol, rtol=tol)
+
+
+def test_cpu_backend_is_the_default_for_int8_on_cpu(checkpoint, make_llm):
+    llm = make_llm(checkpoint("llama"), dtype="float32", kv_cache_dtype="int8")
+    assert llm.engine.core.runner.backend.name == "cpu"

@@ -2,7 +2,8 @@
 
 The portable backend gathers each request's blocks into a padded copy before attending; at
 long contexts that copy costs more than the attention itself. This backend keeps prompt chunks
-on the portable path (fused flash SDPA) and sends decodes to ``kernels/csrc/paged_decode.cpp``.
+on the portable path (fused flash SDPA) and sends decodes to ``kernels/csrc/paged_decode.cpp``,
+which also reads the int8 KV cache (codes and per-token scales) in place.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.attention.kv_quant import Int8CacheSide
 from tokenmill.attention.torch_paged import TorchPagedAttention
 from tokenmill.kernels import cpu_kernels
 
@@ -24,5 +26,9 @@ class CpuPagedAttention(TorchPagedAttention):
         self.kernels = kernels
 
     def _decode(self, q, key_cache, value_cache, md: AttentionMetadata, scale: float) -> torch.Tensor:
+        if isinstance(key_cache, Int8CacheSide):  # codes and their per-token scales, read in place
+            return self.kernels.paged_decode_attention_int8(q, key_cache.codes, value_cache.codes, key_cache.scales,
+                                                            value_cache.scales, md.decode_block_tables,
+                                                            md.decode_seq_lens, scale)
         return self.kernels.paged_decode_attention(q, key_cache, value_cache, md.decode_block_tables,
                                                    md.decode_seq_lens, scale)

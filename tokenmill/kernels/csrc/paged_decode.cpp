@@ -33,8 +33,11 @@ static inline float dot_qk(const float* q, const at::BFloat16* q_bf16, const sca
   return dot;
 }
 
-template <typename scalar_t, int HEAD_DIM, int GROUP>
-static void decode_kernel(const scalar_t* q, const scalar_t* key_cache, const scalar_t* value_cache,
+// cache_t is scalar_t, or int8_t for the int8 KV cache, whose rows carry a float16 scale per token
+// and KV head (k_scales/v_scales (blocks, block_size, nkv); null for float caches).
+template <typename scalar_t, typename cache_t, int HEAD_DIM, int GROUP>
+static void decode_kernel(const scalar_t* q, const cache_t* key_cache, const cache_t* value_cache,
+                          const at::Half* k_scales, const at::Half* v_scales,
                           const int64_t* block_tables, const int64_t* seq_lens, scalar_t* out,
                           int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim_rt,
                           int64_t block_size, int64_t max_blocks, float scale) {
@@ -56,15 +59,18 @@ static void decode_kernel(const scalar_t* q, const scalar_t* key_cache, const sc
       }
       std::fill(max_score.begin(), max_score.end(), -INFINITY);
       for (int64_t start = 0; start < len; start += block_size) {
-        const scalar_t* block = key_cache + table[start / block_size] * block_size * token_stride;
+        const int64_t first_slot = table[start / block_size] * block_size;
+        const cache_t* block = key_cache + first_slot * token_stride;
         const int64_t n = std::min(block_size, len - start);
         for (int64_t j = 0; j < n; ++j) {
           for (int64_t h = 0; h < num_kv_heads; ++h) {
-            const scalar_t* k = block + j * token_stride + h * head_dim;
+            const cache_t* k = block + j * token_stride + h * head_dim;
+            const float k_scale = k_scales ? scale * static_cast<float>(k_scales[(first_slot + j) * num_kv_heads + h])
+                                           : scale;
             for (int64_t g = 0; g < group; ++g) {
               const int64_t head = h * group + g;
-              const float dot = dot_qk<scalar_t, HEAD_DIM>(query.data() + head * head_dim,
-                                                           query_bf16.data() + head * head_dim, k, head_dim) * scale;
+              const float dot = dot_qk<cache_t, HEAD_DIM>(query.data() + head * head_dim,
+                                                          query_bf16.data() + head * head_dim, k, head_dim) * k_scale;
               scores[head * len + start + j] = dot;
               max_score[head] = std::max(max_score[head], dot);
             }
@@ -81,14 +87,16 @@ static void decode_kernel(const scalar_t* q, const scalar_t* key_cache, const sc
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t start = 0; start < len; start += block_size) {
-        const scalar_t* block = value_cache + table[start / block_size] * block_size * token_stride;
+        const int64_t first_slot = table[start / block_size] * block_size;
+        const cache_t* block = value_cache + first_slot * token_stride;
         const int64_t n = std::min(block_size, len - start);
         for (int64_t j = 0; j < n; ++j) {
           for (int64_t h = 0; h < num_kv_heads; ++h) {
-            const scalar_t* v = block + j * token_stride + h * head_dim;
+            const cache_t* v = block + j * token_stride + h * head_dim;
+            const float v_scale = v_scales ? static_cast<float>(v_scales[(first_slot + j) * num_kv_heads + h]) : 1.f;
             for (int64_t g = 0; g < group; ++g) {
               const int64_t head = h * group + g;
-              const float p = scores[head * len + start + j];
+              const float p = scores[head * len + start + j] * v_scale;
               float* __restrict__ a = acc.data() + head * head_dim;
               for (int64_t i = 0; i < head_dim; ++i) a[i] += p * static_cast<float>(v[i]);
             }
@@ -101,16 +109,18 @@ static void decode_kernel(const scalar_t* q, const scalar_t* key_cache, const sc
   });
 }
 
-template <typename scalar_t>
-static void dispatch(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* bt, const int64_t* sl,
-                     scalar_t* out, int64_t D, int64_t nh, int64_t nkv, int64_t d, int64_t bs, int64_t W, float scale) {
+template <typename scalar_t, typename cache_t>
+static void dispatch(const scalar_t* q, const cache_t* kc, const cache_t* vc, const at::Half* ks, const at::Half* vs,
+                     const int64_t* bt, const int64_t* sl, scalar_t* out, int64_t D, int64_t nh, int64_t nkv,
+                     int64_t d, int64_t bs, int64_t W, float scale) {
   const int64_t g = nh / nkv;
-#define TM_CASE(HD, G) \
-  if (d == HD && g == G) return decode_kernel<scalar_t, HD, G>(q, kc, vc, bt, sl, out, D, nh, nkv, d, bs, W, scale);
+#define TM_CASE(HD, G)                                                                                         \
+  if (d == HD && g == G)                                                                                       \
+    return decode_kernel<scalar_t, cache_t, HD, G>(q, kc, vc, ks, vs, bt, sl, out, D, nh, nkv, d, bs, W, scale);
   TM_CASE(64, 1) TM_CASE(64, 2) TM_CASE(64, 3) TM_CASE(64, 4) TM_CASE(64, 8)
   TM_CASE(128, 1) TM_CASE(128, 2) TM_CASE(128, 4) TM_CASE(128, 8)
 #undef TM_CASE
-  decode_kernel<scalar_t, 0, 0>(q, kc, vc, bt, sl, out, D, nh, nkv, d, bs, W, scale);
+  decode_kernel<scalar_t, cache_t, 0, 0>(q, kc, vc, ks, vs, bt, sl, out, D, nh, nkv, d, bs, W, scale);
 }
 
 // q (D, nh, d); key_cache/value_cache (num_blocks, block_size, nkv, d); block_tables (D, W) int64;
@@ -125,10 +135,35 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor key_cache, t
   seq_lens = seq_lens.contiguous();
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    dispatch<scalar_t>(q.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(),
+    dispatch<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(),
+                       value_cache.data_ptr<scalar_t>(), nullptr, nullptr,
                        block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
                        q.size(0), q.size(1), key_cache.size(2), q.size(2), key_cache.size(1), block_tables.size(1),
                        static_cast<float>(scale));
+  });
+  return out;
+}
+
+// The int8 KV cache: codes (num_blocks, block_size, nkv, d) int8 and scales (num_blocks, block_size, nkv)
+// float16 for K and for V; q (D, nh, d) in the model's dtype -> out (D, nh, d).
+torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor key_codes, torch::Tensor value_codes,
+                                          torch::Tensor key_scales, torch::Tensor value_scales,
+                                          torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && key_codes.dim() == 4 && key_scales.dim() == 3, "bad shapes for the int8 KV cache");
+  TORCH_CHECK(key_codes.scalar_type() == at::kChar && key_scales.scalar_type() == at::kHalf,
+              "int8 KV cache: codes must be int8 and scales float16");
+  for (const auto* t : {&key_codes, &value_codes, &key_scales, &value_scales})
+    TORCH_CHECK(t->is_contiguous(), "int8 KV cache tensors must be contiguous");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  seq_lens = seq_lens.contiguous();
+  auto out = torch::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention_int8", [&] {
+    dispatch<scalar_t, int8_t>(q.data_ptr<scalar_t>(), key_codes.data_ptr<int8_t>(), value_codes.data_ptr<int8_t>(),
+                               key_scales.data_ptr<at::Half>(), value_scales.data_ptr<at::Half>(),
+                               block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+                               q.size(0), q.size(1), key_codes.size(2), q.size(2), key_codes.size(1),
+                               block_tables.size(1), static_cast<float>(scale));
   });
   return out;
 }
