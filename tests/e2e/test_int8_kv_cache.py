@@ -90,14 +90,34 @@ def test_int8_cache_holds_about_twice_the_tokens(checkpoint, make_llm, caplog):
     assert "int8 with a float16 scale per token and head: 1.78x the tokens of a 16-bit cache" in caplog.text
 
 
-def test_backends_that_cannot_read_int8_say_so(checkpoint):
+def test_unknown_kv_cache_dtype_is_refused(checkpoint):
     from tokenmill import LLM
 
-    with pytest.raises(ValueError, match="attention backend 'triton' cannot read a kv_cache_dtype 'int8' cache yet"):
-        LLM(str(checkpoint("llama")), device="cpu", kv_cache_memory="8MiB", attention_backend="triton",
-            kv_cache_dtype="int8")
     with pytest.raises(ValueError, match="kv_cache_dtype 'fp4' is not supported; choose one of auto, int8"):
         LLM(str(checkpoint("llama")), device="cpu", kv_cache_memory="8MiB", kv_cache_dtype="fp4")
+
+
+def test_triton_kernels_read_the_int8_cache_like_the_portable_backend(checkpoint, make_llm):
+    """The CUDA path (Triton's interpreter on CPU in CI): decode and chunked prefill over an int8
+    cache give the portable backend's logprobs and tokens."""
+    pytest.importorskip("triton", reason="the triton package is not installed")
+    from helpers.devices import TRITON_DEVICE
+
+    folder = checkpoint("llama")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    prompts = _prompts(3)
+    results = {}
+    for backend, device in (("torch", "cpu"), ("triton", TRITON_DEVICE)):
+        llm = make_llm(folder, dtype="float32", kv_cache_dtype="int8", attention_backend=backend, device=device,
+                       block_size=16, max_num_batched_tokens=24)  # 24: prompts in chunks, over cached context
+        assert llm.engine.core.runner.backend.name == backend
+        results[backend] = llm.generate(prompts, params, use_tqdm=False)
+    for ours, theirs in zip(results["triton"], results["torch"]):
+        assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+        for a, b in zip(ours.prompt_logprobs[1:] + ours.outputs[0].logprobs,
+                        theirs.prompt_logprobs[1:] + theirs.outputs[0].logprobs):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t] - b[t]) < 1e-4 for t in a)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -18,17 +18,11 @@ def supported_backends() -> list[str]:
     return ["auto", *_BACKENDS]
 
 
-def create_backend(name: str, device: torch.device, kv_cache_dtype: str = "auto") -> AttentionBackend:
+def create_backend(name: str, device: torch.device) -> AttentionBackend:
     """``auto``: Triton on CUDA (when installed), the C++ kernel on CPU when it builds, else the portable
-    backend. The int8 KV cache is read by the portable and C++ backends (not yet by Triton)."""
+    backend. Every backend reads and writes both cache kinds (float, int8)."""
     from tokenmill.attention.triton_paged import triton_available
 
-    if kv_cache_dtype != "auto":
-        if name == "triton":
-            raise ValueError(f"attention backend 'triton' cannot read a kv_cache_dtype {kv_cache_dtype!r} cache yet; "
-                             "use attention_backend 'torch' (or 'cpu' on the CPU)")
-        if name == "auto" and device.type != "cpu":
-            name = "torch"  # until the Triton kernels read it
     if name == "auto":
         if device.type == "cpu":
             from tokenmill.kernels import cpu_kernels

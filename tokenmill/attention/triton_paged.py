@@ -19,6 +19,7 @@ import os
 import torch
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
+from tokenmill.attention.kv_quant import Int8KVCache
 from tokenmill.attention.torch_paged import TorchPagedAttention
 
 
@@ -57,11 +58,16 @@ class TritonPagedAttention(AttentionBackend):
     kv_cache_shape = staticmethod(TorchPagedAttention.kv_cache_shape)
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-        self.kernels.write_kv(k, v, kv_cache, metadata.slot_mapping)
+        if isinstance(kv_cache, Int8KVCache):  # quantized in PyTorch; the attention kernels dequantize as they read
+            kv_cache.write(metadata.slot_mapping, k, v)
+            num_kv_heads = kv_cache.codes.shape[3]
+        else:
+            self.kernels.write_kv(k, v, kv_cache, metadata.slot_mapping)
+            num_kv_heads = kv_cache.shape[3]
         out = torch.empty_like(q)  # (T, nh, d)
         n = metadata.num_decodes
         if n:
-            splits = _num_splits(n, kv_cache.shape[3], metadata.max_decode_seq_len, q.device)
+            splits = _num_splits(n, num_kv_heads, metadata.max_decode_seq_len, q.device)
             self.kernels.paged_decode(q[:n], kv_cache, metadata.decode_block_tables, metadata.decode_seq_lens,
                                       metadata.max_decode_seq_len, scale, splits, out=out[:n])
         if metadata.prefills:

@@ -1,6 +1,7 @@
 """Triton kernels for paged attention: the KV write, split-KV decode (flash-decoding) and varlen
 prefill over the paged cache. The cache of a layer is (2, num_blocks, block_size, num_kv_heads,
-head_dim), as for every backend; a token at position p of a request lives in block
+head_dim), as for every backend, or an int8 cache (``attention/kv_quant.py``: codes of that shape
+and a float16 scale per slot and KV head); a token at position p of a request lives in block
 ``block_table[p // block_size]`` at row ``p % block_size``.
 
 The kernels run on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (set before this module
@@ -33,35 +34,42 @@ def _write_kv_kernel(k_ptr, v_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, str
 
 
 @triton.jit
-def _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, block_table_ptr, pos, n_mask, visible, kv_head,
-                 scale, offs_d, d_mask, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, pos,
+                 n_mask, visible, kv_head, scale, offs_d, d_mask, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANTIZED: tl.constexpr):
     """One online-softmax step: the rows of q (R, D) attend to the keys at positions ``pos`` (N,),
     read in place through the block table row at ``block_table_ptr``; ``visible`` (R, N) says which
-    of them each row may see. Returns the updated running max, sum and output (R,), (R,), (R, D)."""
+    of them each row may see. Returns the updated running max, sum and output (R,), (R,), (R, D).
+    QUANTIZED: the cache holds int8 codes, scaled by a float16 per (slot, KV head) from the scale arrays."""
     block = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=n_mask, other=0)
     slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
     kv_offs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(key_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (N, D)
+    k = tl.load(key_cache_ptr + kv_offs, mask=kv_mask, other=0)  # (N, D)
+    if QUANTIZED:
+        k_scale = tl.load(k_scale_ptr + slot * NUM_KV_HEADS + kv_head, mask=n_mask, other=0.0).to(tl.float32)
+        k = (k.to(tl.float32) * k_scale[:, None]).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (R, N)
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp(s - m_new[:, None])
     alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(value_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (N, D)
+    v = tl.load(value_cache_ptr + kv_offs, mask=kv_mask, other=0)  # (N, D)
+    if QUANTIZED:
+        v_scale = tl.load(v_scale_ptr + slot * NUM_KV_HEADS + kv_head, mask=n_mask, other=0.0).to(tl.float32)
+        v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
+def _decode_split_kernel(q_ptr, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
                          part_out_ptr, part_lse_ptr, scale, stride_q_tok, stride_q_head, stride_bt,
                          num_heads, num_splits, tokens_per_split,
                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANTIZED: tl.constexpr):
     """Program (request, kv head, split): the GROUP query heads that share a KV head attend over one
     slice of the context, with an online softmax; writes the slice's normalised output and its
     log-sum-exp, which ``_decode_reduce_kernel`` combines."""
@@ -88,9 +96,9 @@ def _decode_split_kernel(q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr
         pos = n0 + offs_n
         n_mask = pos < end
         visible = n_mask[None, :]
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, block_tables_ptr + seq * stride_bt,
-                                     pos, n_mask, visible, kv_head, scale, offs_d, d_mask, NUM_KV_HEADS, HEAD_DIM,
-                                     BLOCK_SIZE, DOT_PRECISION)
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr,
+                                     block_tables_ptr + seq * stride_bt, pos, n_mask, visible, kv_head, scale, offs_d,
+                                     d_mask, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DOT_PRECISION, QUANTIZED)
 
     has_keys = l_i > 0  # an empty split (past the end of a short context) contributes nothing
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
@@ -123,11 +131,12 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_o_tok, str
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr,
+def _prefill_kernel(q_ptr, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, block_tables_ptr,
+                    query_start_ptr,
                     num_computed_ptr, scale, stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_bt,
                     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, QUANTIZED: tl.constexpr):
     """Program (query tile, prompt chunk, head): BLOCK_M new tokens of one chunk attend causally to
     the chunk's cached context and to the chunk itself (already written to the cache)."""
     tile = tl.program_id(0)
@@ -155,9 +164,9 @@ def _prefill_kernel(q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables
             pos = n0 + offs_n
             n_mask = pos < kv_end
             visible = (pos[None, :] <= query_pos[:, None]) & n_mask[None, :]  # position 0 is always visible
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr,
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr,
                                          block_tables_ptr + chunk * stride_bt, pos, n_mask, visible, kv_head, scale,
-                                         offs_d, d_mask, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DOT_PRECISION)
+                                         offs_d, d_mask, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DOT_PRECISION, QUANTIZED)
         out = acc / l_i[:, None]
         tl.store(out_ptr + (query_start + offs_m)[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -182,14 +191,25 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
                                     ROW=row, BLOCK_ROW=triton.next_power_of_2(row))
 
 
-def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+def _cache_parts(kv_cache) -> tuple:
+    """(K, V, K scales, V scales, quantized, block_size, num_kv_heads) of a float cache tensor
+    (2, num_blocks, block_size, nkv, d) or an Int8KVCache (its codes and float16 scales)."""
+    if isinstance(kv_cache, torch.Tensor):
+        _, _, block_size, num_kv_heads, _ = kv_cache.shape
+        return kv_cache[0], kv_cache[1], kv_cache[0], kv_cache[1], False, block_size, num_kv_heads
+    _, _, block_size, num_kv_heads, _ = kv_cache.codes.shape
+    return (kv_cache.codes[0], kv_cache.codes[1], kv_cache.scales[0], kv_cache.scales[1], True, block_size,
+            num_kv_heads)
+
+
+def paged_decode(q: torch.Tensor, kv_cache, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  max_seq_len: int, scale: float, num_splits: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """q (D, nh, d): one new token per request, attending over seq_lens (D,) tokens through
     block_tables (D, W); the context is cut into ``num_splits`` slices attended in parallel.
     A row with seq_len 0 (padding, as in a CUDA graph's fixed batch) attends to nothing and gets 0.
     Returns (D, nh, d), written into ``out`` if given."""
     num_decodes, num_heads, head_dim = q.shape
-    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    keys, values, k_scales, v_scales, quantized, block_size, num_kv_heads = _cache_parts(kv_cache)
     group = num_heads // num_kv_heads
     block_n = _MIN_DOT if max_seq_len <= _MIN_DOT else 32
     tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
@@ -198,10 +218,10 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     part_lse = torch.empty(num_decodes, num_heads, num_splits, dtype=torch.float32, device=q.device)
     q = _rows_contiguous(q)
     _decode_split_kernel[(num_decodes, num_kv_heads, num_splits)](
-        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, part_out, part_lse, scale, q.stride(0), q.stride(1),
-        block_tables.stride(0), num_heads, num_splits, tokens_per_split, NUM_KV_HEADS=num_kv_heads, GROUP=group,
-        BLOCK_G=_block(group), HEAD_DIM=head_dim, BLOCK_D=_block(head_dim), BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        DOT_PRECISION=_dot_precision(q.dtype))
+        q, keys, values, k_scales, v_scales, block_tables, seq_lens, part_out, part_lse, scale, q.stride(0),
+        q.stride(1), block_tables.stride(0), num_heads, num_splits, tokens_per_split, NUM_KV_HEADS=num_kv_heads,
+        GROUP=group, BLOCK_G=_block(group), HEAD_DIM=head_dim, BLOCK_D=_block(head_dim), BLOCK_N=block_n,
+        BLOCK_SIZE=block_size, DOT_PRECISION=_dot_precision(q.dtype), QUANTIZED=quantized)
     out = torch.empty_like(q) if out is None else out
     _decode_reduce_kernel[(num_decodes, num_heads)](
         part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits, HEAD_DIM=head_dim,
@@ -209,7 +229,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     return out
 
 
-def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
+def paged_prefill(q: torch.Tensor, kv_cache, out: torch.Tensor, block_tables: torch.Tensor,
                   query_start_loc: torch.Tensor, num_computed_tokens: torch.Tensor, max_query_len: int,
                   scale: float) -> None:
     """Prompt chunks in one launch. q and out (T, nh, d) are the packed batch; chunk i's new tokens
@@ -217,15 +237,15 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, bl
     its blocks block_tables[i] (P, W). Its K/V must already be in the cache."""
     num_chunks = block_tables.shape[0]
     _, num_heads, head_dim = q.shape
-    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    keys, values, k_scales, v_scales, quantized, block_size, num_kv_heads = _cache_parts(kv_cache)
     block_m = 32 if max_query_len > _MIN_DOT else _MIN_DOT
     q = _rows_contiguous(q)
     grid = (triton.cdiv(max_query_len, block_m), num_chunks, num_heads)
     _prefill_kernel[grid](
-        q, kv_cache[0], kv_cache[1], out, block_tables, query_start_loc, num_computed_tokens, scale, q.stride(0),
-        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), NUM_KV_HEADS=num_kv_heads,
+        q, keys, values, k_scales, v_scales, out, block_tables, query_start_loc, num_computed_tokens, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), NUM_KV_HEADS=num_kv_heads,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_block(head_dim), BLOCK_M=block_m, BLOCK_N=32,
-        BLOCK_SIZE=block_size, DOT_PRECISION=_dot_precision(q.dtype))
+        BLOCK_SIZE=block_size, DOT_PRECISION=_dot_precision(q.dtype), QUANTIZED=quantized)
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:

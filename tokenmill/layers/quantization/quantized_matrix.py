@@ -3,8 +3,9 @@
 Every quantized linear method (int8, int4, GPTQ) ends here after loading, so that one kernel
 serves them all: ``W[n, k] = scale[n, g] * (code[n, k] - zero[n, g])`` with ``g = k // group_size``
 (after an optional permutation of the inputs, which act-order GPTQ checkpoints need so that each
-group's inputs are contiguous). CPU: the C++ kernel in ``kernels/csrc/quant_linear.cpp``.
-Elsewhere, or without a compiler: dequantize and ``F.linear`` (correct, not fast).
+group's inputs are contiguous). CUDA: the Triton kernel in ``kernels/triton_quant_linear.py``.
+CPU: the C++ kernel in ``kernels/csrc/quant_linear.cpp``. Without either: dequantize and
+``F.linear`` (correct, not fast).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.kernels import cpu_kernels
+from tokenmill.kernels.triton_ops import triton_ops
 from tokenmill.layers.quantization.packing import pack_nibbles, unpack_nibbles
 
 
@@ -47,6 +49,11 @@ class QuantizedMatrix(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # (..., K) -> (..., N)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        if triton_ops(x.device) is not None:  # CUDA (or CPU under the Triton interpreter, for tests)
+            from tokenmill.kernels.triton_quant_linear import quant_linear
+
+            return quant_linear(x, self.codes, self.scales, self.scaled_zeros, self.group_size, self.storage_bits,
+                                bias)
         kernels = cpu_kernels() if x.device.type == "cpu" else None
         if kernels is not None:
             return kernels.quant_linear(x.contiguous(), self.codes, self.scales, self.scaled_zeros, self.group_size,
