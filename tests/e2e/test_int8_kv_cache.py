@@ -148,3 +148,28 @@ def test_cpu_decode_kernel_reads_the_int8_cache_like_the_portable_backend(dtype)
 def test_cpu_backend_is_the_default_for_int8_on_cpu(checkpoint, make_llm):
     llm = make_llm(checkpoint("llama"), dtype="float32", kv_cache_dtype="int8")
     assert llm.engine.core.runner.backend.name == "cpu"
+
+
+def test_triton_int8_write_equals_the_pytorch_quantizer():
+    pytest.importorskip("triton", reason="the triton package is not installed")
+    from helpers.devices import TRITON_DEVICE
+    from tokenmill.attention.kernels.paged_attention import write_kv_int8
+
+    torch.manual_seed(6)
+    device = torch.device(TRITON_DEVICE)
+    ours = Int8KVCache(6, 4, 3, 16, torch.float32, device)
+    reference = Int8KVCache(6, 4, 3, 16, torch.float32, device)
+    k, v = torch.randn(5, 3, 16, device=device) * 3, torch.randn(5, 3, 16, device=device)
+    slots = torch.tensor([9, 2, -1, 17, 0], device=device)  # -1: a padded row, written nowhere
+    write_kv_int8(k, v, ours, slots)
+    keep = slots >= 0
+    reference.write(slots[keep], k[keep], v[keep])
+    assert torch.equal(ours.scales, reference.scales)
+    assert (ours.codes.int() - reference.codes.int()).abs().max() <= 1  # round half up vs half to even
+    assert (ours.codes != reference.codes).float().mean() < 0.01
+
+
+def test_an_all_zero_row_quantizes_to_zeros():
+    codes, scales = quantize_rows(torch.zeros(2, 3, 8))
+    assert torch.equal(codes, torch.zeros_like(codes)) and bool((scales > 0).all())
+    assert torch.equal(dequantize_rows(codes, scales, torch.float32), torch.zeros(2, 3, 8))

@@ -115,9 +115,11 @@ def test_quantization_config_errors_name_the_value():
         QuantizationConfig.load_time("int8", 64)
 
 
-@pytest.mark.parametrize("bits, group_size, in_features", [(8, -1, 96), (8, 32, 96), (4, 32, 64), (4, -1, 96)])
+@pytest.mark.parametrize("bits, group_size, in_features", [  # per-element scales, then one scale per tile
+    (8, -1, 96), (8, 32, 96), (4, 32, 64), (4, -1, 96), (8, 64, 128), (4, 64, 192), (4, 128, 256), (4, -1, 128)])
+@pytest.mark.parametrize("num_rows", [5, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_kernel_equals_the_reference_formula(bits, group_size, in_features, dtype, monkeypatch):
+def test_triton_kernel_equals_the_reference_formula(bits, group_size, in_features, num_rows, dtype, monkeypatch):
     """The CUDA path, run by Triton's interpreter on CPU tensors (fp32 and fp16: no bf16 dots there)."""
     pytest.importorskip("triton", reason="the triton package is not installed")
     from helpers.devices import TRITON_DEVICE
@@ -128,7 +130,7 @@ def test_triton_kernel_equals_the_reference_formula(bits, group_size, in_feature
     codes, scales, zeros = quantize_rtn(torch.randn(70, in_features) * 0.05, bits, group_size, sym=False)
     matrix = QuantizedMatrix(codes, scales, zeros, bits, group_size).to(TRITON_DEVICE)
     assert matrix.storage_bits == bits  # the packed 4-bit layout is the one under test
-    x = torch.randn(5, in_features, device=TRITON_DEVICE).to(dtype)
+    x = torch.randn(num_rows, in_features, device=TRITON_DEVICE).to(dtype)
     bias = torch.randn(70, device=TRITON_DEVICE).to(dtype)
     reference = x.float() @ matrix.dequantize().T + bias.float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2

@@ -18,7 +18,8 @@ KV_CACHE_DTYPES = ("auto", "int8")
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, nkv, d) -> (codes (T, nkv, d) int8, scales (T, nkv) float16)."""
-    scale = (x.abs().amax(-1).float() / 127).clamp(min=1e-8).half()  # the stored (rounded) scale
+    # The stored (rounded) scale; at least float16's smallest normal, so that an all-zero row stays finite.
+    scale = (x.abs().amax(-1).float() / 127).clamp(min=2**-14).half()
     codes = torch.round(x.float() / scale.float().unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
     return codes, scale
 

@@ -58,8 +58,8 @@ class TritonPagedAttention(AttentionBackend):
     kv_cache_shape = staticmethod(TorchPagedAttention.kv_cache_shape)
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-        if isinstance(kv_cache, Int8KVCache):  # quantized in PyTorch; the attention kernels dequantize as they read
-            kv_cache.write(metadata.slot_mapping, k, v)
+        if isinstance(kv_cache, Int8KVCache):  # quantized as written; the attention kernels dequantize as they read
+            self.kernels.write_kv_int8(k, v, kv_cache, metadata.slot_mapping)
             num_kv_heads = kv_cache.codes.shape[3]
         else:
             self.kernels.write_kv(k, v, kv_cache, metadata.slot_mapping)

@@ -34,6 +34,32 @@ def _write_kv_kernel(k_ptr, v_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, str
 
 
 @triton.jit
+def _write_kv_int8_kernel(k_ptr, v_ptr, codes_ptr, scales_ptr, slot_ptr, stride_k, stride_v, side_codes, side_scales,
+                          NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """One program per new token: each head's K and V rows quantized to int8 with a float16 scale
+    max|x| / 127 (as ``kv_quant.quantize_rows``), stored at the token's slot; slot < 0 is skipped.
+    ``side_codes`` / ``side_scales``: the offset from the K half of the cache to the V half."""
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = (tl.zeros([BLOCK_H], tl.int64) + slot) >= 0
+    h_mask = (offs_h < NUM_KV_HEADS) & valid
+    mask = h_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    slot = tl.maximum(slot, 0)  # never form an address from -1, even a masked one
+    row = offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    for side in range(2):
+        src = k_ptr + token * stride_k if side == 0 else v_ptr + token * stride_v
+        x = tl.load(src + row, mask=mask, other=0.0).to(tl.float32)  # (H, D)
+        scale = tl.maximum(tl.max(tl.abs(x), 1) / 127.0, 6.103515625e-05).to(tl.float16)  # >= 2**-14
+        codes = tl.floor(x / scale.to(tl.float32)[:, None] + 0.5)
+        codes = tl.minimum(tl.maximum(codes, -127.0), 127.0).to(tl.int8)
+        tl.store(codes_ptr + side * side_codes + slot * (NUM_KV_HEADS * HEAD_DIM) + row, codes, mask=mask)
+        tl.store(scales_ptr + side * side_scales + slot * NUM_KV_HEADS + offs_h, scale, mask=h_mask)
+
+
+@triton.jit
 def _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, pos,
                  n_mask, visible, kv_head, scale, offs_d, d_mask, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANTIZED: tl.constexpr):
@@ -189,6 +215,19 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     row = num_kv_heads * head_dim
     _write_kv_kernel[(num_tokens,)](k, v, kv_cache[0], kv_cache[1], slot_mapping, k.stride(0), v.stride(0),
                                     ROW=row, BLOCK_ROW=triton.next_power_of_2(row))
+
+
+def write_kv_int8(k: torch.Tensor, v: torch.Tensor, kv_cache, slot_mapping: torch.Tensor) -> None:
+    """k, v (T, nkv, d) -> an Int8KVCache's codes and scales at slot_mapping (T,); slots < 0 are skipped."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    k, v = _rows_contiguous(k), _rows_contiguous(v)
+    codes, scales = kv_cache.codes, kv_cache.scales  # (2, blocks, bs, nkv, d) int8, (2, blocks, bs, nkv) fp16
+    _write_kv_int8_kernel[(num_tokens,)](k, v, codes, scales, slot_mapping, k.stride(0), v.stride(0),
+                                         codes[0].numel(), scales[0].numel(), NUM_KV_HEADS=num_kv_heads,
+                                         HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
+                                         BLOCK_D=triton.next_power_of_2(head_dim))
 
 
 def _cache_parts(kv_cache) -> tuple:
