@@ -30,8 +30,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "GPTQ checkpoints are recognised without it")
     p.add_argument("--quantization-group-size", type=int, help="int4: 32, 64 (default), 128 or -1 (per channel)")
     p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the LM head in the model dtype")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
-                   help="auto (the model's dtype) or int8 (a float16 scale per token and head: ~2x the tokens)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"],
+                   help="auto (the model's dtype), int8 (a float16 scale per token and head: ~2x the tokens) or "
+                        "fp8_e4m3 (a per-tensor scale: 2x)")
 
 
 def _engine_kwargs(args) -> dict:

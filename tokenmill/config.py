@@ -227,8 +227,8 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of earlier requests that share a prompt prefix."""
     kv_cache_dtype: str = "auto"
-    """``auto`` (the model's dtype) or ``int8`` (a float16 scale per token and head: ~2x the tokens
-    of a 16-bit cache in the same memory)."""
+    """``auto`` (the model's dtype), ``int8`` (a float16 scale per token and head: ~2x the tokens of
+    a 16-bit cache in the same memory) or ``fp8_e4m3`` (a per-tensor scale: 2x)."""
 
     def __post_init__(self) -> None:
         from tokenmill.attention.kv_quant import KV_CACHE_DTYPES

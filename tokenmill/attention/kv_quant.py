@@ -1,10 +1,14 @@
-"""The int8 KV cache: K and V stored as int8 with a float16 scale per token and KV head.
+"""Quantized KV caches.
 
-Each new K (or V) row of one head is scaled by ``max|x| / 127`` and rounded; reading multiplies
-back. At head_dim 64 a token's row takes 64 + 2 bytes instead of 128 (bf16/fp16): the same
-memory holds 1.94x the tokens (1.97x at head_dim 128). Attention always reads the round-tripped
-values, for the tokens of the current chunk too, so that chunking, prefix hits and preemption
-see the same numbers as one long prefill.
+- ``int8``: K and V stored as int8 with a float16 scale per token and KV head. Each new K (or V)
+  row of one head is scaled by ``max|x| / 127`` and rounded; reading multiplies back. At head_dim
+  64 a token's row takes 64 + 2 bytes instead of 128 (bf16/fp16): the same memory holds 1.94x the
+  tokens (1.97x at head_dim 128).
+- ``fp8_e4m3``: K and V stored as float8 e4m3 (1 byte) divided by one per-tensor scale (1.0, as
+  vLLM uses without calibration; values beyond +-448 saturate): exactly 2x the tokens.
+
+Attention always reads the round-tripped values, for the tokens of the current chunk too, so that
+chunking, prefix hits and preemption see the same numbers as one long prefill.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "int8")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +87,76 @@ class Int8KVCache:
         self.scales[:, dst] = self.scales[:, src]
 
 
+@dataclass
+class Fp8CacheSide:
+    """K or V of one layer: float8 e4m3 bytes (num_blocks, block_size, nkv, d) as uint8, one scale."""
+
+    codes: torch.Tensor
+    scale: float
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def gather(self, block_tables: torch.Tensor) -> torch.Tensor:
+        """block_tables (B, W) -> (B, W * block_size, nkv, d) dequantized."""
+        num_blocks, block_size, num_kv_heads, head_dim = self.codes.shape
+        batch, width = block_tables.shape
+        rows = self.codes.view(num_blocks, -1).index_select(0, block_tables.flatten())
+        values = rows.view(torch.float8_e4m3fn).float() * self.scale
+        return values.view(batch, width * block_size, num_kv_heads, head_dim).to(self.dtype)
+
+
+def to_fp8_bytes(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x / scale as float8 e4m3 (saturating at +-448), viewed as uint8."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+class Fp8KVCache:
+    """One layer's float8 e4m3 KV cache: bytes (2, num_blocks, block_size, nkv, d) and a scale per K and V.
+
+    The bytes are kept as uint8 (CPU kernels cannot index float8 tensors) and viewed as float8 to read."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0):
+        self.codes = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.uint8, device=device)
+        self.scales = (k_scale, v_scale)
+        self.dtype = dtype
+
+    def side(self, index: int) -> Fp8CacheSide:
+        return Fp8CacheSide(self.codes[index], self.scales[index], self.dtype)
+
+    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores k, v (T, nkv, d) at their slots; returns them as reads will see them (round-tripped)."""
+        _, num_blocks, block_size, num_kv_heads, head_dim = self.codes.shape
+        out = []
+        for index, x in enumerate((k, v)):
+            codes = to_fp8_bytes(x, self.scales[index])
+            self.codes[index].view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, codes)
+            out.append((codes.view(torch.float8_e4m3fn).float() * self.scales[index]).to(x.dtype))
+        return out[0], out[1]
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.codes[:, dst] = self.codes[:, src]
+
+
+QUANTIZED_KV_CACHES = (Int8KVCache, Fp8KVCache)
+QUANTIZED_CACHE_SIDES = (Int8CacheSide, Fp8CacheSide)
+
+
+def make_kv_cache(kv_cache_dtype: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    """One layer's cache of the backend's ``shape`` (2, num_blocks, block_size, nkv, d): a float
+    tensor in ``dtype``, or a quantized cache whose reads return ``dtype``."""
+    if kv_cache_dtype == "int8":
+        return Int8KVCache(*shape[1:], dtype, device)
+    if kv_cache_dtype == "fp8_e4m3":
+        return Fp8KVCache(*shape[1:], dtype, device)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 def bytes_per_element_row(head_dim: int, kv_cache_dtype: str, dtype_bytes: int) -> int:
     """Bytes of one token's K (or V) row of one head."""
-    return head_dim + 2 if kv_cache_dtype == "int8" else head_dim * dtype_bytes
+    if kv_cache_dtype == "int8":
+        return head_dim + 2
+    return head_dim if kv_cache_dtype == "fp8_e4m3" else head_dim * dtype_bytes

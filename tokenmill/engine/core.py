@@ -105,14 +105,17 @@ class EngineCore:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block of {block_size} tokens "
                              f"({bytes_per_block} bytes each); give at least {bytes_per_block}")
         stored = str(dtype).removeprefix("torch.")
-        if kv_cache_dtype == "int8":
-            ratio = kv_bytes_per_token(model_config, torch.float16) / kv_bytes_per_token(model_config, dtype, "int8")
-            stored = f"int8 with a float16 scale per token and head: {ratio:.2f}x the tokens of a 16-bit cache"
+        if kv_cache_dtype != "auto":
+            ratio = kv_bytes_per_token(model_config, torch.float16) / kv_bytes_per_token(model_config, dtype,
+                                                                                         kv_cache_dtype)
+            kind = ("int8 with a float16 scale per token and head" if kv_cache_dtype == "int8"
+                    else "float8 e4m3 with a per-tensor scale")
+            stored = f"{kind}: {ratio:.2f}x the tokens of a 16-bit cache"
         logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %d layers x %d KV heads x %d)",
                     self.num_blocks, block_size, self.num_blocks * block_size,
                     self.num_blocks * bytes_per_block / 2**20, stored,
                     model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim)
-        backend = create_backend(config.attention_backend, device)
+        backend = create_backend(config.attention_backend, device, kv_cache_dtype)
         logger.info("attention backend: %s", backend.name)
         self.runner = ModelRunner(model, backend, self.num_blocks, block_size, dtype, device,
                                   list(eos_token_ids), kv_cache_dtype)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend
-from tokenmill.attention.kv_quant import Int8KVCache
+from tokenmill.attention.kv_quant import QUANTIZED_KV_CACHES, make_kv_cache
 from tokenmill.attention.layer import forward_context
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.runner.input_batch import RunnerRequestState, build_step_inputs
@@ -26,11 +26,8 @@ class ModelRunner:
         cfg = model.config
         shape = backend.kv_cache_shape(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_caches = []
-        for layer in model.attention_layers():
-            if kv_cache_dtype == "int8":
-                cache = Int8KVCache(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, kv_dtype, device)
-            else:
-                cache = torch.zeros(shape, dtype=kv_dtype, device=device)  # (2, blocks, block_size, nkv, d)
+        for layer in model.attention_layers():  # a float (2, blocks, block_size, nkv, d) tensor, or quantized
+            cache = make_kv_cache(kv_cache_dtype, shape, kv_dtype, device)
             layer.bind_kv_cache(backend, cache)
             self.kv_caches.append(cache)
 
@@ -58,7 +55,7 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for cache in self.kv_caches:  # (2, blocks, block_size, nkv, d)
-            if isinstance(cache, Int8KVCache):
+            if isinstance(cache, QUANTIZED_KV_CACHES):
                 cache.copy_blocks(src, dst)
             else:
                 cache[:, dst] = cache[:, src]

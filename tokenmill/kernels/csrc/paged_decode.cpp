@@ -167,3 +167,29 @@ torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor key_cod
   });
   return out;
 }
+
+// The float8 e4m3 KV cache: bytes (num_blocks, block_size, nkv, d) uint8 for K and for V, one scale
+// each; q (D, nh, d) in the model's dtype -> out (D, nh, d).
+torch::Tensor paged_decode_attention_fp8(torch::Tensor q, torch::Tensor key_bytes, torch::Tensor value_bytes,
+                                         double k_scale, double v_scale, torch::Tensor block_tables,
+                                         torch::Tensor seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && key_bytes.dim() == 4, "bad shapes for the fp8 KV cache");
+  TORCH_CHECK(key_bytes.scalar_type() == at::kByte && value_bytes.scalar_type() == at::kByte,
+              "fp8 KV cache: bytes must be uint8");
+  TORCH_CHECK(key_bytes.is_contiguous() && value_bytes.is_contiguous(), "fp8 KV cache tensors must be contiguous");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  seq_lens = seq_lens.contiguous();
+  auto out = torch::empty_like(q);
+  const auto* keys = reinterpret_cast<const c10::Float8_e4m3fn*>(key_bytes.data_ptr<uint8_t>());
+  const auto* values = reinterpret_cast<const c10::Float8_e4m3fn*>(value_bytes.data_ptr<uint8_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention_fp8", [&] {
+    dispatch<scalar_t, c10::Float8_e4m3fn>(q.data_ptr<scalar_t>(), keys, values, nullptr, nullptr,
+                                           block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                                           out.data_ptr<scalar_t>(), q.size(0), q.size(1), key_bytes.size(2),
+                                           q.size(2), key_bytes.size(1), block_tables.size(1),
+                                           static_cast<float>(scale * k_scale));
+  });
+  if (v_scale != 1.0) out.mul_(v_scale);
+  return out;
+}
