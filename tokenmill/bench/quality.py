@@ -3,7 +3,7 @@ baseline, on the held-out text of ``bench perplexity`` (scored through ``prompt_
 
 A variant is ``DTYPE[:SCHEME[+SCHEME]]``: ``float32``, ``bfloat16:int8``, ``float32:int4-g64``,
 ``float32:int4-channel``, ``float32:gptq=FOLDER`` for a GPTQ checkpoint of the same model, and
-``+kv-int8`` for an int8 KV cache (``float32:kv-int8``, ``bfloat16:int8+kv-int8``).
+``kv-int8`` / ``kv-fp8`` for a quantized KV cache (``float32:kv-int8``, ``bfloat16:int8+kv-fp8``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tokenmill.llm import LLM
 from tokenmill.models.loader import weight_bytes
 
 DEFAULT_VARIANTS = ("float32", "float32:int8", "float32:int4-g32", "float32:int4-g64", "float32:int4-g128",
-                    "float32:int4-channel", "float32:kv-int8", "bfloat16", "bfloat16:int8", "bfloat16:int4-g64",
+                    "float32:int4-channel", "float32:kv-int8", "float32:kv-fp8", "bfloat16", "bfloat16:int8", "bfloat16:int4-g64",
                     "bfloat16:kv-int8")
 
 
@@ -30,8 +30,8 @@ def parse_variant(variant: str) -> tuple[str, dict[str, Any], str | None]:
     for scheme in filter(None, schemes.split("+")):
         if scheme.startswith("gptq="):
             folder = scheme.removeprefix("gptq=")
-        elif scheme == "kv-int8":
-            kwargs["kv_cache_dtype"] = "int8"
+        elif scheme in ("kv-int8", "kv-fp8"):
+            kwargs["kv_cache_dtype"] = "int8" if scheme == "kv-int8" else "fp8_e4m3"
         elif scheme == "int8":
             kwargs["quantization"] = "int8"
         elif scheme.startswith("int4-"):
@@ -39,8 +39,8 @@ def parse_variant(variant: str) -> tuple[str, dict[str, Any], str | None]:
             kwargs.update(quantization="int4", quantization_group_size=-1 if size == "channel" else
                           int(size.removeprefix("g")))
         else:
-            raise ValueError(f"variant {variant!r}: a scheme is int8, int4-gN, int4-channel, gptq=FOLDER or kv-int8, "
-                             "joined with +")
+            raise ValueError(f"variant {variant!r}: a scheme is int8, int4-gN, int4-channel, gptq=FOLDER, kv-int8 or "
+                             "kv-fp8, joined with +")
     return dtype, kwargs, folder
 
 
