@@ -13,6 +13,7 @@ chunking, prefix hits and preemption see the same numbers as one long prefill.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,19 @@ def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     return (codes.float() * scales.float().unsqueeze(-1)).to(dtype)
 
 
+def _gather_rows(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """cache (num_blocks, block_size, ...) -> (B, W * block_size, ...) for block_tables (B, W)."""
+    batch, width = block_tables.shape
+    rows = cache.view(cache.shape[0], -1).index_select(0, block_tables.flatten())
+    return rows.view(batch, width * cache.shape[1], *cache.shape[2:])
+
+
 @dataclass
-class Int8CacheSide:
-    """K or V of one layer: codes (num_blocks, block_size, nkv, d) int8, scales (num_blocks, block_size, nkv)."""
+class QuantizedCacheSide:
+    """K or V of one layer of a quantized cache; ``gather`` returns dequantized values in ``dtype``."""
 
     codes: torch.Tensor
-    scales: torch.Tensor
+    """(num_blocks, block_size, nkv, d)."""
     dtype: torch.dtype
     """The model's compute dtype, which reads return."""
 
@@ -47,19 +55,66 @@ class Int8CacheSide:
     def shape(self) -> torch.Size:
         return self.codes.shape
 
+
+@dataclass
+class Int8CacheSide(QuantizedCacheSide):
+    scales: torch.Tensor
+    """(num_blocks, block_size, nkv) float16."""
+
     def gather(self, block_tables: torch.Tensor) -> torch.Tensor:
         """block_tables (B, W) -> (B, W * block_size, nkv, d) dequantized."""
-        num_blocks, block_size, num_kv_heads, head_dim = self.codes.shape
-        batch, width = block_tables.shape
-        flat = block_tables.flatten()
-        codes = self.codes.view(num_blocks, -1).index_select(0, flat)
-        scales = self.scales.view(num_blocks, -1).index_select(0, flat)
-        return dequantize_rows(codes.view(batch, width * block_size, num_kv_heads, head_dim),
-                               scales.view(batch, width * block_size, num_kv_heads), self.dtype)
+        return dequantize_rows(_gather_rows(self.codes, block_tables), _gather_rows(self.scales, block_tables),
+                               self.dtype)
 
 
-class Int8KVCache:
-    """One layer's int8 KV cache: codes (2, num_blocks, block_size, nkv, d) and scales (2, ..., nkv)."""
+@dataclass
+class Fp8CacheSide(QuantizedCacheSide):
+    scale: float
+
+    def gather(self, block_tables: torch.Tensor) -> torch.Tensor:
+        """block_tables (B, W) -> (B, W * block_size, nkv, d) dequantized."""
+        values = _gather_rows(self.codes, block_tables).view(torch.float8_e4m3fn).float() * self.scale
+        return values.to(self.dtype)
+
+
+def to_fp8_bytes(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x / scale as float8 e4m3 (saturating at +-448), viewed as uint8."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+class QuantizedKVCache(ABC):
+    """One layer's quantized cache: codes (2, num_blocks, block_size, nkv, d), K at index 0 and V at 1."""
+
+    codes: torch.Tensor
+    dtype: torch.dtype
+
+    @abstractmethod
+    def _encode(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(codes, per-row scales or None, the round-tripped x) of new rows x (T, nkv, d)."""
+
+    @abstractmethod
+    def side(self, index: int) -> QuantizedCacheSide:
+        """K (0) or V (1), for reading."""
+
+    @abstractmethod
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy-on-write: blocks dst take blocks src's contents."""
+
+    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores k, v (T, nkv, d) at their slots; returns them as reads will see them (round-tripped)."""
+        _, num_blocks, block_size, num_kv_heads, head_dim = self.codes.shape
+        out = []
+        for index, x in enumerate((k, v)):
+            codes, scales, round_trip = self._encode(index, x)
+            self.codes[index].view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, codes)
+            if scales is not None:
+                self.scales[index].view(num_blocks * block_size, num_kv_heads).index_copy_(0, slot_mapping, scales)
+            out.append(round_trip)
+        return out[0], out[1]
+
+
+class Int8KVCache(QuantizedKVCache):
+    """Codes (2, num_blocks, block_size, nkv, d) int8 and scales (2, ..., nkv) float16."""
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
@@ -68,18 +123,11 @@ class Int8KVCache:
         self.dtype = dtype
 
     def side(self, index: int) -> Int8CacheSide:
-        return Int8CacheSide(self.codes[index], self.scales[index], self.dtype)
+        return Int8CacheSide(self.codes[index], self.dtype, self.scales[index])
 
-    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores k, v (T, nkv, d) at their slots; returns them as reads will see them (round-tripped)."""
-        _, num_blocks, block_size, num_kv_heads, head_dim = self.codes.shape
-        out = []
-        for index, x in enumerate((k, v)):
-            codes, scales = quantize_rows(x)
-            self.codes[index].view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, codes)
-            self.scales[index].view(num_blocks * block_size, num_kv_heads).index_copy_(0, slot_mapping, scales)
-            out.append(dequantize_rows(codes, scales, x.dtype))
-        return out[0], out[1]
+    def _encode(self, index, x):
+        codes, scales = quantize_rows(x)
+        return codes, scales, dequantize_rows(codes, scales, x.dtype)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy-on-write: block dst takes block src's codes and scales."""
@@ -87,36 +135,9 @@ class Int8KVCache:
         self.scales[:, dst] = self.scales[:, src]
 
 
-@dataclass
-class Fp8CacheSide:
-    """K or V of one layer: float8 e4m3 bytes (num_blocks, block_size, nkv, d) as uint8, one scale."""
-
-    codes: torch.Tensor
-    scale: float
-    dtype: torch.dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    def gather(self, block_tables: torch.Tensor) -> torch.Tensor:
-        """block_tables (B, W) -> (B, W * block_size, nkv, d) dequantized."""
-        num_blocks, block_size, num_kv_heads, head_dim = self.codes.shape
-        batch, width = block_tables.shape
-        rows = self.codes.view(num_blocks, -1).index_select(0, block_tables.flatten())
-        values = rows.view(torch.float8_e4m3fn).float() * self.scale
-        return values.view(batch, width * block_size, num_kv_heads, head_dim).to(self.dtype)
-
-
-def to_fp8_bytes(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """x / scale as float8 e4m3 (saturating at +-448), viewed as uint8."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
-
-
-class Fp8KVCache:
-    """One layer's float8 e4m3 KV cache: bytes (2, num_blocks, block_size, nkv, d) and a scale per K and V.
-
-    The bytes are kept as uint8 (CPU kernels cannot index float8 tensors) and viewed as float8 to read."""
+class Fp8KVCache(QuantizedKVCache):
+    """Float8 e4m3 bytes (2, num_blocks, block_size, nkv, d), kept as uint8 (CPU kernels cannot index
+    float8 tensors) and viewed as float8 to read, and one scale for K and one for V."""
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0):
@@ -125,24 +146,16 @@ class Fp8KVCache:
         self.dtype = dtype
 
     def side(self, index: int) -> Fp8CacheSide:
-        return Fp8CacheSide(self.codes[index], self.scales[index], self.dtype)
+        return Fp8CacheSide(self.codes[index], self.dtype, self.scales[index])
 
-    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores k, v (T, nkv, d) at their slots; returns them as reads will see them (round-tripped)."""
-        _, num_blocks, block_size, num_kv_heads, head_dim = self.codes.shape
-        out = []
-        for index, x in enumerate((k, v)):
-            codes = to_fp8_bytes(x, self.scales[index])
-            self.codes[index].view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, codes)
-            out.append((codes.view(torch.float8_e4m3fn).float() * self.scales[index]).to(x.dtype))
-        return out[0], out[1]
+    def _encode(self, index, x):
+        codes = to_fp8_bytes(x, self.scales[index])
+        return codes, None, (codes.view(torch.float8_e4m3fn).float() * self.scales[index]).to(x.dtype)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.codes[:, dst] = self.codes[:, src]
 
 
-QUANTIZED_KV_CACHES = (Int8KVCache, Fp8KVCache)
-QUANTIZED_CACHE_SIDES = (Int8CacheSide, Fp8CacheSide)
 
 
 def make_kv_cache(kv_cache_dtype: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):

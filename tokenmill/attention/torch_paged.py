@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, PrefillSpan
-from tokenmill.attention.kv_quant import QUANTIZED_CACHE_SIDES, QUANTIZED_KV_CACHES
+from tokenmill.attention.kv_quant import QuantizedCacheSide, QuantizedKVCache
 
 
 class TorchPagedAttention(AttentionBackend):
@@ -24,7 +24,7 @@ class TorchPagedAttention(AttentionBackend):
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-        if isinstance(kv_cache, QUANTIZED_KV_CACHES):  # reads dequantize the gathered blocks (side.gather)
+        if isinstance(kv_cache, QuantizedKVCache):  # reads dequantize the gathered blocks (side.gather)
             k, v = kv_cache.write(metadata.slot_mapping, k, v)
             key_cache, value_cache = kv_cache.side(0), kv_cache.side(1)
         else:
@@ -84,7 +84,7 @@ def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Ten
     index_select over whole blocks viewed as rows is a plain row copy, several times faster than
     advanced indexing of the 4-D cache. A quantized cache side gathers and dequantizes its own.
     """
-    if isinstance(cache, QUANTIZED_CACHE_SIDES):
+    if isinstance(cache, QuantizedCacheSide):
         return cache.gather(block_tables)
     num_blocks, block_size, num_kv_heads, head_dim = cache.shape
     batch, width = block_tables.shape

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend
-from tokenmill.attention.kv_quant import QUANTIZED_KV_CACHES, make_kv_cache
+from tokenmill.attention.kv_quant import QuantizedKVCache, make_kv_cache
 from tokenmill.attention.layer import forward_context
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.runner.input_batch import RunnerRequestState, build_step_inputs
@@ -55,7 +55,7 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for cache in self.kv_caches:  # (2, blocks, block_size, nkv, d)
-            if isinstance(cache, QUANTIZED_KV_CACHES):
+            if isinstance(cache, QuantizedKVCache):
                 cache.copy_blocks(src, dst)
             else:
                 cache[:, dst] = cache[:, src]
