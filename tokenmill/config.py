@@ -292,6 +292,9 @@ class EngineConfig:
     """int4 only: inputs per scale and zero point, 32, 64 (default), 128 or -1 (per channel)."""
     quantize_lm_head: bool = True
     """Quantize the LM head as well (int8 under int4); off keeps it in the model dtype."""
+    prepack_weights: bool = True
+    """On CPU, convert float linear weights to oneDNN's blocked layout (faster); off keeps the plain
+    weights, which ``tokenmill quantize`` reads and rewrites."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -77,6 +77,13 @@ class LLM:
                                quantization_group_size, quantize_lm_head, kv_cache_dtype)
         self.engine = LLMEngine(config)
 
+    @classmethod
+    def from_engine_config(cls, config: EngineConfig) -> "LLM":
+        """An LLM over an EngineConfig built by hand (for options that ``LLM(...)`` does not take)."""
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(config)
+        return llm
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -41,7 +41,7 @@ def test_logits_equal_reference_with_dequantized_weights(scheme, checkpoint, mak
     model = llm.engine.core.runner.model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert all(m.qmatrix is not None and m.weight is None for m in linears)
-    assert model.lm_head.qmatrix.bits == 8  # int4's head is int8
+    assert model.lm_head.qmatrix.bits == 8 and model.lm_head.qmatrix.group_size == 64  # the head: int8 groups of 64
     reference = _dequantized_reference(folder, model)
     prompt = [1, 17, 45, 99, 3, 250, 77, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
     greedy_steps_match(llm.engine.core, prompt, 6, reference, label=scheme)
@@ -108,7 +108,9 @@ def test_a_layer_that_cannot_hold_the_groups_stays_float_with_a_warning(checkpoi
     """llama3's down_proj has 96 inputs: not a multiple of int4 groups of 64 (like stories260K's 172)."""
     llm = make_llm(checkpoint(ARCH), dtype="float32", quantization="int4", quantization_group_size=64)
     layer = llm.engine.core.runner.model.model.layers[0]
-    assert layer.mlp.down_proj.qmatrix is None and layer.mlp.down_proj.weight is not None
+    down = layer.mlp.down_proj
+    assert down.qmatrix is None and type(down.quant_method).__name__ == "RTNLinearMethod"  # kept float (prepacked)
+    assert (down.weight if down.weight is not None else down.packed_weight).dtype == torch.float32
     assert layer.mlp.gate_up_proj.qmatrix is not None
     assert "model.layers.0.mlp.down_proj: 96 inputs are not a multiple of the group size 64" in caplog.text
     outputs = llm.generate(_prompts()[:2], GREEDY, use_tqdm=False)

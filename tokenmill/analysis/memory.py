@@ -43,7 +43,7 @@ def quantized_matrix_bytes(out_features: int, in_features: int, bits: int, group
 
 def weight_bytes_quantized(shape: ModelShape, dtype: str, act_dtype: str, group_size: int = INT4_GROUP_SIZE) -> float:
     """Weight bytes of a model whose linear layers (and LM head) the engine quantized at load:
-    ``dtype`` int8 (per channel) or int4 (groups of ``group_size``, the head in int8); embeddings and
+    ``dtype`` int8 (per channel) or int4 (groups of ``group_size``), the head in int8 groups of 64; embeddings and
     biases in the activation dtype, norm weights in float32, as the engine keeps them."""
     bits, act = QUANTIZED_DTYPES[dtype], dtype_bytes(act_dtype)
     layer_group = -1 if bits == 8 else group_size
@@ -57,7 +57,8 @@ def weight_bytes_quantized(shape: ModelShape, dtype: str, act_dtype: str, group_
     norm = act if shape.layer_norm else 4  # RMSNorm weights are kept in float32, LayerNorm's in the model dtype
     per_layer += (other_layer_params - qk_norms) * act + 4 * qk_norms + norm * 2 * shape.norm_params()
     embeddings = (shape.vocab_size + shape.learned_positions) * shape.hidden_size * act
-    head = quantized_matrix_bytes(shape.vocab_size, shape.hidden_size, 8, -1, act)
+    head_group = 64 if shape.hidden_size % 64 == 0 else -1  # layers/quantization: HEAD_GROUP_SIZE
+    head = quantized_matrix_bytes(shape.vocab_size, shape.hidden_size, 8, head_group, act)
     return shape.num_layers * per_layer + embeddings + head + norm * shape.norm_params()
 
 

@@ -40,7 +40,8 @@ def _build_core(config: EngineConfig, tokenizer_eos: tuple[int, ...]):
 
     device = resolve_device(config.device)
     model, model_config = load_model(config.model, config.dtype, device, seed=config.seed, quantization=config.quantization,
-                                     load_time_quantization=config.load_time_quantization())
+                                     load_time_quantization=config.load_time_quantization(),
+                                                    prepack=config.prepack_weights)
     eos = tuple(dict.fromkeys(tuple(model_config.eos_token_ids) + tuple(tokenizer_eos)))
     return EngineCore(config, model, model_config, eos, device)
 

@@ -294,7 +294,8 @@ class LLMEngine(EngineFrontend):
         self.device = resolve_device(config.device)
         model, self.model_config = load_model(config.model, config.dtype, self.device, seed=config.seed,
                                                     quantization=config.quantization,
-                                                    load_time_quantization=config.load_time_quantization())
+                                                    load_time_quantization=config.load_time_quantization(),
+                                                    prepack=config.prepack_weights)
         tokenizer = frontend_tokenizer(config)
         eos = tuple(self.model_config.eos_token_ids) + (tokenizer.eos_token_ids if tokenizer else ())
         core = EngineCore(config, model, self.model_config, tuple(dict.fromkeys(eos)), self.device)

@@ -138,8 +138,8 @@ def random_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
 
 
 def load_model(model: str, dtype: str, device: torch.device, seed: int = 0,
-               quantization: str | None = None,
-               load_time_quantization: QuantizationConfig | None = None) -> tuple[nn.Module, ModelConfig]:
+               quantization: str | None = None, load_time_quantization: QuantizationConfig | None = None,
+               prepack: bool = True) -> tuple[nn.Module, ModelConfig]:
     """Loads a Hugging Face folder (float or GPTQ), a GGUF file, a llama2.c ``.bin`` checkpoint or a
     named random shape; ``load_time_quantization`` (int8, int4) rounds a float checkpoint's linear
     layers as they load. ``quantization`` is what the user asked for (checked against the checkpoint).
@@ -177,7 +177,7 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int = 0,
         random_weights(module, seed)
     else:
         load_weights(module, weights)
-    process_weights_after_loading(module)
+    process_weights_after_loading(module, prepack)
     return module, config
 
 
@@ -201,12 +201,19 @@ def _quantize_layers(module: nn.Module, config: ModelConfig, path: Path, request
         logger.info("quantizing %d linear layers to %s at load", count, load_time.describe())
 
 
-def process_weights_after_loading(model: nn.Module) -> None:
-    """Lets each layer convert its loaded weights into its runtime layout (prepacked bf16, quantized)."""
+def process_weights_after_loading(model: nn.Module, prepack: bool = True) -> None:
+    """Lets each layer convert its loaded weights into its runtime layout (prepacked, quantized);
+    ``prepack=False`` leaves float linear weights as they are."""
+    from tokenmill.layers.linear import Linear
+    from tokenmill.layers.quantization import UnquantizedLinearMethod
+
     for module in list(model.modules()):  # a list: quantizing adds submodules
         hook = getattr(module, "process_weights_after_loading", None)
-        if hook is not None and module is not model:
-            hook()
+        if hook is None or module is model:
+            continue
+        if not prepack and isinstance(module, Linear) and type(module.quant_method) is UnquantizedLinearMethod:
+            continue
+        hook()
 
 
 def decode_read_bytes(model: nn.Module) -> int:

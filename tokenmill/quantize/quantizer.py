@@ -142,12 +142,15 @@ def quantize_model(model: str, out: str | Path, options: QuantizeOptions, calibr
                    tokenizer: str | None = None) -> Path:
     """Loads ``model`` (a Hugging Face folder, GGUF file or llama2.c checkpoint) in float32,
     quantizes it and writes a GPTQ (v1) checkpoint folder to ``out``; returns ``out``."""
-    from tokenmill.llm import LLM
+    from dataclasses import replace
+
+    from tokenmill.llm import LLM, engine_config
     from tokenmill.quantize.writer import write_gptq_checkpoint
 
-    llm = LLM(model, tokenizer=tokenizer, dtype="float32", device="cpu", enable_prefix_caching=False,
-              max_num_seqs=max(1, options.num_samples), max_num_batched_tokens=max(2048, options.seq_len),
-              kv_cache_memory="512MiB")
+    config = engine_config(model, tokenizer=tokenizer, dtype="float32", device="cpu", enable_prefix_caching=False,
+                           max_num_seqs=max(1, options.num_samples), max_num_batched_tokens=max(2048, options.seq_len),
+                           kv_cache_memory="512MiB")
+    llm = LLM.from_engine_config(replace(config, prepack_weights=False))  # GPTQ reads and rewrites plain weights
     if llm.engine.model_config.quantization is not None:
         raise ValueError(f"{model} is quantized already ({llm.engine.model_config.quantization.describe()})")
     windows = None

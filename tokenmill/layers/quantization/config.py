@@ -35,8 +35,9 @@ class QuantizationConfig:
     @classmethod
     def load_time(cls, method: str, group_size: int | None = None, lm_head: bool = True) -> "QuantizationConfig":
         """``int8``: per output channel, symmetric. ``int4``: groups of ``group_size`` (default 64),
-        asymmetric; its LM head, when quantized, uses int8 (as llama.cpp keeps the output matrix at
-        higher precision), which costs little speed and keeps perplexity close."""
+        asymmetric. The LM head, when quantized, is int8 in groups of 64 under both (as llama.cpp
+        keeps the output matrix at higher precision), which costs little speed and keeps perplexity
+        close."""
         if method == "int8":
             if group_size not in (None, -1):
                 raise ValueError(f"int8 quantization is per output channel; quantization_group_size must be unset "
