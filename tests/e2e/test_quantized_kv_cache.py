@@ -200,3 +200,20 @@ def test_an_all_zero_row_quantizes_to_zeros():
     codes, scales = quantize_rows(torch.zeros(2, 3, 8))
     assert torch.equal(codes, torch.zeros_like(codes)) and bool((scales > 0).all())
     assert torch.equal(dequantize_rows(codes, scales, torch.float32), torch.zeros(2, 3, 8))
+
+
+def test_cpu_int8_write_kernel_equals_the_pytorch_quantizer():
+    """The C++ write (decode-only steps) stores exactly what the PyTorch path stores."""
+    from tokenmill.kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels do not build here")
+    torch.manual_seed(7)
+    for dtype in (torch.float32, torch.bfloat16):
+        fused, reference = (Int8KVCache(5, 4, 3, 16, dtype, torch.device("cpu")) for _ in range(2))
+        k, v = (torch.randn(6, 3, 16).to(dtype) * 2 for _ in range(2))
+        k[2] = 0  # an all-zero row
+        slots = torch.tensor([3, 17, 8, 0, 11, 19])
+        assert fused.write(slots, k, v, round_trip=False) == (k, v)
+        reference.write(slots, k, v)  # the PyTorch path
+        assert torch.equal(fused.codes, reference.codes) and torch.equal(fused.scales, reference.scales)

@@ -89,8 +89,16 @@ class QuantizedKVCache(ABC):
     dtype: torch.dtype
 
     @abstractmethod
-    def _encode(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(codes, per-row scales or None, the round-tripped x) of new rows x (T, nkv, d)."""
+    def _encode(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(codes, per-row scales or None) of new rows x (T, nkv, d)."""
+
+    @abstractmethod
+    def _decode(self, index: int, codes: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The values that ``codes`` (and ``scales``) stand for, in ``dtype``."""
+
+    def _write_fused(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Writes with one kernel where there is one (returns False to take the PyTorch path)."""
+        return False
 
     @abstractmethod
     def side(self, index: int) -> QuantizedCacheSide:
@@ -100,16 +108,20 @@ class QuantizedKVCache(ABC):
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy-on-write: blocks dst take blocks src's contents."""
 
-    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores k, v (T, nkv, d) at their slots; returns them as reads will see them (round-tripped)."""
+    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              round_trip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores k, v (T, nkv, d) at their slots; returns them as reads will see them (round-tripped),
+        or as given when ``round_trip`` is off (a decode-only step reads them from the cache)."""
+        if not round_trip and self._write_fused(slot_mapping, k, v):
+            return k, v
         _, num_blocks, block_size, num_kv_heads, head_dim = self.codes.shape
         out = []
         for index, x in enumerate((k, v)):
-            codes, scales, round_trip = self._encode(index, x)
+            codes, scales = self._encode(index, x)
             self.codes[index].view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, codes)
             if scales is not None:
                 self.scales[index].view(num_blocks * block_size, num_kv_heads).index_copy_(0, slot_mapping, scales)
-            out.append(round_trip)
+            out.append(self._decode(index, codes, scales, x.dtype) if round_trip else x)
         return out[0], out[1]
 
 
@@ -126,8 +138,19 @@ class Int8KVCache(QuantizedKVCache):
         return Int8CacheSide(self.codes[index], self.dtype, self.scales[index])
 
     def _encode(self, index, x):
-        codes, scales = quantize_rows(x)
-        return codes, scales, dequantize_rows(codes, scales, x.dtype)
+        return quantize_rows(x)
+
+    def _write_fused(self, slot_mapping, k, v):
+        from tokenmill.kernels import cpu_kernels
+
+        kernels = cpu_kernels() if self.codes.device.type == "cpu" else None
+        if kernels is None:
+            return False
+        kernels.write_kv_int8(k, v, self.codes[0], self.codes[1], self.scales[0], self.scales[1], slot_mapping)
+        return True
+
+    def _decode(self, index, codes, scales, dtype):
+        return dequantize_rows(codes, scales, dtype)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy-on-write: block dst takes block src's codes and scales."""
@@ -149,8 +172,10 @@ class Fp8KVCache(QuantizedKVCache):
         return Fp8CacheSide(self.codes[index], self.dtype, self.scales[index])
 
     def _encode(self, index, x):
-        codes = to_fp8_bytes(x, self.scales[index])
-        return codes, None, (codes.view(torch.float8_e4m3fn).float() * self.scales[index]).to(x.dtype)
+        return to_fp8_bytes(x, self.scales[index]), None
+
+    def _decode(self, index, codes, scales, dtype):
+        return (codes.view(torch.float8_e4m3fn).float() * self.scales[index]).to(dtype)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.codes[:, dst] = self.codes[:, src]

@@ -25,7 +25,7 @@ class TorchPagedAttention(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         if isinstance(kv_cache, QuantizedKVCache):  # reads dequantize the gathered blocks (side.gather)
-            k, v = kv_cache.write(metadata.slot_mapping, k, v)
+            k, v = kv_cache.write(metadata.slot_mapping, k, v, round_trip=bool(metadata.prefills))
             key_cache, value_cache = kv_cache.side(0), kv_cache.side(1)
         else:
             key_cache, value_cache = kv_cache[0], kv_cache[1]  # (num_blocks, block_size, nkv, d) each

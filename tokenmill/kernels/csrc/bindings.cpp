@@ -9,6 +9,8 @@ torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor key_cod
 torch::Tensor paged_decode_attention_fp8(torch::Tensor q, torch::Tensor key_bytes, torch::Tensor value_bytes,
                                          double k_scale, double v_scale, torch::Tensor block_tables,
                                          torch::Tensor seq_lens, double scale);
+void write_kv_int8(torch::Tensor k, torch::Tensor v, torch::Tensor key_codes, torch::Tensor value_codes,
+                   torch::Tensor key_scales, torch::Tensor value_scales, torch::Tensor slot_mapping);
 torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> delta, torch::Tensor weight,
                            double eps, at::ScalarType out_dtype);
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
@@ -23,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention");
   m.def("paged_decode_attention_int8", &paged_decode_attention_int8, "paged decode attention, int8 KV cache");
   m.def("paged_decode_attention_fp8", &paged_decode_attention_fp8, "paged decode attention, fp8 e4m3 KV cache");
+  m.def("write_kv_int8", &write_kv_int8, "int8 KV cache write: quantize and store new rows");
   m.def("add_rms_norm", &add_rms_norm, "residual += delta; RMSNorm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_inplace", &rotary_inplace, "rotary embedding, in place");

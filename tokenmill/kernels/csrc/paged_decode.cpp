@@ -193,3 +193,39 @@ torch::Tensor paged_decode_attention_fp8(torch::Tensor q, torch::Tensor key_byte
   if (v_scale != 1.0) out.mul_(v_scale);
   return out;
 }
+
+// The int8 KV cache's write: each new token's K and V rows, per KV head, scaled by a float16
+// max|x| / 127 (at least 2^-14) and rounded half to even, into codes (blocks, bs, nkv, d) int8 and
+// scales (blocks, bs, nkv) float16 at slot_mapping (T,). One pass instead of ~20 small tensor ops.
+void write_kv_int8(torch::Tensor k, torch::Tensor v, torch::Tensor key_codes, torch::Tensor value_codes,
+                   torch::Tensor key_scales, torch::Tensor value_scales, torch::Tensor slot_mapping) {
+  TORCH_CHECK(k.dim() == 3 && key_codes.scalar_type() == at::kChar && key_scales.scalar_type() == at::kHalf,
+              "write_kv_int8: k (T, nkv, d), int8 codes and float16 scales expected");
+  for (const auto* t : {&key_codes, &value_codes, &key_scales, &value_scales})
+    TORCH_CHECK(t->is_contiguous(), "int8 KV cache tensors must be contiguous");
+  k = k.contiguous();
+  v = v.contiguous();
+  slot_mapping = slot_mapping.contiguous();
+  const int64_t num_tokens = k.size(0), num_kv_heads = k.size(1), head_dim = k.size(2);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "write_kv_int8", [&] {
+    const scalar_t* sources[2] = {k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>()};
+    int8_t* codes[2] = {key_codes.data_ptr<int8_t>(), value_codes.data_ptr<int8_t>()};
+    at::Half* scales[2] = {key_scales.data_ptr<at::Half>(), value_scales.data_ptr<at::Half>()};
+    for (int side = 0; side < 2; ++side)
+      for (int64_t t = 0; t < num_tokens; ++t) {
+        if (slots[t] < 0) continue;
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+          const scalar_t* x = sources[side] + (t * num_kv_heads + h) * head_dim;
+          float amax = 0.f;
+          for (int64_t i = 0; i < head_dim; ++i) amax = std::max(amax, std::fabs(static_cast<float>(x[i])));
+          const at::Half stored = static_cast<at::Half>(std::max(amax / 127.f, 6.103515625e-05f));
+          const float scale = static_cast<float>(stored);
+          int8_t* out = codes[side] + (slots[t] * num_kv_heads + h) * head_dim;
+          for (int64_t i = 0; i < head_dim; ++i)
+            out[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(static_cast<float>(x[i]) / scale))));
+          scales[side][slots[t] * num_kv_heads + h] = stored;
+        }
+      }
+  });
+}
