@@ -117,14 +117,12 @@ def test_unknown_kv_cache_dtype_is_refused(checkpoint):
 
     with pytest.raises(ValueError, match="kv_cache_dtype 'fp4' is not supported; choose one of auto, int8, fp8_e4m3"):
         LLM(str(checkpoint("llama")), device="cpu", kv_cache_memory="8MiB", kv_cache_dtype="fp4")
-    with pytest.raises(ValueError, match="attention backend 'triton' cannot read a kv_cache_dtype 'fp8_e4m3' cache"):
-        LLM(str(checkpoint("llama")), device="cpu", kv_cache_memory="8MiB", kv_cache_dtype="fp8_e4m3",
-            attention_backend="triton")
 
 
-def test_triton_kernels_read_the_int8_cache_like_the_portable_backend(checkpoint, make_llm):
-    """The CUDA path (Triton's interpreter on CPU in CI): decode and chunked prefill over an int8
-    cache give the portable backend's logprobs and tokens."""
+@pytest.mark.parametrize("kind", list(CACHES))
+def test_triton_kernels_read_quantized_caches_like_the_portable_backend(kind, checkpoint, make_llm):
+    """The CUDA path (Triton's interpreter on CPU in CI): decode and chunked prefill over an int8 or
+    fp8 cache give the portable backend's logprobs and tokens."""
     pytest.importorskip("triton", reason="the triton package is not installed")
     from helpers.devices import TRITON_DEVICE
 
@@ -133,7 +131,7 @@ def test_triton_kernels_read_the_int8_cache_like_the_portable_backend(checkpoint
     prompts = _prompts(3)
     results = {}
     for backend, device in (("torch", "cpu"), ("triton", TRITON_DEVICE)):
-        llm = make_llm(folder, dtype="float32", kv_cache_dtype="int8", attention_backend=backend, device=device,
+        llm = make_llm(folder, dtype="float32", kv_cache_dtype=kind, attention_backend=backend, device=device,
                        block_size=16, max_num_batched_tokens=24)  # 24: prompts in chunks, over cached context
         assert llm.engine.core.runner.backend.name == backend
         results[backend] = llm.generate(prompts, params, use_tqdm=False)

@@ -18,17 +18,10 @@ def supported_backends() -> list[str]:
     return ["auto", *_BACKENDS]
 
 
-def create_backend(name: str, device: torch.device, kv_cache_dtype: str = "auto") -> AttentionBackend:
+def create_backend(name: str, device: torch.device) -> AttentionBackend:
     """``auto``: Triton on CUDA (when installed), the C++ kernel on CPU when it builds, else the portable
-    backend. Every backend reads float and int8 caches; an fp8 cache is not read by Triton yet."""
+    backend. Every backend reads and writes every cache kind (float, int8, fp8)."""
     from tokenmill.attention.triton_paged import triton_available
-
-    if kv_cache_dtype == "fp8_e4m3":
-        if name == "triton":
-            raise ValueError("attention backend 'triton' cannot read a kv_cache_dtype 'fp8_e4m3' cache yet; use "
-                             "attention_backend 'torch' (or 'cpu' on the CPU), or kv_cache_dtype 'int8'")
-        if name == "auto" and device.type != "cpu":
-            name = "torch"
 
     if name == "auto":
         if device.type == "cpu":

@@ -19,7 +19,7 @@ import os
 import torch
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
-from tokenmill.attention.kv_quant import Int8KVCache
+from tokenmill.attention.kv_quant import Fp8KVCache, Int8KVCache
 from tokenmill.attention.torch_paged import TorchPagedAttention
 
 
@@ -60,6 +60,9 @@ class TritonPagedAttention(AttentionBackend):
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         if isinstance(kv_cache, Int8KVCache):  # quantized as written; the attention kernels dequantize as they read
             self.kernels.write_kv_int8(k, v, kv_cache, metadata.slot_mapping)
+            num_kv_heads = kv_cache.codes.shape[3]
+        elif isinstance(kv_cache, Fp8KVCache):  # a cast and a row copy in PyTorch
+            kv_cache.write(metadata.slot_mapping, k, v, round_trip=False)
             num_kv_heads = kv_cache.codes.shape[3]
         else:
             self.kernels.write_kv(k, v, kv_cache, metadata.slot_mapping)

@@ -115,7 +115,7 @@ class EngineCore:
                     self.num_blocks, block_size, self.num_blocks * block_size,
                     self.num_blocks * bytes_per_block / 2**20, stored,
                     model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim)
-        backend = create_backend(config.attention_backend, device, kv_cache_dtype)
+        backend = create_backend(config.attention_backend, device)
         logger.info("attention backend: %s", backend.name)
         self.runner = ModelRunner(model, backend, self.num_blocks, block_size, dtype, device,
                                   list(eos_token_ids), kv_cache_dtype)

@@ -60,21 +60,25 @@ def _write_kv_int8_kernel(k_ptr, v_ptr, codes_ptr, scales_ptr, slot_ptr, stride_
 
 
 @triton.jit
-def _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, pos,
-                 n_mask, visible, kv_head, scale, offs_d, d_mask, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANTIZED: tl.constexpr):
+def _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr, k_scale_value,
+                 v_scale_value, block_table_ptr, pos, n_mask, visible, kv_head, scale, offs_d, d_mask,
+                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, KV_FORMAT: tl.constexpr):
     """One online-softmax step: the rows of q (R, D) attend to the keys at positions ``pos`` (N,),
     read in place through the block table row at ``block_table_ptr``; ``visible`` (R, N) says which
     of them each row may see. Returns the updated running max, sum and output (R,), (R,), (R, D).
-    QUANTIZED: the cache holds int8 codes, scaled by a float16 per (slot, KV head) from the scale arrays."""
+    KV_FORMAT: 0 the model's dtype; 1 int8 codes scaled by a float16 per (slot, KV head) from the scale
+    arrays; 2 float8 e4m3 bytes scaled by k_scale_value / v_scale_value."""
     block = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=n_mask, other=0)
     slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
     kv_offs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
     kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(key_cache_ptr + kv_offs, mask=kv_mask, other=0)  # (N, D)
-    if QUANTIZED:
+    if KV_FORMAT == 1:
         k_scale = tl.load(k_scale_ptr + slot * NUM_KV_HEADS + kv_head, mask=n_mask, other=0.0).to(tl.float32)
         k = (k.to(tl.float32) * k_scale[:, None]).to(q.dtype)
+    elif KV_FORMAT == 2:
+        k = (k.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale_value).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (R, N)
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -82,20 +86,23 @@ def _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, k_scale_ptr, 
     alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(value_cache_ptr + kv_offs, mask=kv_mask, other=0)  # (N, D)
-    if QUANTIZED:
+    if KV_FORMAT == 1:
         v_scale = tl.load(v_scale_ptr + slot * NUM_KV_HEADS + kv_head, mask=n_mask, other=0.0).to(tl.float32)
         v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
+    elif KV_FORMAT == 2:
+        v = (v.to(tl.float8e4nv, bitcast=True).to(tl.float32) * v_scale_value).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
+def _decode_split_kernel(q_ptr, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr, k_scale_value, v_scale_value,
+                         block_tables_ptr, seq_lens_ptr,
                          part_out_ptr, part_lse_ptr, scale, stride_q_tok, stride_q_head, stride_bt,
                          num_heads, num_splits, tokens_per_split,
                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANTIZED: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FORMAT: tl.constexpr):
     """Program (request, kv head, split): the GROUP query heads that share a KV head attend over one
     slice of the context, with an online softmax; writes the slice's normalised output and its
     log-sum-exp, which ``_decode_reduce_kernel`` combines."""
@@ -123,8 +130,9 @@ def _decode_split_kernel(q_ptr, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_s
         n_mask = pos < end
         visible = n_mask[None, :]
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr,
-                                     block_tables_ptr + seq * stride_bt, pos, n_mask, visible, kv_head, scale, offs_d,
-                                     d_mask, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DOT_PRECISION, QUANTIZED)
+                                     k_scale_value, v_scale_value, block_tables_ptr + seq * stride_bt, pos, n_mask,
+                                     visible, kv_head, scale, offs_d, d_mask, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+                                     DOT_PRECISION, KV_FORMAT)
 
     has_keys = l_i > 0  # an empty split (past the end of a short context) contributes nothing
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
@@ -157,12 +165,12 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_o_tok, str
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, block_tables_ptr,
-                    query_start_ptr,
+def _prefill_kernel(q_ptr, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr, k_scale_value, v_scale_value,
+                    out_ptr, block_tables_ptr, query_start_ptr,
                     num_computed_ptr, scale, stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_bt,
                     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, QUANTIZED: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, KV_FORMAT: tl.constexpr):
     """Program (query tile, prompt chunk, head): BLOCK_M new tokens of one chunk attend causally to
     the chunk's cached context and to the chunk itself (already written to the cache)."""
     tile = tl.program_id(0)
@@ -191,8 +199,9 @@ def _prefill_kernel(q_ptr, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_
             n_mask = pos < kv_end
             visible = (pos[None, :] <= query_pos[:, None]) & n_mask[None, :]  # position 0 is always visible
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr,
-                                         block_tables_ptr + chunk * stride_bt, pos, n_mask, visible, kv_head, scale,
-                                         offs_d, d_mask, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DOT_PRECISION, QUANTIZED)
+                                         k_scale_value, v_scale_value, block_tables_ptr + chunk * stride_bt, pos,
+                                         n_mask, visible, kv_head, scale, offs_d, d_mask, NUM_KV_HEADS, HEAD_DIM,
+                                         BLOCK_SIZE, DOT_PRECISION, KV_FORMAT)
         out = acc / l_i[:, None]
         tl.store(out_ptr + (query_start + offs_m)[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -231,14 +240,17 @@ def write_kv_int8(k: torch.Tensor, v: torch.Tensor, kv_cache, slot_mapping: torc
 
 
 def _cache_parts(kv_cache) -> tuple:
-    """(K, V, K scales, V scales, quantized, block_size, num_kv_heads) of a float cache tensor
-    (2, num_blocks, block_size, nkv, d) or an Int8KVCache (its codes and float16 scales)."""
+    """(K, V, K scale array, V scale array, K scale, V scale, KV_FORMAT, block_size, num_kv_heads) of a
+    float cache tensor (2, num_blocks, block_size, nkv, d), an Int8KVCache (codes and float16 scale
+    arrays) or an Fp8KVCache (bytes and one scale each); unused entries are placeholders."""
     if isinstance(kv_cache, torch.Tensor):
         _, _, block_size, num_kv_heads, _ = kv_cache.shape
-        return kv_cache[0], kv_cache[1], kv_cache[0], kv_cache[1], False, block_size, num_kv_heads
+        return kv_cache[0], kv_cache[1], kv_cache[0], kv_cache[1], 1.0, 1.0, 0, block_size, num_kv_heads
     _, _, block_size, num_kv_heads, _ = kv_cache.codes.shape
-    return (kv_cache.codes[0], kv_cache.codes[1], kv_cache.scales[0], kv_cache.scales[1], True, block_size,
-            num_kv_heads)
+    keys, values = kv_cache.codes[0], kv_cache.codes[1]
+    if isinstance(kv_cache.scales, tuple):  # fp8: one scale each
+        return keys, values, keys, values, kv_cache.scales[0], kv_cache.scales[1], 2, block_size, num_kv_heads
+    return keys, values, kv_cache.scales[0], kv_cache.scales[1], 1.0, 1.0, 1, block_size, num_kv_heads
 
 
 def paged_decode(q: torch.Tensor, kv_cache, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -248,7 +260,7 @@ def paged_decode(q: torch.Tensor, kv_cache, block_tables: torch.Tensor, seq_lens
     A row with seq_len 0 (padding, as in a CUDA graph's fixed batch) attends to nothing and gets 0.
     Returns (D, nh, d), written into ``out`` if given."""
     num_decodes, num_heads, head_dim = q.shape
-    keys, values, k_scales, v_scales, quantized, block_size, num_kv_heads = _cache_parts(kv_cache)
+    keys, values, k_scales, v_scales, k_scale, v_scale, kv_format, block_size, num_kv_heads = _cache_parts(kv_cache)
     group = num_heads // num_kv_heads
     block_n = _MIN_DOT if max_seq_len <= _MIN_DOT else 32
     tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
@@ -257,10 +269,10 @@ def paged_decode(q: torch.Tensor, kv_cache, block_tables: torch.Tensor, seq_lens
     part_lse = torch.empty(num_decodes, num_heads, num_splits, dtype=torch.float32, device=q.device)
     q = _rows_contiguous(q)
     _decode_split_kernel[(num_decodes, num_kv_heads, num_splits)](
-        q, keys, values, k_scales, v_scales, block_tables, seq_lens, part_out, part_lse, scale, q.stride(0),
-        q.stride(1), block_tables.stride(0), num_heads, num_splits, tokens_per_split, NUM_KV_HEADS=num_kv_heads,
+        q, keys, values, k_scales, v_scales, k_scale, v_scale, block_tables, seq_lens, part_out, part_lse, scale,
+        q.stride(0), q.stride(1), block_tables.stride(0), num_heads, num_splits, tokens_per_split, NUM_KV_HEADS=num_kv_heads,
         GROUP=group, BLOCK_G=_block(group), HEAD_DIM=head_dim, BLOCK_D=_block(head_dim), BLOCK_N=block_n,
-        BLOCK_SIZE=block_size, DOT_PRECISION=_dot_precision(q.dtype), QUANTIZED=quantized)
+        BLOCK_SIZE=block_size, DOT_PRECISION=_dot_precision(q.dtype), KV_FORMAT=kv_format)
     out = torch.empty_like(q) if out is None else out
     _decode_reduce_kernel[(num_decodes, num_heads)](
         part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits, HEAD_DIM=head_dim,
@@ -276,15 +288,16 @@ def paged_prefill(q: torch.Tensor, kv_cache, out: torch.Tensor, block_tables: to
     its blocks block_tables[i] (P, W). Its K/V must already be in the cache."""
     num_chunks = block_tables.shape[0]
     _, num_heads, head_dim = q.shape
-    keys, values, k_scales, v_scales, quantized, block_size, num_kv_heads = _cache_parts(kv_cache)
+    keys, values, k_scales, v_scales, k_scale, v_scale, kv_format, block_size, num_kv_heads = _cache_parts(kv_cache)
     block_m = 32 if max_query_len > _MIN_DOT else _MIN_DOT
     q = _rows_contiguous(q)
     grid = (triton.cdiv(max_query_len, block_m), num_chunks, num_heads)
     _prefill_kernel[grid](
-        q, keys, values, k_scales, v_scales, out, block_tables, query_start_loc, num_computed_tokens, scale,
+        q, keys, values, k_scales, v_scales, k_scale, v_scale, out, block_tables, query_start_loc,
+        num_computed_tokens, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), NUM_KV_HEADS=num_kv_heads,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_block(head_dim), BLOCK_M=block_m, BLOCK_N=32,
-        BLOCK_SIZE=block_size, DOT_PRECISION=_dot_precision(q.dtype), QUANTIZED=quantized)
+        BLOCK_SIZE=block_size, DOT_PRECISION=_dot_precision(q.dtype), KV_FORMAT=kv_format)
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
