@@ -60,6 +60,20 @@ def _write_kv_int8_kernel(k_ptr, v_ptr, codes_ptr, scales_ptr, slot_ptr, stride_
 
 
 @triton.jit
+def _load_kv(cache_ptr, scale_ptr, scale_value, kv_offs, kv_mask, slot, n_mask, kv_head, dtype: tl.constexpr,
+             NUM_KV_HEADS: tl.constexpr, KV_FORMAT: tl.constexpr):
+    """A (N, D) tile of K or V in ``dtype``: as stored (KV_FORMAT 0), int8 codes times their
+    float16 scale per (slot, KV head) (1), or float8 e4m3 bytes times one scale (2)."""
+    x = tl.load(cache_ptr + kv_offs, mask=kv_mask, other=0)
+    if KV_FORMAT == 1:
+        row_scale = tl.load(scale_ptr + slot * NUM_KV_HEADS + kv_head, mask=n_mask, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) * row_scale[:, None]).to(dtype)
+    elif KV_FORMAT == 2:
+        x = (x.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale_value).to(dtype)
+    return x
+
+
+@triton.jit
 def _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr, k_scale_value,
                  v_scale_value, block_table_ptr, pos, n_mask, visible, kv_head, scale, offs_d, d_mask,
                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -73,24 +87,16 @@ def _attend_tile(q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, k_scale_ptr, 
     slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
     kv_offs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(key_cache_ptr + kv_offs, mask=kv_mask, other=0)  # (N, D)
-    if KV_FORMAT == 1:
-        k_scale = tl.load(k_scale_ptr + slot * NUM_KV_HEADS + kv_head, mask=n_mask, other=0.0).to(tl.float32)
-        k = (k.to(tl.float32) * k_scale[:, None]).to(q.dtype)
-    elif KV_FORMAT == 2:
-        k = (k.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale_value).to(q.dtype)
+    k = _load_kv(key_cache_ptr, k_scale_ptr, k_scale_value, kv_offs, kv_mask, slot, n_mask, kv_head, q.dtype,
+                 NUM_KV_HEADS, KV_FORMAT)  # (N, D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (R, N)
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp(s - m_new[:, None])
     alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(value_cache_ptr + kv_offs, mask=kv_mask, other=0)  # (N, D)
-    if KV_FORMAT == 1:
-        v_scale = tl.load(v_scale_ptr + slot * NUM_KV_HEADS + kv_head, mask=n_mask, other=0.0).to(tl.float32)
-        v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
-    elif KV_FORMAT == 2:
-        v = (v.to(tl.float8e4nv, bitcast=True).to(tl.float32) * v_scale_value).to(q.dtype)
+    v = _load_kv(value_cache_ptr, v_scale_ptr, v_scale_value, kv_offs, kv_mask, slot, n_mask, kv_head, q.dtype,
+                 NUM_KV_HEADS, KV_FORMAT)  # (N, D)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 

@@ -44,7 +44,7 @@ class UnquantizedLinearMethod:
     name = "unquantized"
 
     def create_weights(self, layer: nn.Module) -> None:
-        pass  # the layer's float ``weight`` is already there
+        """Nothing to add: the layer was built with its float ``weight``."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Prepacks bf16 weights on CPU. The packed copy replaces the plain one, so the memory is not
