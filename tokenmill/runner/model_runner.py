@@ -9,6 +9,7 @@ from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.kv_quant import QuantizedKVCache, make_kv_cache
 from tokenmill.attention.layer import forward_context
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
+from tokenmill.runner.cpu_decode_step import CpuDecodeStep
 from tokenmill.runner.input_batch import RunnerRequestState, build_step_inputs
 from tokenmill.sample.sampler import Sampler
 
@@ -30,6 +31,7 @@ class ModelRunner:
             cache = make_kv_cache(kv_cache_dtype, shape, kv_dtype, device)
             layer.bind_kv_cache(backend, cache)
             self.kv_caches.append(cache)
+        self.decode_step = CpuDecodeStep.build(model, backend.name, self.kv_caches)  # None: Python forward only
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for request_id in so.finished_req_ids:
@@ -65,8 +67,11 @@ class ModelRunner:
         states = [self.requests[request_id] for request_id in so.num_scheduled_tokens]
         inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device,
                                    self.model.config.vocab_size)
-        with forward_context(inputs.attention):
-            hidden = self.model(inputs.input_ids, inputs.positions)  # (T, H)
+        if self.decode_step is not None and not inputs.attention.prefills:
+            hidden = self.decode_step(inputs.input_ids, inputs.positions, inputs.attention)  # (T, H)
+        else:
+            with forward_context(inputs.attention):
+                hidden = self.model(inputs.input_ids, inputs.positions)  # (T, H)
         if all_positions:
             return inputs, self.model.compute_logits(hidden).float(), hidden  # (T, V)
         return inputs, self.model.compute_logits(hidden[inputs.logits_index]), hidden  # (B, V), the sampler casts

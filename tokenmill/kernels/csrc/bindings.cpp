@@ -1,25 +1,7 @@
 // Python bindings of tokenmill's CPU kernels (one extension module, built on first use).
 #include <torch/extension.h>
-
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor key_cache, torch::Tensor value_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
-torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor key_codes, torch::Tensor value_codes,
-                                          torch::Tensor key_scales, torch::Tensor value_scales,
-                                          torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
-torch::Tensor paged_decode_attention_fp8(torch::Tensor q, torch::Tensor key_bytes, torch::Tensor value_bytes,
-                                         double k_scale, double v_scale, torch::Tensor block_tables,
-                                         torch::Tensor seq_lens, double scale);
-void write_kv_int8(torch::Tensor k, torch::Tensor v, torch::Tensor key_codes, torch::Tensor value_codes,
-                   torch::Tensor key_scales, torch::Tensor value_scales, torch::Tensor slot_mapping);
-torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> delta, torch::Tensor weight,
-                           double eps, at::ScalarType out_dtype);
-torch::Tensor silu_and_mul(torch::Tensor gate_up);
-void rotary_inplace(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
-                    int64_t num_rot_heads, int64_t head_dim);
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
-                           int64_t group_size, int64_t bits, c10::optional<torch::Tensor> bias);
-torch::Tensor quant_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
-                               int64_t in_features, int64_t group_size, int64_t bits);
+#include "cpu_ops.h"
+#include "decode_step.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention");
@@ -31,4 +13,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_inplace", &rotary_inplace, "rotary embedding, in place");
   m.def("quant_linear", &quant_linear, "weight-only 8/4-bit linear");
   m.def("quant_dequantize", &quant_dequantize, "8/4-bit codes -> float weight");
+  bind_decode_step(m);
 }

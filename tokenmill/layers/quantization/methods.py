@@ -62,6 +62,17 @@ class UnquantizedLinearMethod:
         weight = layer.packed_weight if layer.packed_weight is not None else layer.weight
         return weight.numel() * weight.element_size()
 
+    def decode_spec(self, layer: nn.Module, kernels):
+        """The layer as the C++ decode step runs it (a ``kernels.LinearSpec`` calling what ``apply``
+        calls), or None where that step cannot run it."""
+        spec = kernels.LinearSpec()
+        if layer.packed_weight is not None:
+            spec.kind, spec.weight = "packed", layer.packed_weight
+        else:
+            spec.kind, spec.weight = "dense", layer.weight
+        spec.bias = layer.bias
+        return spec
+
 
 class _QuantizedMethod(UnquantizedLinearMethod):
     """Runs a layer's QuantizedMatrix (``layer.qmatrix``); falls back to the float path when the
@@ -74,6 +85,17 @@ class _QuantizedMethod(UnquantizedLinearMethod):
 
     def read_bytes(self, layer: nn.Module) -> int:
         return super().read_bytes(layer) if layer.qmatrix is None else layer.qmatrix.nbytes()
+
+    def decode_spec(self, layer: nn.Module, kernels):
+        matrix = layer.qmatrix
+        if matrix is None:
+            return super().decode_spec(layer, kernels)
+        if matrix.perm is not None:  # act-order inputs: the C++ step does not permute x
+            return None
+        spec = kernels.LinearSpec()
+        spec.kind, spec.bias, spec.group_size, spec.bits = "quantized", layer.bias, matrix.group_size, matrix.storage_bits
+        spec.codes, spec.scales, spec.scaled_zeros = matrix.codes, matrix.scales, matrix.scaled_zeros
+        return spec
 
 
 def _fits(in_features: int, group_size: int, pack: int, what: str) -> bool:

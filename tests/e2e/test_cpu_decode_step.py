@@ -1,0 +1,79 @@
+"""The C++ decode step (``runner/cpu_decode_step.py``) gives the Python forward's hidden states bit
+for bit, on every decode step of real batched generations, for each weight form (oneDNN-prepacked
+float32/bf16, dense float16, int8, int4) and KV cache (float, int8); models and caches it cannot
+run fall back to the Python forward."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tokenmill import SamplingParams
+from tokenmill.attention.layer import forward_context
+
+CASES = {
+    "llama-fp32": ("llama", dict(dtype="float32")),
+    "bias-fp32": ("llama_linear", dict(dtype="float32")),
+    "llama-fp16-dense": ("llama", dict(dtype="float16")),
+    "qwen2-bf16": ("qwen2", dict(dtype="bfloat16")),
+    "mistral-int8kv": ("mistral", dict(dtype="float32", kv_cache_dtype="int8")),
+    "llama3-int4": ("llama3", dict(dtype="float32", quantization="int4", quantization_group_size=32)),
+    "llama3-bf16-int8-int8kv": ("llama3", dict(dtype="bfloat16", quantization="int8", kv_cache_dtype="int8")),
+}
+
+
+class _Checked:
+    """Runs the Python forward before the C++ step on each decode step, records whether they agree."""
+
+    def __init__(self, runner):
+        self.step, self.model, self.agreed = runner.decode_step, runner.model, []
+
+    def __call__(self, input_ids, positions, metadata):
+        with forward_context(metadata):
+            expected = self.model(input_ids, positions)  # writes the same K/V the C++ step rewrites
+        got = self.step(input_ids, positions, metadata)
+        self.agreed.append((input_ids.shape[0], torch.equal(got, expected)))
+        return got
+
+
+def _prompts(n: int = 5, seed: int = 11) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [1] + [rng.randrange(3, 380) for _ in range(rng.randint(2, 30))]} for _ in range(n)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_decode_step_equals_the_python_forward(case, checkpoint, make_llm):
+    arch, kwargs = CASES[case]
+    llm = make_llm(checkpoint(arch), block_size=4, **kwargs)
+    runner = llm.engine.core.runner
+    assert runner.decode_step is not None, f"{case}: the C++ decode step should have been built"
+    checked = _Checked(runner)
+    runner.decode_step = checked
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=12, ignore_eos=True)
+    outputs = llm.generate(_prompts(), params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 12 for o in outputs)
+    batch_sizes = {rows for rows, _ in checked.agreed}
+    assert len(checked.agreed) >= 11 and max(batch_sizes) > 1, f"decode steps seen: {checked.agreed}"
+    disagreed = [rows for rows, same in checked.agreed if not same]
+    assert not disagreed, f"{case}: C++ and Python hidden states differ on steps of {disagreed} rows"
+
+
+@pytest.mark.parametrize("arch, kwargs, why", [
+    ("qwen3", dict(dtype="float32"), "q/k norms"),
+    ("gpt2", dict(dtype="float32"), "not a Llama-family model"),
+    ("llama", dict(dtype="float32", kv_cache_dtype="fp8_e4m3"), "fp8 KV cache"),
+    ("llama", dict(dtype="float32", attention_backend="torch"), "portable attention backend"),
+])
+def test_models_without_a_cpp_twin_run_the_python_forward(arch, kwargs, why, checkpoint, make_llm):
+    llm = make_llm(checkpoint(arch), **kwargs)
+    assert llm.engine.core.runner.decode_step is None, why
+    out = llm.generate({"prompt_token_ids": [1, 5, 9, 14]}, SamplingParams(temperature=0, max_tokens=4,
+                                                                           ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_the_switch_turns_the_cpp_step_off(checkpoint, make_llm, monkeypatch):
+    monkeypatch.setenv("TOKENMILL_NO_CPU_DECODE_STEP", "1")
+    assert make_llm(checkpoint("llama"), dtype="float32").engine.core.runner.decode_step is None

@@ -1,0 +1,24 @@
+// The CPU kernels' entry points, shared by the Python bindings and the C++ decode step
+// (decode_step.cpp), which calls the very functions the Python path calls.
+#pragma once
+#include <torch/extension.h>
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor key_cache, torch::Tensor value_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
+torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor key_codes, torch::Tensor value_codes,
+                                          torch::Tensor key_scales, torch::Tensor value_scales,
+                                          torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
+torch::Tensor paged_decode_attention_fp8(torch::Tensor q, torch::Tensor key_bytes, torch::Tensor value_bytes,
+                                         double k_scale, double v_scale, torch::Tensor block_tables,
+                                         torch::Tensor seq_lens, double scale);
+void write_kv_int8(torch::Tensor k, torch::Tensor v, torch::Tensor key_codes, torch::Tensor value_codes,
+                   torch::Tensor key_scales, torch::Tensor value_scales, torch::Tensor slot_mapping);
+torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> delta, torch::Tensor weight,
+                           double eps, at::ScalarType out_dtype);
+torch::Tensor silu_and_mul(torch::Tensor gate_up);
+void rotary_inplace(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
+                    int64_t num_rot_heads, int64_t head_dim);
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
+                           int64_t group_size, int64_t bits, c10::optional<torch::Tensor> bias);
+torch::Tensor quant_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
+                               int64_t in_features, int64_t group_size, int64_t bits);

@@ -1,0 +1,42 @@
+// A whole decode step of a Llama-family model, driven from C++ (see decode_step.cpp).
+#pragma once
+#include <torch/extension.h>
+#include <string>
+#include <vector>
+
+// One linear layer as its linear method holds it: "dense" (weight (N, K)), "packed" (a oneDNN-prepacked
+// weight) or "quantized" (codes, scales, scaled_zeros as QuantizedMatrix stores them).
+struct LinearSpec {
+  std::string kind;
+  torch::Tensor weight;
+  c10::optional<torch::Tensor> bias;
+  torch::Tensor codes, scales, scaled_zeros;
+  int64_t group_size = 0, bits = 0;
+};
+
+struct DecodeLayer {
+  torch::Tensor input_norm, post_attention_norm;  // (H,) float32
+  LinearSpec qkv, o, gate_up, down;
+  torch::Tensor kv_cache;   // float (2, blocks, block_size, nkv, d), or the int8 cache's codes
+  torch::Tensor kv_scales;  // the int8 cache's (2, blocks, block_size, nkv) float16 scales; undefined otherwise
+};
+
+class DecodeStep {
+ public:
+  DecodeStep(std::vector<DecodeLayer> layers, torch::Tensor final_norm, torch::Tensor cos, torch::Tensor sin,
+             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale);
+  // embedded (M, H) in the model's dtype (updated in place if float32), positions, slot_mapping (M,) int64,
+  // block_tables (M, W) int64, seq_lens (M,) int64 -> final-normed hidden (M, H) in the model's dtype.
+  torch::Tensor forward(torch::Tensor embedded, torch::Tensor positions, torch::Tensor slot_mapping,
+                        torch::Tensor block_tables, torch::Tensor seq_lens) const;
+
+ private:
+  torch::Tensor attend(const DecodeLayer& layer, const torch::Tensor& qkv, const torch::Tensor& slot_mapping,
+                       const torch::Tensor& block_tables, const torch::Tensor& seq_lens) const;
+  std::vector<DecodeLayer> layers_;
+  torch::Tensor final_norm_, cos_, sin_;
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  double eps_, scale_;
+};
+
+void bind_decode_step(pybind11::module& m);
