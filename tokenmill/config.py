@@ -60,6 +60,52 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts feed-forward layers (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    """top_k: the experts each token is sent to."""
+    expert_intermediate_size: int
+    norm_topk_prob: bool
+    """Renormalise the top_k routing weights to sum to 1 (Mixtral always; Qwen when the config says)."""
+    sparse_layers: tuple[bool, ...]
+    """Per layer: True for an expert block, False for a dense MLP (Qwen's ``mlp_only_layers`` and
+    ``decoder_sparse_step``)."""
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE: a dense expert every token also goes through, gated by a sigmoid; 0 for none."""
+    router_weights_in_float32: bool = False
+    """Mixtral weighs expert outputs in float32; Qwen casts the weights to the model's dtype first."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ModelLoadError(f"model config: num_experts_per_tok ({self.num_experts_per_tok}) must be between "
+                                 f"1 and num_experts ({self.num_experts})")
+        if self.expert_intermediate_size <= 0:
+            raise ModelLoadError(f"model config: the experts' intermediate size must be positive, "
+                                 f"got {self.expert_intermediate_size}")
+
+    @classmethod
+    def from_hf(cls, arch: str, hf: dict[str, Any]) -> "MoEConfig | None":
+        """The MoE part of a Hugging Face config, None for dense architectures."""
+        layers = range(hf["num_hidden_layers"])
+        if arch == "MixtralForCausalLM":
+            return cls(num_experts=hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+                       expert_intermediate_size=hf["intermediate_size"], norm_topk_prob=True,
+                       sparse_layers=tuple(True for _ in layers), router_weights_in_float32=True)
+        if arch not in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+            return None
+        num_experts = hf.get("num_experts") or hf["num_local_experts"]
+        step, dense = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or ())
+        shared = hf.get("shared_expert_intermediate_size", 0) if arch == "Qwen2MoeForCausalLM" else 0
+        return cls(num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
+                   expert_intermediate_size=hf["moe_intermediate_size"],
+                   norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                   sparse_layers=tuple(i not in dense and num_experts > 0 and (i + 1) % step == 0 for i in layers),
+                   shared_expert_intermediate_size=shared or 0)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shape and numerics of one decoder-only model, independent of its checkpoint format."""
 
@@ -93,6 +139,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     quantization: QuantizationConfig | None = None
     """How the checkpoint's linear layers are quantized (a GPTQ checkpoint), None for float ones."""
+    moe: MoEConfig | None = None
+    """Mixture-of-experts layers; None for dense models."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -146,10 +194,10 @@ class ModelConfig:
                 low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
                 high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
                 original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)))
-        is_qwen2 = arch == "Qwen2ForCausalLM"
+        is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         attention_bias = bool(hf.get("attention_bias", False))
         sliding = hf.get("sliding_window")
-        if is_qwen2 and not hf.get("use_sliding_window", False):
+        if arch.startswith("Qwen") and not hf.get("use_sliding_window", False):
             sliding = None
         act = hf.get("hidden_act", "silu")
         if act != "silu":
@@ -164,9 +212,10 @@ class ModelConfig:
             norm_eps=hf.get("rms_norm_eps", 1e-6), hidden_act=act, rope_theta=float(theta),
             rope_scaling=rope_scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=is_qwen2 or attention_bias, o_bias=attention_bias and not is_qwen2,
-            mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=arch == "Qwen3ForCausalLM",
+            mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             sliding_window=sliding, torch_dtype=_checkpoint_dtype(hf),
-            bos_token_id=hf.get("bos_token_id"), eos_token_ids=_as_id_tuple(hf.get("eos_token_id")))
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
+            moe=MoEConfig.from_hf(arch, hf))
 
     @classmethod
     def _from_gpt2(cls, hf: dict[str, Any]) -> "ModelConfig":

@@ -63,6 +63,7 @@ def test_cpu_decode_step_equals_the_python_forward(case, checkpoint, make_llm):
 @pytest.mark.parametrize("arch, kwargs, why", [
     ("qwen3", dict(dtype="float32"), "q/k norms"),
     ("gpt2", dict(dtype="float32"), "not a Llama-family model"),
+    ("mixtral", dict(dtype="float32"), "mixture-of-experts layers"),
     ("llama", dict(dtype="float32", kv_cache_dtype="fp8_e4m3"), "fp8 KV cache"),
     ("llama", dict(dtype="float32", attention_backend="torch"), "portable attention backend"),
 ])

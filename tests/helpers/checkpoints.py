@@ -40,7 +40,8 @@ def train_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
 
 
 def _configs():
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig,
+                              Qwen3Config, Qwen3MoeConfig)
 
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
     return {
@@ -69,10 +70,27 @@ def _configs():
                              num_key_value_heads=2, head_dim=12, max_position_embeddings=256,
                              tie_word_embeddings=False, **common),
         "gpt2": GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=256, **common),
+        # Mixture of experts: 4 experts, top 2, in every layer; weights renormalised, weighed in float32.
+        "mixtral": MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                 max_position_embeddings=256, sliding_window=None, **common),
+        # A gated shared expert, unnormalised top-2 of 6, and a dense middle layer (mlp_only_layers).
+        "qwen2_moe": Qwen2MoeConfig(hidden_size=32, intermediate_size=56, moe_intermediate_size=24,
+                                    shared_expert_intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                                    num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+                                    norm_topk_prob=False, mlp_only_layers=[1], max_position_embeddings=256,
+                                    tie_word_embeddings=False, **common),
+        # q/k norms, renormalised top-3 of 5, experts every second layer (decoder_sparse_step 2).
+        "qwen3_moe": Qwen3MoeConfig(hidden_size=32, intermediate_size=56, moe_intermediate_size=24,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    num_experts=5, num_experts_per_tok=3, norm_topk_prob=True,
+                                    decoder_sparse_step=2, max_position_embeddings=256,
+                                    tie_word_embeddings=False, **common),
     }
 
 
 ARCHITECTURES = ["llama", "llama3", "llama_linear", "mistral", "qwen2", "qwen3", "gpt2"]
+MOE_ARCHITECTURES = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 def make_checkpoint(folder: Path, arch: str, seed: int = 0, max_shard_size: str | None = None,

@@ -1,11 +1,12 @@
-"""Our model code against Hugging Face transformers on tiny random checkpoints of every architecture."""
+"""Our model code against Hugging Face transformers on tiny random checkpoints of every architecture,
+dense and mixture-of-experts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from helpers.checkpoints import ARCHITECTURES, load_reference
+from helpers.checkpoints import ARCHITECTURES, MOE_ARCHITECTURES, load_reference
 from helpers.devices import TRITON_DEVICE
 from helpers.parity import greedy_steps_match
 from tokenmill import SamplingParams
@@ -15,7 +16,7 @@ PROMPTS = [[1, 17, 45, 99, 3, 250, 77], [1, 300], [1, 5, 6, 7, 8, 9, 10, 11, 12,
 
 
 @pytest.mark.parametrize("mode", ["portable", "kernels", "triton"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + MOE_ARCHITECTURES)
 def test_prefill_and_decode_logits_match_reference(arch, mode, checkpoint, make_llm, monkeypatch):
     """"portable": pure PyTorch; "kernels": the C++ CPU kernels where they build; "triton": the
     Triton attention kernels (the CUDA default), in Triton's interpreter on CPU."""
@@ -35,7 +36,7 @@ def test_prefill_and_decode_logits_match_reference(arch, mode, checkpoint, make_
     assert not core.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + MOE_ARCHITECTURES)
 def test_greedy_batch_matches_generate(arch, checkpoint, make_llm):
     folder = checkpoint(arch)
     ref = load_reference(folder)

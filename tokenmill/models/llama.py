@@ -1,8 +1,11 @@
-"""Llama 2/3, Mistral, Qwen2 and Qwen3: one decoder family whose differences are config flags.
+"""Llama 2/3, Mistral, Qwen2, Qwen3 and their mixture-of-experts kin (Mixtral, Qwen2-MoE, Qwen3-MoE):
+one decoder family whose differences are config flags.
 
 Attribute names mirror the Hugging Face checkpoints (``model.layers.N.self_attn...``) except
 where projections are merged: q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``
-(``stacked_params`` tells the loader which checkpoint tensor goes where).
+(``stacked_params`` tells the loader which checkpoint tensor goes where), and where experts are
+stacked: ``mlp.experts.{e}.gate_proj`` (Mixtral: ``block_sparse_moe.experts.{e}.w1``) into
+``mlp.experts.w13`` (``expert_params``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from tokenmill.attention.layer import Attention
 from tokenmill.config import ModelConfig
 from tokenmill.layers.activation import silu_and_mul
 from tokenmill.layers.linear import Linear, MergedLinear, new_parameter
+from tokenmill.layers.moe import SparseMoeBlock
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RopeInputs, RotaryEmbedding
 
@@ -52,21 +56,30 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: cfg.intermediate_size, 1: cfg.intermediate_size},
-                                         bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        size = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: size, 1: size}, bias=cfg.mlp_bias)
+        self.down_proj = Linear(size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
+def feed_forward(cfg: ModelConfig, layer_index: int) -> nn.Module:
+    """Layer ``layer_index``'s MLP: dense, or an expert block where the MoE config puts one."""
+    moe = cfg.moe
+    if moe is None or not moe.sparse_layers[layer_index]:
+        return LlamaMLP(cfg)
+    shared = LlamaMLP(cfg, moe.shared_expert_intermediate_size) if moe.shared_expert_intermediate_size else None
+    return SparseMoeBlock(cfg.hidden_size, moe, shared)
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, layer_index: int = 0):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, rotary)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = feed_forward(cfg, layer_index)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
@@ -86,7 +99,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Module()
         self.embed_tokens.weight = new_parameter(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -104,6 +117,10 @@ class LlamaForCausalLM(nn.Module):
 
     stacked_params = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    expert_params = {"gate_proj": ("w13", "gate"), "up_proj": ("w13", "up"), "down_proj": ("w2", "down"),
+                     "w1": ("w13", "gate"), "w3": ("w13", "up"), "w2": ("w2", "down")}
+    """``experts.{e}.<key>.weight`` -> ``experts.<param>`` with shard (e, part): one checkpoint tensor per
+    expert and projection (Qwen's names, then Mixtral's)."""
 
     def __init__(self, config: ModelConfig, prefix: str = ""):
         super().__init__()
@@ -129,4 +146,4 @@ class LlamaForCausalLM(nn.Module):
             return None  # tied: some checkpoints still save the shared matrix twice
         if "rotary_emb.inv_freq" in name:
             return None
-        return name
+        return name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's name for the expert block

@@ -9,6 +9,7 @@ checks that nothing is missing.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -43,6 +44,10 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
         return model_class(config.architecture)(config).eval()
 
 
+_EXPERT_TENSOR = re.compile(r"\.experts\.(\d+)\.(\w+)\.weight$")
+"""One expert's projection in a checkpoint: ``...mlp.experts.7.gate_proj.weight``."""
+
+
 def parameter_name(model: nn.Module, ckpt_name: str) -> tuple[str | None, object]:
     """(our parameter name, shard id) of a checkpoint tensor; (None, None) for tensors to skip.
 
@@ -50,6 +55,10 @@ def parameter_name(model: nn.Module, ckpt_name: str) -> tuple[str | None, object
     name = model.checkpoint_name(ckpt_name)
     if name is None:
         return None, None
+    expert = _EXPERT_TENSOR.search(name)
+    if expert is not None and expert.group(2) in getattr(model, "expert_params", {}):
+        param, part = model.expert_params[expert.group(2)]
+        return f"{name[:expert.start()]}.experts.{param}", (int(expert.group(1)), part)
     for ckpt_part, (our_part, shard) in getattr(model, "stacked_params", {}).items():
         if f".{ckpt_part}." in name:
             return name.replace(f".{ckpt_part}.", f".{our_part}."), shard

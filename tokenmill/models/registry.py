@@ -12,10 +12,14 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
+    "MixtralForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
+    "Qwen2MoeForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
+    "Qwen3MoeForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
     "GPT2LMHeadModel": ("tokenmill.models.gpt2", "GPT2LMHeadModel"),
 }
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM",
+                "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def supported_architectures() -> list[str]:
