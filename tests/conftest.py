@@ -53,3 +53,4 @@ def make_llm():
         core.check_integrity()
         assert not core.has_unfinished_requests(), "requests left unfinished"
         assert core.all_blocks_free(), f"KV blocks leaked: {core.kv_cache_manager.num_free_blocks}/{core.num_blocks} free"
+        llm.shutdown()  # tensor-parallel workers

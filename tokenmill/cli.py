@@ -35,6 +35,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"],
                    help="auto (the model's dtype), int8 (a float16 scale per token and head: ~2x the tokens) or "
                         "fp8_e4m3 (a per-tensor scale: 2x)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="processes that each hold 1/N of the model (CPU, gloo); the engine starts the workers")
 
 
 def _engine_kwargs(args) -> dict:
@@ -43,7 +45,8 @@ def _engine_kwargs(args) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
                 quantization=args.quantization, quantization_group_size=args.quantization_group_size,
-                quantize_lm_head=not args.no_quantize_lm_head, kv_cache_dtype=args.kv_cache_dtype)
+                quantize_lm_head=not args.no_quantize_lm_head, kv_cache_dtype=args.kv_cache_dtype,
+                tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _make_llm(args, skip_tokenizer_init: bool = False):

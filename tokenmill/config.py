@@ -346,8 +346,17 @@ class EngineConfig:
     weights, which ``tokenmill quantize`` reads and rewrites."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tensor_parallel_size: int = 1
+    """Processes that each hold 1/N of every layer (heads, MLP rows, vocabulary), joined with
+    torch.distributed (gloo); the engine starts the N - 1 workers itself."""
+    distributed_timeout_s: float = 120.0
+    """How long a tensor-parallel rank waits for the others (to join, or in a collective) before failing."""
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}")
         if self.quantization not in (None, "gptq", *LOAD_TIME_METHODS):
             raise ValueError(f"quantization {self.quantization!r} is not supported; "
                              f"choose one of {', '.join(LOAD_TIME_METHODS)} or gptq")

@@ -25,7 +25,8 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
                   enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
                   attention_backend: str = "auto", skip_tokenizer_init: bool = False,
                   device: str = "auto", quantization: str | None = None, quantization_group_size: int | None = None,
-                  quantize_lm_head: bool = True, kv_cache_dtype: str = "auto") -> EngineConfig:
+                  quantize_lm_head: bool = True, kv_cache_dtype: str = "auto",
+                  tensor_parallel_size: int = 1) -> EngineConfig:
     """An EngineConfig from the flat options of ``LLM`` (and the CLI); see ``LLM`` for their meaning.
     A known model name (``smollm2-135m-instruct``) becomes its local file, fetched on first use."""
     from tokenmill.models.fetch import resolve_model
@@ -36,7 +37,8 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
         seed=seed, attention_backend=attention_backend, skip_tokenizer_init=skip_tokenizer_init,
         quantization=quantization, quantization_group_size=quantization_group_size, quantize_lm_head=quantize_lm_head,
         cache=CacheConfig(block_size, memory, enable_prefix_caching, kv_cache_dtype),
-        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill))
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill),
+        tensor_parallel_size=tensor_parallel_size)
 
 
 class LLM:
@@ -62,6 +64,8 @@ class LLM:
         quantization_group_size: int4 only: 32, 64 (default), 128 or -1 (per channel).
         quantize_lm_head: quantize the LM head too (int8 under int4).
         kv_cache_dtype: ``auto`` (the model's dtype) or ``int8`` (~2x the tokens in the same memory).
+        tensor_parallel_size: processes that each hold 1/N of the model (CPU, gloo); the engine
+            starts the workers, and ``shutdown()`` (or the end of this process) stops them.
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",
@@ -70,11 +74,11 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
                  attention_backend: str = "auto", skip_tokenizer_init: bool = False, device: str = "auto",
                  quantization: str | None = None, quantization_group_size: int | None = None,
-                 quantize_lm_head: bool = True, kv_cache_dtype: str = "auto"):
+                 quantize_lm_head: bool = True, kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1):
         config = engine_config(model, tokenizer, dtype, kv_cache_memory, block_size, max_num_seqs,
                                max_num_batched_tokens, max_model_len, enable_prefix_caching, enable_chunked_prefill,
                                seed, attention_backend, skip_tokenizer_init, device, quantization,
-                               quantization_group_size, quantize_lm_head, kv_cache_dtype)
+                               quantization_group_size, quantize_lm_head, kv_cache_dtype, tensor_parallel_size)
         self.engine = LLMEngine(config)
 
     @classmethod
@@ -87,6 +91,10 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel worker processes (nothing to do in one process)."""
+        self.engine.core.shutdown()
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -70,6 +70,11 @@ def _configs():
                              num_key_value_heads=2, head_dim=12, max_position_embeddings=256,
                              tie_word_embeddings=False, **common),
         "gpt2": GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=256, **common),
+        # For tensor parallelism: one KV head (replicated at degree 2 and 4), a vocabulary of 381 (split
+        # unevenly), a tied head, and biases on every projection (row-parallel ones added once).
+        "llama_tp": LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=1, max_position_embeddings=256, attention_bias=True,
+                                mlp_bias=True, tie_word_embeddings=True, **{**common, "vocab_size": 381}),
         # Mixture of experts: 4 experts, top 2, in every layer; weights renormalised, weighed in float32.
         "mixtral": MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -307,3 +309,33 @@ def test_bench_serve_reports_latency_and_throughput(server, tmp_path):
         assert data["ttft_ms"]["p99"] >= data["ttft_ms"]["median"] > 0
         assert "TTFT" in result.stdout and "ITL" in result.stdout
     server.wait_idle()
+
+
+def test_a_tensor_parallel_server_answers_like_a_single_process_one(server, start_server):
+    """`tokenmill serve --tensor-parallel-size 2`: its core process starts a worker rank; the texts
+    equal the one-process server's, and stopping the server stops the worker too."""
+    tp = start_server("--tensor-parallel-size", "2")
+    for prompt in (PROMPT, "The little dog"):
+        one = client(server).completions.create(model=server.name, prompt=prompt, max_tokens=16, temperature=0,
+                                                **NO_EOS)
+        two = client(tp).completions.create(model=tp.name, prompt=prompt, max_tokens=16, temperature=0, **NO_EOS)
+        assert two.choices[0].text == one.choices[0].text and two.usage.completion_tokens == 16
+    assert "tensor parallel: 2 ranks" in tp.output()
+    processes = _descendants(tp.proc.pid)
+    assert len(processes) >= 2  # the core process and its worker rank (and multiprocessing's helper)
+    tp.stop()
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{pid}").exists() for pid in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in processes if Path(f"/proc/{pid}").exists()], "processes outlived the server"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            children = [int(c) for c in (task / "children").read_text().split()]
+            found += children
+            todo += children
+    return found

@@ -84,7 +84,8 @@ class EngineCore:
     """Owns the scheduler, the KV cache and the model runner; knows nothing of text."""
 
     def __init__(self, config: EngineConfig, model: nn.Module, model_config: ModelConfig,
-                 eos_token_ids: tuple[int, ...], device: torch.device):
+                 eos_token_ids: tuple[int, ...], device: torch.device, executor=None):
+        """``executor``: the tensor-parallel workers (``build_engine_core`` starts them), None in one process."""
         self.config = config
         self.model_config = model_config
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -92,7 +93,8 @@ class EngineCore:
         dtype = next(model.parameters()).dtype
         block_size = config.cache.block_size
         kv_cache_dtype = config.cache.kv_cache_dtype
-        bytes_per_block = kv_bytes_per_token(model_config, dtype, kv_cache_dtype) * block_size
+        num_kv_heads = model.attention_layers()[0].num_kv_heads  # this rank's
+        bytes_per_block = kv_bytes_per_token(model_config, dtype, kv_cache_dtype, num_kv_heads) * block_size
         max_num_seqs = config.scheduler.max_num_seqs
         usable = max_num_seqs * -(-self.max_model_len // block_size) * bytes_per_block
         budget = config.cache.kv_cache_memory or default_kv_cache_memory(device, usable)
@@ -114,11 +116,14 @@ class EngineCore:
         logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %d layers x %d KV heads x %d)",
                     self.num_blocks, block_size, self.num_blocks * block_size,
                     self.num_blocks * bytes_per_block / 2**20, stored,
-                    model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim)
+                    model_config.num_hidden_layers, num_kv_heads, model_config.head_dim)
         backend = create_backend(config.attention_backend, device)
         logger.info("attention backend: %s", backend.name)
         self.runner = ModelRunner(model, backend, self.num_blocks, block_size, dtype, device,
                                   list(eos_token_ids), kv_cache_dtype)
+        self.executor = executor
+        if executor is not None:
+            self.runner = executor.runner(self.runner, self.num_blocks)
         self.kv_cache_manager = KVCacheManager(self.num_blocks, block_size, config.cache.enable_prefix_caching)
         scheduler_config = replace(config.scheduler, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache_manager)
@@ -178,3 +183,46 @@ class EngineCore:
 
     def all_blocks_free(self) -> bool:
         return self.kv_cache_manager.num_free_blocks == self.num_blocks
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers, if any."""
+        if self.executor is not None:
+            self.executor.shutdown()
+
+
+def load_engine_model(config: EngineConfig, device: torch.device):
+    """(model, model_config, executor): the model, with ``tensor_parallel_size`` > 1 this rank's slice
+    after starting the worker ranks (each loads its own; ``executor`` drives them, None in one process)."""
+    from tokenmill.distributed.parallel_state import SINGLE, building_for
+    from tokenmill.models.loader import load_model
+
+    executor = None
+    if config.tensor_parallel_size > 1:
+        from tokenmill.distributed.executor import TensorParallelExecutor
+
+        executor = TensorParallelExecutor(config)
+    try:
+        with building_for(executor.group if executor else SINGLE):
+            model, model_config = load_model(config.model, config.dtype, device, seed=config.seed,
+                                             quantization=config.quantization,
+                                             load_time_quantization=config.load_time_quantization(),
+                                             prepack=config.prepack_weights)
+    except BaseException:
+        if executor is not None:
+            executor.shutdown()
+        raise
+    return model, model_config, executor
+
+
+def build_engine_core(config: EngineConfig, device: torch.device, model_and_executor=None,
+                      tokenizer_eos: tuple[int, ...] = ()) -> EngineCore:
+    """The core over ``load_engine_model``'s result (loaded here when not given); stops the workers if
+    the core cannot be built."""
+    model, model_config, executor = model_and_executor or load_engine_model(config, device)
+    try:
+        eos = tuple(dict.fromkeys(tuple(model_config.eos_token_ids) + tuple(tokenizer_eos)))
+        return EngineCore(config, model, model_config, eos, device, executor)
+    except BaseException:
+        if executor is not None:
+            executor.shutdown()
+        raise

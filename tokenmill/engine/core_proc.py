@@ -34,16 +34,10 @@ class EngineDeadError(TokenmillError):
 
 
 def _build_core(config: EngineConfig, tokenizer_eos: tuple[int, ...]):
-    from tokenmill.engine.core import EngineCore
+    from tokenmill.engine.core import build_engine_core
     from tokenmill.engine.llm_engine import resolve_device
-    from tokenmill.models.loader import load_model
 
-    device = resolve_device(config.device)
-    model, model_config = load_model(config.model, config.dtype, device, seed=config.seed, quantization=config.quantization,
-                                     load_time_quantization=config.load_time_quantization(),
-                                                    prepack=config.prepack_weights)
-    eos = tuple(dict.fromkeys(tuple(model_config.eos_token_ids) + tuple(tokenizer_eos)))
-    return EngineCore(config, model, model_config, eos, device)
+    return build_engine_core(config, resolve_device(config.device), tokenizer_eos=tokenizer_eos)
 
 
 def run_core(config: EngineConfig, tokenizer_eos: tuple[int, ...], inbox: Connection, outbox: Connection,
@@ -68,6 +62,8 @@ def run_core(config: EngineConfig, tokenizer_eos: tuple[int, ...], inbox: Connec
             outbox.send(("dead", message.strip().splitlines()[-1]))
         except OSError:
             pass
+    finally:
+        core.shutdown()
 
 
 def run_core_process(*args) -> None:
@@ -117,7 +113,10 @@ class CoreClient:
         core_inbox, self._outbox = ctx.Pipe(duplex=False)  # front end -> core
         args = (config, tokenizer_eos, core_inbox, core_outbox, num_threads or os.cpu_count())
         if use_process:
-            self._worker = ctx.Process(target=run_core_process, args=args, name="tokenmill-engine-core", daemon=True)
+            # A daemonic process may not start children: with tensor parallelism the core starts its workers
+            # (it still exits when the front end goes away: its inbox closes).
+            self._worker = ctx.Process(target=run_core_process, args=args, name="tokenmill-engine-core",
+                                       daemon=config.tensor_parallel_size == 1)
         else:
             self._worker = threading.Thread(target=run_core, args=args, name="tokenmill-engine-core", daemon=True)
         self._worker.start()

@@ -16,12 +16,11 @@ from typing import Protocol, Union
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.core import EngineCore, EngineLimits
+from tokenmill.engine.core import EngineCore, EngineLimits, build_engine_core, load_engine_model
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.parallel_sampling import SampleGroup, child_params, child_request_id
 from tokenmill.engine.tokenizer import BaseTokenizer, load_tokenizer
 from tokenmill.errors import RequestError, check_unicode
-from tokenmill.models.loader import load_model
 from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tokenmill.outputs import EngineCoreOutput
 from tokenmill.sampling_params import SamplingParams
@@ -292,13 +291,15 @@ class LLMEngine(EngineFrontend):
 
     def __init__(self, config: EngineConfig):
         self.device = resolve_device(config.device)
-        model, self.model_config = load_model(config.model, config.dtype, self.device, seed=config.seed,
-                                                    quantization=config.quantization,
-                                                    load_time_quantization=config.load_time_quantization(),
-                                                    prepack=config.prepack_weights)
-        tokenizer = frontend_tokenizer(config)
-        eos = tuple(self.model_config.eos_token_ids) + (tokenizer.eos_token_ids if tokenizer else ())
-        core = EngineCore(config, model, self.model_config, tuple(dict.fromkeys(eos)), self.device)
+        loaded = load_engine_model(config, self.device)  # the model first: its errors come before the tokenizer's
+        try:
+            tokenizer = frontend_tokenizer(config)
+        except BaseException:
+            if loaded[2] is not None:
+                loaded[2].shutdown()
+            raise
+        core = build_engine_core(config, self.device, loaded, tokenizer.eos_token_ids if tokenizer else ())
+        self.model_config = core.model_config
         super().__init__(config, tokenizer, core)
 
     def step(self) -> list[RequestOutput]:

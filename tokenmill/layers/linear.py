@@ -8,6 +8,12 @@ matrix products are faster at every batch size. Each merged parameter carries a
 How the weight is held, loaded and multiplied is the layer's *linear method*
 (``layers/quantization``): float by default; int8, int4 or GPTQ after ``set_quant_method``.
 Model files never see the difference.
+
+Under tensor parallelism (a model built inside ``distributed.parallel_state.building_for``), a
+layer marked ``parallel`` holds its rank's slice and its loaders cut that slice from the full
+checkpoint tensor: "column" splits the outputs (q/k/v by heads, gate/up by rows), "row" the
+inputs (its outputs are partial sums, added up over the ranks), "vocab" the outputs padded to a
+multiple of the degree (the LM head). One process is the degree-1 case of the same code.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Hashable, Sequence
 import torch
 from torch import nn
 
+from tokenmill.distributed.parallel_state import SINGLE, partition, tensor_parallel_group
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.quantization.methods import UnquantizedLinearMethod
 
@@ -36,14 +43,45 @@ def new_parameter(*shape: int) -> nn.Parameter:
 class Linear(nn.Module):
     """y = x W^T (+ b); W is (out_features, in_features) as in torch.nn.Linear and checkpoints."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, parallel: str | None = None):
+        """``parallel``: None (every rank holds the whole layer), "column", "row" or "vocab" (see the
+        module docstring). ``in_features``/``out_features`` become this rank's sizes."""
         super().__init__()
+        self.tp = tensor_parallel_group() if parallel else SINGLE
+        self.parallel = parallel if self.tp.size > 1 else None
+        self.full_in_features, self.full_out_features = in_features, out_features
+        self.in_start = self.out_start = 0  # this rank's first input and output in the full layer
+        if self.parallel == "column":
+            self.out_start, out_features = partition(out_features, self.tp, "output rows")
+        elif self.parallel == "vocab":
+            out_features = -(-out_features // self.tp.size)
+            self.out_start = self.tp.rank * out_features
+        elif self.parallel == "row":
+            self.in_start, in_features = partition(in_features, self.tp, "input columns")
         self.in_features, self.out_features = in_features, out_features
         self.weight = new_parameter(out_features, in_features)
+        # Row-parallel: the bias is added once, by rank 0 (the others hold zeros).
         self.bias = new_parameter(out_features) if bias else None
         self.packed_weight: torch.Tensor | None = None  # oneDNN-prepacked bf16 (CPU)
         self.qmatrix: nn.Module | None = None  # a QuantizedMatrix once a quantized method has loaded
         self.quant_method = UnquantizedLinearMethod()
+        if self.parallel:
+            self._attach_loaders()
+
+    def _load_slice(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable = None) -> None:
+        """Copies this rank's slice of a full checkpoint tensor (weight or bias) into ``param``."""
+        full = (self.full_out_features, self.full_in_features)[:loaded.dim()]
+        if tuple(loaded.shape) != full:
+            raise ModelLoadError(f"weight shape {tuple(loaded.shape)} does not match the model's {full}")
+        if self.parallel == "row":
+            if loaded.dim() == 1:  # the bias
+                param.data.copy_(loaded if self.tp.rank == 0 else torch.zeros_like(loaded))
+            else:
+                param.data.copy_(loaded.narrow(1, self.in_start, self.in_features))
+            return
+        rows = max(0, min(self.out_features, self.full_out_features - self.out_start))  # "vocab": past V is padding
+        param.data.zero_()
+        param.data[:rows].copy_(loaded.narrow(0, self.out_start, rows))
 
     def set_quant_method(self, method) -> None:
         """Switches to another linear method before loading; it may replace ``weight`` by the
@@ -53,14 +91,18 @@ class Linear(nn.Module):
         self._attach_loaders()
 
     def _attach_loaders(self) -> None:
-        """Hook for merged layers: give every parameter the shard-aware loader."""
+        """Gives every parameter the loader that cuts this rank's slice (merged layers: the shard-aware one)."""
+        if self.parallel:
+            for param in self.parameters(recurse=False):
+                param.weight_loader = self._load_slice
 
     def process_weights_after_loading(self) -> None:
         """Converts the loaded weight to its runtime form (prepacked, quantized), once."""
         self.quant_method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        return self.quant_method.apply(self, x)
+        out = self.quant_method.apply(self, x)
+        return self.tp.all_reduce(out) if self.parallel == "row" else out
 
     def read_bytes(self) -> int:
         """Weight bytes one forward pass reads (bias included)."""
@@ -73,13 +115,25 @@ class MergedLinear(Linear):
 
     ``shards`` maps each checkpoint shard id to its number of output rows, in order; e.g.
     ``{"q": 4096, "k": 1024, "v": 1024}`` puts q in rows [0, 4096), k in [4096, 5120), v after.
+    With ``parallel="column"`` each rank holds its slice of every shard, in whole units of
+    ``unit_sizes[shard]`` rows (a head), replicated when a shard has fewer units than ranks.
     """
 
-    def __init__(self, in_features: int, shards: dict[Hashable, int], bias: bool = False):
-        super().__init__(in_features, sum(shards.values()), bias)
+    def __init__(self, in_features: int, shards: dict[Hashable, int], bias: bool = False,
+                 parallel: str | None = None, unit_sizes: dict[Hashable, int] | None = None,
+                 unit_names: dict[Hashable, str] | None = None):
+        tp = tensor_parallel_group() if parallel == "column" else SINGLE
+        local_rows: dict[Hashable, int] = {}
+        self.source_starts: dict[Hashable, int] = {}  # each shard's first row of this rank in the checkpoint
+        for shard_id, rows in shards.items():
+            unit = (unit_sizes or {}).get(shard_id, 1)
+            first, count = partition(rows // unit, tp, (unit_names or {}).get(shard_id, f"rows of shard {shard_id!r}"))
+            self.source_starts[shard_id], local_rows[shard_id] = first * unit, count * unit
+        super().__init__(in_features, sum(local_rows.values()), bias)
+        self.tp = tp
         self.offsets: dict[Hashable, tuple[int, int]] = {}
         start = 0
-        for shard_id, rows in shards.items():
+        for shard_id, rows in local_rows.items():
             self.offsets[shard_id] = (start, rows)
             start += rows
         self._loaded_shared: set[int] = set()
@@ -107,6 +161,8 @@ class MergedLinear(Linear):
         pack = getattr(param, "pack_factor", 1)
         if start % pack or rows % pack:
             raise ModelLoadError(f"shard {shard_id!r} ({rows} outputs) does not split the packed tensor evenly")
+        if self.tp.size > 1:  # this rank's rows of the full shard
+            loaded = loaded.narrow(dim, self.source_starts[shard_id] // pack, rows // pack)
         default_weight_loader(param.data.narrow(dim, start // pack, rows // pack), loaded)
 
     def output_sizes(self) -> Sequence[int]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import MoEConfig
+from tokenmill.distributed.parallel_state import tensor_parallel_group
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.activation import silu_and_mul
 from tokenmill.layers.linear import new_parameter
@@ -104,6 +105,8 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(self, hidden_size: int, moe: MoEConfig, shared_expert: nn.Module | None = None):
         super().__init__()
+        if tensor_parallel_group().size > 1:
+            raise ModelLoadError("mixture-of-experts models do not run with tensor_parallel_size > 1 yet; use 1")
         self.moe = moe
         self.gate = GateLinear(hidden_size, moe.num_experts)
         self.experts = FusedMoE(moe.num_experts, hidden_size, moe.expert_intermediate_size)

@@ -12,6 +12,8 @@ from torch import nn
 
 from tokenmill.attention.layer import Attention
 from tokenmill.config import ModelConfig
+from tokenmill.distributed.parallel_state import tensor_parallel_group
+from tokenmill.errors import ModelLoadError
 from tokenmill.layers.activation import gelu
 from tokenmill.layers.linear import Linear, default_weight_loader, new_parameter
 from tokenmill.layers.norm import LayerNorm
@@ -91,6 +93,8 @@ class GPT2LMHeadModel(nn.Module):
 
     def __init__(self, config: ModelConfig, prefix: str = ""):
         super().__init__()
+        if tensor_parallel_group().size > 1:
+            raise ModelLoadError("GPT2LMHeadModel does not run with tensor_parallel_size > 1 yet; use 1")
         self.config = config
         self.transformer = GPT2Model(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)

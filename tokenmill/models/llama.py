@@ -11,13 +11,14 @@ stacked: ``mlp.experts.{e}.gate_proj`` (Mixtral: ``block_sparse_moe.experts.{e}.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.attention.layer import Attention
 from tokenmill.config import ModelConfig
+from tokenmill.distributed.parallel_state import partition, tensor_parallel_group
 from tokenmill.layers.activation import silu_and_mul
-from tokenmill.layers.linear import Linear, MergedLinear, new_parameter
+from tokenmill.layers.embedding import VocabParallelEmbedding
+from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.moe import SparseMoeBlock
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RopeInputs, RotaryEmbedding
@@ -27,14 +28,17 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
         self.rotary = rotary
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        tp = tensor_parallel_group()  # this rank's heads: all of them in one process
+        _, self.num_heads = partition(cfg.num_attention_heads, tp, "attention heads")
+        _, self.num_kv_heads = partition(cfg.num_key_value_heads, tp, "KV heads")
+        self.head_dim = cfg.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": cfg.q_size, "k": cfg.kv_size, "v": cfg.kv_size},
-                                     bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+                                     bias=cfg.qkv_bias, parallel="column", unit_sizes=dict.fromkeys("qkv", cfg.head_dim))
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias, parallel="row")
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5)
-        self.sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        self.sizes = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim]
 
     def forward(self, rope: RopeInputs, x: torch.Tensor) -> torch.Tensor:  # x (T, H)
         num_tokens = x.shape[0]
@@ -59,8 +63,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
         size = intermediate_size or cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: size, 1: size}, bias=cfg.mlp_bias)
-        self.down_proj = Linear(size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: size, 1: size}, bias=cfg.mlp_bias, parallel="column")
+        self.down_proj = Linear(size, cfg.hidden_size, bias=cfg.mlp_bias, parallel="row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -96,14 +100,13 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = new_parameter(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        embedded = F.embedding(input_ids, self.embed_tokens.weight)  # (T, H) in the model's dtype
+        embedded = self.embed_tokens(input_ids)  # (T, H) in the model's dtype
         rope = self.rotary.prepare(positions, embedded.dtype)  # shared by all layers
         residual = embedded.float()  # the residual stream stays in float32 (a fresh tensor: updated in place)
         hidden = None
@@ -126,7 +129,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, parallel="vocab")
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one parameter, loaded once
 
@@ -134,8 +137,11 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (N, H) -> logits (N, V) in the model's dtype."""
-        return self.lm_head(hidden)
+        """hidden (N, H) -> logits (N, V) in the model's dtype (gathered from every rank's vocabulary slice)."""
+        logits = self.lm_head(hidden)
+        if self.lm_head.parallel:
+            logits = self.lm_head.tp.all_gather_last_dim(logits)[:, :self.config.vocab_size]
+        return logits
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -82,6 +82,8 @@ def _unsupported(model: nn.Module, backend_name: str) -> str | None:
         return "not on CPU, or the Triton ops run there"
     if backend_name != "cpu":
         return f"attention backend {backend_name!r} (the C++ step calls the 'cpu' backend's kernels)"
+    if model.model.embed_tokens.tp.size > 1:
+        return "tensor parallel (the C++ step has no all-reduce)"
     if model.config.moe is not None:
         return "mixture-of-experts layers"
     if any(layer.self_attn.q_norm is not None for layer in model.model.layers):

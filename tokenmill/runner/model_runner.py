@@ -25,7 +25,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.requests: dict[str, RunnerRequestState] = {}
         cfg = model.config
-        shape = backend.kv_cache_shape(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        num_kv_heads = model.attention_layers()[0].num_kv_heads  # this rank's (all of them in one process)
+        shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, cfg.head_dim)
         self.kv_caches = []
         for layer in model.attention_layers():  # a float (2, blocks, block_size, nkv, d) tensor, or quantized
             cache = make_kv_cache(kv_cache_dtype, shape, kv_dtype, device)
@@ -104,12 +105,17 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        """Runs one step and samples one token per request whose scheduled tokens end its sequence."""
+    def execute(self, so: SchedulerOutput, sample: bool = True) -> ModelRunnerOutput:
+        """Runs one step and samples one token per request whose scheduled tokens end its sequence.
+        ``sample=False`` (a tensor-parallel worker): the same forward passes and collectives, no sampling."""
         if so.is_empty:
             self._update_states(so)
             return ModelRunnerOutput({})
         inputs, logits, hidden = self._forward(so)
+        if not sample:
+            if any(self.requests[rid].sampling_params.prompt_logprobs is not None for rid in inputs.request_ids):
+                self._prompt_logprobs(inputs, hidden)
+            return ModelRunnerOutput({})
         sampled = self.sampler(logits, inputs.sampling)
         token_ids = sampled.token_ids.tolist()  # the step's one host sync
         logprobs = {}

@@ -140,6 +140,9 @@ class GPTQLinearMethod(_QuantizedMethod):
         cfg, in_features, out_features = self.config, layer.in_features, layer.out_features
         pack = 32 // cfg.bits
         where = self.layer_name or "a linear layer"
+        if layer.tp.size > 1:
+            raise ModelLoadError(f"{where}: GPTQ checkpoints do not load with tensor_parallel_size > 1 yet; use 1 "
+                                 "(or quantization='int8'/'int4' at load, which shards)")
         if in_features % pack or out_features % pack:
             raise ModelLoadError(f"{where}: a {cfg.bits}-bit GPTQ layer needs inputs ({in_features}) and outputs "
                                  f"({out_features}) that are multiples of {pack}")

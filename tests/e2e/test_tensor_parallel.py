@@ -1,0 +1,77 @@
+"""Tensor parallelism on CPU: gloo, worker processes started by the engine, 1 thread per rank.
+
+Logits equal transformers' within 1e-4 and greedy tokens equal one process's, on dense
+architectures with grouped and replicated KV heads (fewer KV heads than ranks), biases on
+row-parallel projections, q/k norms and a vocabulary the degree does not divide; the engine's
+features (chunked prefill, prefix caching, preemption, beam search, seeded sampling) give the
+same outputs as one process; what cannot be split is refused with the reason."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from helpers.checkpoints import load_reference
+from helpers.parity import greedy_steps_match
+from tokenmill import SamplingParams
+from tokenmill.errors import ModelLoadError
+
+PROMPT = [1, 17, 45, 99, 3, 250, 77, 8, 9]
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [completion.token_ids for o in outputs for completion in o.outputs]
+
+
+@pytest.mark.parametrize("arch, degree", [("llama", 2), ("llama_linear", 2), ("mistral", 2), ("qwen3", 2),
+                                          ("llama_tp", 2), ("llama_tp", 4)])
+def test_logits_equal_reference_and_tokens_equal_one_process(arch, degree, checkpoint, make_llm):
+    folder = checkpoint(arch)
+    llm = make_llm(folder, dtype="float32", block_size=4, tensor_parallel_size=degree)
+    workers = llm.engine.core.executor.processes
+    assert len(workers) == degree - 1 and all(p.is_alive() for p in workers)
+    model = llm.engine.core.runner.model
+    attn = model.model.layers[0].self_attn
+    cfg = model.config
+    assert attn.num_heads == cfg.num_attention_heads // degree  # this rank's share
+    assert attn.num_kv_heads == max(1, cfg.num_key_value_heads // degree)
+    assert model.lm_head.out_features == -(-cfg.vocab_size // degree)
+    greedy_steps_match(llm.engine.core, PROMPT, 5, load_reference(folder), label=f"{arch} tp={degree}")
+    prompts = [{"prompt_token_ids": p} for p in (PROMPT, [1, 300], [1] + list(range(5, 40)))]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    one = make_llm(folder, dtype="float32")
+    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(one.generate(prompts, params,
+                                                                                          use_tqdm=False))
+
+
+def _workload(seed: int = 2) -> tuple[list[dict], list[SamplingParams]]:
+    rng = random.Random(seed)
+    shared = [1] + [rng.randrange(3, 380) for _ in range(24)]  # a prefix several prompts share
+    prompts = [shared + [rng.randrange(3, 380) for _ in range(rng.randint(1, 12))] for _ in range(4)]
+    prompts += [[1] + [rng.randrange(3, 380) for _ in range(rng.randint(20, 45))] for _ in range(2)]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 4
+    params += [SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True),
+               SamplingParams(beam_width=3, n=2, max_tokens=8)]
+    return [{"prompt_token_ids": p} for p in prompts], params
+
+
+def test_engine_features_give_the_same_outputs_as_one_process(checkpoint, make_llm):
+    """Chunked prefill (16 tokens per step), prefix hits, preemption (room for ~2 requests), seeded
+    sampling and beam search, all in one batch."""
+    folder = checkpoint("llama_tp")
+    options = dict(dtype="float32", block_size=4, max_num_batched_tokens=16, kv_cache_memory=2 * 2 * 1 * 8 * 4 * 4 * 40)
+    prompts, params = _workload()
+    expected = _tokens(make_llm(folder, **options).generate(prompts, params, use_tqdm=False))
+    llm = make_llm(folder, tensor_parallel_size=2, **options)
+    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
+    stats = llm.engine.core.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+
+
+@pytest.mark.parametrize("arch, why", [("qwen2", r"3 KV heads cannot be split evenly over tensor_parallel_size 2"),
+                                       ("gpt2", "GPT2LMHeadModel does not run with tensor_parallel_size > 1"),
+                                       ("mixtral", "mixture-of-experts models do not run with tensor_parallel_size")])
+def test_what_cannot_be_split_is_refused_with_the_reason(arch, why, checkpoint, make_llm):
+    with pytest.raises((ValueError, ModelLoadError), match=why):
+        make_llm(checkpoint(arch), dtype="float32", tensor_parallel_size=2)
