@@ -370,3 +370,11 @@ class EngineConfig:
         if self.quantization not in LOAD_TIME_METHODS:
             return None
         return QuantizationConfig.load_time(self.quantization, self.quantization_group_size, self.quantize_lm_head)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device {device!r} is not supported; choose auto, cpu or cuda")
+    return torch.device(device)

@@ -12,7 +12,6 @@ its text gibberish.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tokenmill.config import ModelConfig
+from tokenmill.models.fetch import cache_root
 
 CORPUS = """\
 tokenmill is an inference engine. It runs prompts through a model, one step at a time.
@@ -43,8 +43,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("TOKENMILL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tokenmill")
-    return Path(base) / "demo-llama-v1"
+    return cache_root() / "demo-llama-v1"
 
 
 def build_demo_model(folder: Path) -> Path:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from tokenmill.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from tokenmill.scheduler.beam_search import BeamGroup
 
 
 class RequestStatus(enum.IntEnum):
@@ -51,8 +48,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended the request, if any."""
-    group: BeamGroup | None = None
-    """The beam-search group this sequence is a beam of, if any."""
+    group: Any = None
+    """The beam-search group (``scheduler.beam_search.BeamGroup``) this sequence is a beam of, if any;
+    typed loosely so that this module imports nothing from the scheduler above it."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -147,3 +147,13 @@ def test_generate_chat_with_the_real_model_knows_paris():
                   "--max-tokens", "24", "--kv-cache-memory", "64MiB")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout and "finish_reason=stop" in result.stderr
+
+
+def test_analyze_a_model_beyond_one_device_prints_the_seeds_memory_and_the_devices_it_needs():
+    result = _run("analyze", "--model", "opt-175b", "--hardware", "a10", "--batch-size", "512", "--input-len", "512",
+                  "--output-len", "32")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "weights                           325.23" in out and "KV cache                         1224.00" in out
+    assert "the smallest layout that holds it is tp 8 x pp 20 = 160 x a10" in out
+    assert "all-reduce 8.26 MB" in out

@@ -48,7 +48,7 @@ def test_logits_and_greedy_tokens_match_transformers(smollm2, reference, make_ll
 
 
 def test_tokenizer_encodes_and_decodes_as_transformers(smollm2, reference):
-    from tokenmill.engine.tokenizer import load_tokenizer
+    from tokenmill.engine.tokenizer_loader import load_tokenizer
 
     _, ref_tokenizer = reference
     ours = load_tokenizer(smollm2)

@@ -299,7 +299,7 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
     from transformers import AutoTokenizer
 
     from helpers.shared_models import SHARED_MODELS
-    from tokenmill.engine.tokenizer import load_tokenizer
+    from tokenmill.engine.tokenizer_loader import load_tokenizer
 
     model_file = SHARED_MODELS / "llama2-tokenizer" / "tokenizer.model"
     if not model_file.is_file():

@@ -91,8 +91,29 @@ def test_tensor_parallel_splits_weights_and_time():
     one = analyze("llama-2-70b", "h100-sxm", batch_size=1, tp=2)
     four = analyze("llama-2-70b", "h100-sxm", batch_size=1, tp=4)
     assert four.decode_time_s < one.decode_time_s / 1.8
-    with pytest.raises(AnalysisError, match="does not fit"):
-        analyze("llama-2-70b", "h100-sxm", batch_size=1, tp=1)
+    assert one.cluster is None and analyze("llama-2-70b", "h100-sxm", batch_size=1, tp=1).cluster.num_devices == 2
+
+
+def test_a_configuration_beyond_one_device_gets_the_smallest_tensor_x_pipeline_layout():
+    """The seed's OPT-175B example (batch 512, 512 in, 32 out: ~325 GB of weights, ~1.2 TB of KV
+    cache) on A10s: the fullest device of the layout, worked out by hand, fits; one stage fewer does not."""
+    report = analyze("opt-175b", "a10", batch_size=512, input_len=512, output_len=32)
+    gib = 2**30
+    assert report.memory.weight_bytes / gib == pytest.approx(325, rel=0.01)
+    assert report.memory.kv_cache_bytes / gib == pytest.approx(1224, rel=0.001)  # 2*96*12288*544*512*2 bytes
+    plan = report.cluster
+    assert (plan.tp, plan.pp) == (8, 20) and report.tp == 8
+
+    def fullest(pp: int) -> float:  # ceil(96 / pp) layers; OPT's embedding is tied, so one table at either end
+        layers, embedding = -(-96 // pp), 50272 * 12288 * 2
+        layer_weights = (report.memory.weight_bytes - embedding) / 96
+        kv = report.memory.kv_cache_bytes / 96 * layers
+        return (layer_weights * layers + embedding + kv + report.memory.activation_bytes) / 8
+
+    device = report.hardware.memory_bytes
+    assert plan.per_device_bytes == pytest.approx(fullest(20)) and fullest(20) <= device < fullest(19)
+    assert plan.allreduce_bytes_per_token == 96 * 2 * (12288 * 2) * 2 * 7 / 8  # ring: 2 (tp-1)/tp of each
+    assert plan.pipeline_bytes_per_token == 19 * 2 * 12288 * 2
 
 
 def test_bad_input_is_named():
@@ -100,8 +121,8 @@ def test_bad_input_is_named():
         get_hardware("b200")
     with pytest.raises(AnalysisError, match=r"unknown model 'gpt-5'.*opt-175b"):
         get_model_shape("gpt-5")
-    with pytest.raises(AnalysisError, match="does not fit: it needs .* GiB too much; the largest batch that fits is"):
-        analyze("opt-175b", "a100-80gb", batch_size=512, input_len=512, output_len=32)
+    with pytest.raises(AnalysisError, match=r"does not fit: it needs .* GiB .* no layout of up to tp 8 x pp 96 t4"):
+        analyze("opt-175b", "t4", batch_size=4096, input_len=2048, output_len=32)
     with pytest.raises(AnalysisError, match="unknown dtype 'fp12'"):
         analyze("gpt2", "a10", dtype="fp12")
     with pytest.raises(AnalysisError, match="batch_size must be a positive integer"):

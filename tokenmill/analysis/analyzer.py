@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenmill.analysis.cluster import ClusterPlan, plan_cluster
 from tokenmill.analysis.hardware import AnalysisError, Hardware, get_hardware
 from tokenmill.analysis.memory import MemoryReport, dtype_bytes, memory_report
 from tokenmill.analysis.model_shape import ModelShape, get_model_shape
@@ -35,6 +36,9 @@ class AnalysisReport:
     prefill: Phase
     decode: Phase
     sweep: list[SweepPoint]
+    cluster: ClusterPlan | None = None
+    """Set when the configuration does not fit ``tp`` devices: the smallest tp x pp that holds it (the
+    phases are then per device at that tp; pipeline stages add transfers, not modelled)."""
 
     @property
     def prefill_time_s(self) -> float:
@@ -73,6 +77,12 @@ class AnalysisReport:
             "predicted": {"ttft_s": self.prefill_time_s, "ms_per_output_token": 1000 * self.decode_time_s,
                           "decode_tokens_per_s": self.decode_tokens_per_s},
             "sweep": [vars(p) for p in self.sweep],
+            "cluster": None if self.cluster is None else {
+                "tp": self.cluster.tp, "pp": self.cluster.pp, "num_devices": self.cluster.num_devices,
+                "per_device_bytes": self.cluster.per_device_bytes,
+                "device_memory_bytes": self.cluster.device_memory_bytes,
+                "allreduce_bytes_per_token": self.cluster.allreduce_bytes_per_token,
+                "pipeline_bytes_per_token": self.cluster.pipeline_bytes_per_token},
         }
 
 
@@ -95,17 +105,22 @@ def analyze(model: str | ModelShape, hardware: str | Hardware, batch_size: int =
     if shape.num_kv_heads % tp and tp % shape.num_kv_heads:
         raise AnalysisError(f"tp {tp} does not divide the {shape.num_kv_heads} KV heads of {shape.name}")
     mem = memory_report(shape, batch_size, input_len, output_len, dtype, kv_dtype, hw.memory_bytes, tp)
-    if check_fit and not mem.fits:
-        over = mem.total_bytes - mem.device_memory_bytes
-        raise AnalysisError(
-            f"batch {batch_size} does not fit: it needs {mem.total_bytes / 2**30:.1f} GiB (weights "
-            f"{mem.weight_bytes / 2**30:.1f}, KV cache {mem.kv_cache_bytes / 2**30:.1f}, activations "
-            f"{mem.activation_bytes / 2**30:.1f}) but {hw.name} x{tp} has {mem.device_memory_bytes / 2**30:.1f} GiB: "
-            f"{over / 2**30:.1f} GiB too much; the largest batch that fits is {mem.max_batch_size}")
+    cluster = None
+    if check_fit and not mem.fits:  # analysed anyway, on the smallest layout of such devices that holds it
+        cluster = plan_cluster(shape, mem, hw.memory_bytes, dtype)
+        if cluster is None:
+            over = mem.total_bytes - mem.device_memory_bytes
+            raise AnalysisError(
+                f"batch {batch_size} does not fit: it needs {mem.total_bytes / 2**30:.1f} GiB (weights "
+                f"{mem.weight_bytes / 2**30:.1f}, KV cache {mem.kv_cache_bytes / 2**30:.1f}, activations "
+                f"{mem.activation_bytes / 2**30:.1f}), {over / 2**30:.1f} GiB more than {hw.name} x{tp}, and no "
+                f"layout of up to tp 8 x pp {shape.num_layers} {hw.name} devices holds it")
+        tp = cluster.tp
     prefill = phase_ops(shape, hw, batch_size, input_len, input_len, dtype, kv_dtype, tp, "prefill")
     decode = phase_ops(shape, hw, batch_size, 1, _decode_context(input_len, output_len), dtype, kv_dtype, tp, "decode")
     return AnalysisReport(shape, hw, batch_size, input_len, output_len, dtype, kv_dtype, tp, mem, prefill, decode,
-                          batch_sweep(shape, hw, input_len, output_len, dtype, kv_dtype, tp, mem.max_batch_size))
+                          batch_sweep(shape, hw, input_len, output_len, dtype, kv_dtype, tp, mem.max_batch_size),
+                          cluster)
 
 
 def batch_sweep(shape: ModelShape, hw: Hardware, input_len: int, output_len: int, dtype: str, kv_dtype: str,

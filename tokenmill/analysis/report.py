@@ -27,6 +27,19 @@ def phase_table(phase: Phase, ridge: float) -> str:
     return "\n".join(lines)
 
 
+def _cluster_lines(r: AnalysisReport) -> list[str]:
+    c = r.cluster
+    if c is None:
+        return []
+    return ["", f"does not fit one {r.hardware.name}: the smallest layout that holds it is tp {c.tp} x pp {c.pp} = "
+                f"{c.num_devices} x {r.hardware.name}",
+            f"  per device {c.per_device_bytes / GiB:.1f} GiB of {c.device_memory_bytes / GiB:.1f} (its layers' weights "
+            f"and KV cache, embedding or head, activations)",
+            f"  traffic per generated token and device: all-reduce {_fmt(c.allreduce_bytes_per_token, 'B')} "
+            f"(2 per layer, ring), pipeline {_fmt(c.pipeline_bytes_per_token, 'B')} (stage boundaries)",
+            f"  the tables below are per device at tp {c.tp}"]
+
+
 def text_report(r: AnalysisReport) -> str:
     m, hw = r.memory, r.hardware
     compute = "fp32" if r.dtype == "fp32" else "fp16"
@@ -45,6 +58,7 @@ def text_report(r: AnalysisReport) -> str:
            f"({'fits' if m.fits else 'DOES NOT FIT'}); largest batch that fits: {m.max_batch_size}",
            f"memory (seed's simple fp16 formulas): weights {m.simple_weight_bytes / GiB:.1f} GiB, "
            f"KV cache {m.simple_kv_bytes / GiB:.1f} GiB",
+           *_cluster_lines(r),
            "",
            phase_table(r.prefill, hw.ridge_point(compute)),
            "",

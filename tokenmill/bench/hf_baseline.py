@@ -20,11 +20,11 @@ def materialize_shape(name: str, dtype: torch.dtype, seed: int = 0) -> Path:
     so that tokenmill and transformers load exactly the same checkpoint."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tokenmill.demo import default_cache_dir
+    from tokenmill.models.fetch import cache_root
     from tokenmill.models.shapes import SHAPES
 
     c = SHAPES[name]
-    folder = default_cache_dir().parent / f"shape-{name}-{str(dtype).removeprefix('torch.')}-seed{seed}"
+    folder = cache_root() / f"shape-{name}-{str(dtype).removeprefix('torch.')}-seed{seed}"
     if (folder / "config.json").is_file():
         return folder
     config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,

@@ -18,7 +18,7 @@ def worker_main(rank: int, size: int, port: int, config, num_threads: int) -> No
     """Entry point of worker ``rank`` (1 .. size - 1), started by ``TensorParallelExecutor``."""
     from tokenmill.attention.registry import create_backend
     from tokenmill.distributed.parallel_state import TensorParallelGroup, building_for
-    from tokenmill.engine.llm_engine import resolve_device
+    from tokenmill.config import resolve_device
     from tokenmill.models.loader import load_model
     from tokenmill.runner.model_runner import ModelRunner
 

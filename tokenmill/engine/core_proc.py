@@ -35,7 +35,7 @@ class EngineDeadError(TokenmillError):
 
 def _build_core(config: EngineConfig, tokenizer_eos: tuple[int, ...]):
     from tokenmill.engine.core import build_engine_core
-    from tokenmill.engine.llm_engine import resolve_device
+    from tokenmill.config import resolve_device
 
     return build_engine_core(config, resolve_device(config.device), tokenizer_eos=tokenizer_eos)
 

@@ -15,11 +15,12 @@ from typing import Protocol, Union
 
 import torch
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, resolve_device
 from tokenmill.engine.core import EngineCore, EngineLimits, build_engine_core, load_engine_model
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.parallel_sampling import SampleGroup, child_params, child_request_id
-from tokenmill.engine.tokenizer import BaseTokenizer, load_tokenizer
+from tokenmill.engine.tokenizer import BaseTokenizer
+from tokenmill.engine.tokenizer_loader import load_tokenizer
 from tokenmill.errors import RequestError, check_unicode
 from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tokenmill.outputs import EngineCoreOutput
@@ -51,13 +52,6 @@ class _Tracked:
         return RequestMetrics(self.arrival_time, self.first_token_time, self.last_token_time,
                               self.last_token_time if finished else None, self.num_cached_tokens)
 
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device {device!r} is not supported; choose auto, cpu or cuda")
-    return torch.device(device)
 
 
 class CoreClient(Protocol):

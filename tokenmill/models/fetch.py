@@ -37,10 +37,13 @@ KNOWN_MODELS = {m.name: m for m in [
 ]}
 
 
-def models_cache_dir() -> Path:
-    from tokenmill.demo import default_cache_dir
+def cache_root() -> Path:
+    """Where tokenmill keeps what it downloads or writes once ($TOKENMILL_CACHE, else ~/.cache/tokenmill)."""
+    return Path(os.environ.get("TOKENMILL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tokenmill"))
 
-    return default_cache_dir().parent / "models"
+
+def models_cache_dir() -> Path:
+    return cache_root() / "models"
 
 
 def resolve_model(model: str) -> str:

@@ -13,7 +13,6 @@ import hmac
 import json
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,27 +24,11 @@ from tokenmill.engine.async_llm import AsyncLLM, RequestTimeoutError, ServerShut
 from tokenmill.engine.core_proc import EngineDeadError
 from tokenmill.errors import RequestError, TokenizerError
 from tokenmill.logger import get_logger
+from tokenmill.server.api_error import APIError
 from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.settings import ServerSettings
 
 logger = get_logger(__name__)
-
-
-@dataclass
-class ServerSettings:
-    model_name: str
-    api_key: str | None = None
-    max_queued_requests: int = 1024
-    """Requests beyond max_num_seqs that may wait; past that, 503."""
-    request_timeout: float | None = 600.0
-    max_body_bytes: int = 4 * 2**20
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
 
 
 class _ASCIIJSONResponse(JSONResponse):

@@ -25,7 +25,8 @@ def serve(config: EngineConfig, args) -> None:
     import uvicorn
 
     from tokenmill.engine.async_llm import AsyncLLM
-    from tokenmill.server.app import ServerSettings, create_app
+    from tokenmill.server.app import create_app
+    from tokenmill.server.settings import ServerSettings
 
     # The front end does no tensor work: one thread, so that it never competes with the engine's.
     torch.set_num_threads(1)

@@ -22,9 +22,10 @@ from tokenmill.engine.core_proc import EngineDeadError
 from tokenmill.errors import RequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.server.app import APIError, ServerSettings
+from tokenmill.server.api_error import APIError
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.responses import ChatAPI, CompletionAPI
+from tokenmill.server.settings import ServerSettings
 
 
 def register_routes(app: FastAPI, engine: AsyncLLM, settings: ServerSettings) -> None:
