@@ -37,6 +37,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "fp8_e4m3 (a per-tensor scale: 2x)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="processes that each hold 1/N of the model (CPU, gloo); the engine starts the workers")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: place whole experts of MoE layers on the ranks")
 
 
 def _engine_kwargs(args) -> dict:
@@ -46,7 +48,7 @@ def _engine_kwargs(args) -> dict:
                 max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
                 quantization=args.quantization, quantization_group_size=args.quantization_group_size,
                 quantize_lm_head=not args.no_quantize_lm_head, kv_cache_dtype=args.kv_cache_dtype,
-                tensor_parallel_size=args.tensor_parallel_size)
+                tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
 
 
 def _make_llm(args, skip_tokenizer_init: bool = False):

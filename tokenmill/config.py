@@ -349,6 +349,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     """Processes that each hold 1/N of every layer (heads, MLP rows, vocabulary), joined with
     torch.distributed (gloo); the engine starts the N - 1 workers itself."""
+    enable_expert_parallel: bool = False
+    """Mixture-of-experts layers under tensor parallelism: each rank holds whole experts (E / N of them)
+    instead of 1/N of every expert; attention stays tensor-parallel."""
     distributed_timeout_s: float = 120.0
     """How long a tensor-parallel rank waits for the others (to join, or in a collective) before failing."""
 

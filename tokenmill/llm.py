@@ -26,7 +26,7 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
                   attention_backend: str = "auto", skip_tokenizer_init: bool = False,
                   device: str = "auto", quantization: str | None = None, quantization_group_size: int | None = None,
                   quantize_lm_head: bool = True, kv_cache_dtype: str = "auto",
-                  tensor_parallel_size: int = 1) -> EngineConfig:
+                  tensor_parallel_size: int = 1, enable_expert_parallel: bool = False) -> EngineConfig:
     """An EngineConfig from the flat options of ``LLM`` (and the CLI); see ``LLM`` for their meaning.
     A known model name (``smollm2-135m-instruct``) becomes its local file, fetched on first use."""
     from tokenmill.models.fetch import resolve_model
@@ -38,7 +38,7 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
         quantization=quantization, quantization_group_size=quantization_group_size, quantize_lm_head=quantize_lm_head,
         cache=CacheConfig(block_size, memory, enable_prefix_caching, kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill),
-        tensor_parallel_size=tensor_parallel_size)
+        tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel)
 
 
 class LLM:
@@ -66,6 +66,7 @@ class LLM:
         kv_cache_dtype: ``auto`` (the model's dtype) or ``int8`` (~2x the tokens in the same memory).
         tensor_parallel_size: processes that each hold 1/N of the model (CPU, gloo); the engine
             starts the workers, and ``shutdown()`` (or the end of this process) stops them.
+        enable_expert_parallel: with tensor_parallel_size > 1, place whole experts on the ranks.
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",
@@ -74,11 +75,13 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
                  attention_backend: str = "auto", skip_tokenizer_init: bool = False, device: str = "auto",
                  quantization: str | None = None, quantization_group_size: int | None = None,
-                 quantize_lm_head: bool = True, kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1):
+                 quantize_lm_head: bool = True, kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False):
         config = engine_config(model, tokenizer, dtype, kv_cache_memory, block_size, max_num_seqs,
                                max_num_batched_tokens, max_model_len, enable_prefix_caching, enable_chunked_prefill,
                                seed, attention_backend, skip_tokenizer_init, device, quantization,
-                               quantization_group_size, quantize_lm_head, kv_cache_dtype, tensor_parallel_size)
+                               quantization_group_size, quantize_lm_head, kv_cache_dtype, tensor_parallel_size,
+                               enable_expert_parallel)
         self.engine = LLMEngine(config)
 
     @classmethod

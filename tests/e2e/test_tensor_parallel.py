@@ -1,4 +1,4 @@
-"""Tensor parallelism on CPU: gloo, worker processes started by the engine, 1 thread per rank.
+"""Tensor (and expert) parallelism on CPU: gloo, worker processes started by the engine, 1 thread per rank.
 
 Logits equal transformers' within 1e-4 and greedy tokens equal one process's, on dense
 architectures with grouped and replicated KV heads (fewer KV heads than ranks), biases on
@@ -12,10 +12,11 @@ import random
 
 import pytest
 
-from helpers.checkpoints import load_reference
+from helpers.checkpoints import MOE_ARCHITECTURES, load_reference
 from helpers.parity import greedy_steps_match
 from tokenmill import SamplingParams
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers.moe import FusedMoE
 
 PROMPT = [1, 17, 45, 99, 3, 250, 77, 8, 9]
 
@@ -69,9 +70,31 @@ def test_engine_features_give_the_same_outputs_as_one_process(checkpoint, make_l
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
 
 
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["experts-split", "expert-parallel"])
+def test_mixture_of_experts_split_or_placed_over_ranks_equals_one_process(arch, expert_parallel, checkpoint, make_llm):
+    """Experts split by rows (tensor parallel) or placed whole on the ranks (expert parallel; 5 experts
+    over 2 ranks: 2 and 3): logits equal transformers' and tokens one process's."""
+    folder = checkpoint(arch)
+    llm = make_llm(folder, dtype="float32", block_size=4, tensor_parallel_size=2,
+                   enable_expert_parallel=expert_parallel)
+    model = llm.engine.core.runner.model
+    experts = next(m for m in model.modules() if isinstance(m, FusedMoE))
+    cfg = model.config.moe
+    if expert_parallel:
+        assert experts.num_local_experts == cfg.num_experts // 2 and experts.w13.shape[1] == 2 * cfg.expert_intermediate_size
+    else:
+        assert experts.num_local_experts == cfg.num_experts and experts.w13.shape[1] == cfg.expert_intermediate_size
+    greedy_steps_match(llm.engine.core, PROMPT, 5, load_reference(folder), label=f"{arch} ep={expert_parallel}")
+    prompts = [{"prompt_token_ids": p} for p in (PROMPT, [1, 300], [1] + list(range(5, 40)))]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    one = make_llm(folder, dtype="float32")
+    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(one.generate(prompts, params,
+                                                                                          use_tqdm=False))
+
+
 @pytest.mark.parametrize("arch, why", [("qwen2", r"3 KV heads cannot be split evenly over tensor_parallel_size 2"),
-                                       ("gpt2", "GPT2LMHeadModel does not run with tensor_parallel_size > 1"),
-                                       ("mixtral", "mixture-of-experts models do not run with tensor_parallel_size")])
+                                       ("gpt2", "GPT2LMHeadModel does not run with tensor_parallel_size > 1")])
 def test_what_cannot_be_split_is_refused_with_the_reason(arch, why, checkpoint, make_llm):
     with pytest.raises((ValueError, ModelLoadError), match=why):
         make_llm(checkpoint(arch), dtype="float32", tensor_parallel_size=2)

@@ -43,13 +43,15 @@ class TensorParallelExecutor:
             process.start()
         try:
             _wait_for_workers(store, self.processes, config.distributed_timeout_s)
-            self.group = TensorParallelGroup.join(0, size, config.distributed_timeout_s, store=store)
+            self.group = TensorParallelGroup.join(0, size, config.distributed_timeout_s, store=store,
+                                                  expert_parallel=config.enable_expert_parallel)
         except BaseException:
             _stop(None, self.processes, self._threads_before)
             raise
         torch.set_num_threads(threads)
         self._store = store  # rank 0 hosts the rendezvous; it must outlive the group
-        logger.info("tensor parallel: %d ranks (gloo), %d thread(s) each", size, threads)
+        logger.info("tensor parallel: %d ranks (gloo), %d thread(s) each%s", size, threads,
+                    ", experts placed whole on the ranks (expert parallel)" if config.enable_expert_parallel else "")
         self._finalizer = weakref.finalize(self, _stop, self.group, self.processes, self._threads_before)
 
     def runner(self, driver_runner, num_blocks: int) -> "TensorParallelRunner":

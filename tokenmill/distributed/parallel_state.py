@@ -24,8 +24,10 @@ import torch.distributed as dist
 class TensorParallelGroup:
     """``size`` processes that each hold 1/size of every layer; this one is ``rank``."""
 
-    def __init__(self, rank: int, size: int, process_group: Any = None):
-        self.rank, self.size, self._pg = rank, size, process_group
+    def __init__(self, rank: int, size: int, process_group: Any = None, expert_parallel: bool = False):
+        """``expert_parallel``: mixture-of-experts layers place whole experts on the ranks instead of
+        splitting every expert's rows."""
+        self.rank, self.size, self._pg, self.expert_parallel = rank, size, process_group, expert_parallel
 
     @staticmethod
     def listen(size: int, timeout_s: float, host: str = "127.0.0.1", port: int = 0) -> Any:
@@ -35,7 +37,7 @@ class TensorParallelGroup:
 
     @classmethod
     def join(cls, rank: int, size: int, timeout_s: float, store: Any = None, host: str = "127.0.0.1",
-             port: int = 0) -> "TensorParallelGroup":
+             port: int = 0, expert_parallel: bool = False) -> "TensorParallelGroup":
         """Joins the group (rank 0 passes its ``store``, the others rank 0's host and port); raises
         RuntimeError if the ranks have not all joined within ``timeout_s``."""
         timeout = timedelta(seconds=timeout_s)
@@ -47,7 +49,7 @@ class TensorParallelGroup:
         except Exception as e:  # noqa: BLE001 - re-raised with the ranks named
             raise RuntimeError(f"tensor-parallel rank {rank} of {size}: the {size} ranks did not all join within "
                                f"{timeout_s:.0f} s (a rank failed to start, or died): {e}") from None
-        return cls(rank, size, process_group)
+        return cls(rank, size, process_group, expert_parallel)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of ``x`` over the ranks (computed in float32, returned in x's dtype)."""

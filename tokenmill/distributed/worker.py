@@ -23,7 +23,8 @@ def worker_main(rank: int, size: int, port: int, config, num_threads: int) -> No
     from tokenmill.runner.model_runner import ModelRunner
 
     torch.set_num_threads(num_threads)
-    group = TensorParallelGroup.join(rank, size, config.distributed_timeout_s, port=port)
+    group = TensorParallelGroup.join(rank, size, config.distributed_timeout_s, port=port,
+                                     expert_parallel=config.enable_expert_parallel)
     device = resolve_device(config.device)
     with building_for(group):
         model, _ = load_model(config.model, config.dtype, device, seed=config.seed, quantization=config.quantization,
