@@ -8,7 +8,9 @@ same outputs as one process; what cannot be split is refused with the reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import time
 
 import pytest
 
@@ -98,3 +100,29 @@ def test_mixture_of_experts_split_or_placed_over_ranks_equals_one_process(arch, 
 def test_what_cannot_be_split_is_refused_with_the_reason(arch, why, checkpoint, make_llm):
     with pytest.raises((ValueError, ModelLoadError), match=why):
         make_llm(checkpoint(arch), dtype="float32", tensor_parallel_size=2)
+
+
+def _worker_that_exits(rank, size, port, config, threads):
+    raise SystemExit(3)
+
+
+def _worker_that_never_joins(rank, size, port, config, threads):
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("worker, message", [
+    (_worker_that_exits, r"tensor-parallel rank 1 exited with code 3 before joining"),
+    (_worker_that_never_joins, r"tensor-parallel rank\(s\) \[1\] did not start within 3 s"),
+])
+def test_a_rank_that_dies_or_never_joins_fails_start_up_naming_it(worker, message, checkpoint, monkeypatch):
+    from tokenmill.distributed import executor
+    from tokenmill.llm import LLM, engine_config
+
+    monkeypatch.setattr(executor, "worker_main", worker)
+    config = dataclasses.replace(engine_config(str(checkpoint("llama")), dtype="float32", device="cpu",
+                                               kv_cache_memory="8MiB", tensor_parallel_size=2),
+                                 distributed_timeout_s=3)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=message):
+        LLM.from_engine_config(config)
+    assert time.monotonic() - started < 30

@@ -404,3 +404,35 @@ def test_the_real_model_through_the_openai_client_knows_paris():
         assert "Paris" in chat.choices[0].message.content and chat.choices[0].finish_reason == "stop"
     finally:
         srv.stop()
+
+
+def test_a_dead_tensor_parallel_worker_fails_streams_fast_and_marks_the_engine_unhealthy(start_server):
+    """Killing the worker rank of a `--tensor-parallel-size 2` server mid-stream: rank 0's next
+    collective fails at once, the stream ends with engine_dead naming the rank in the log, and
+    /metrics says unhealthy; no hang until a timeout."""
+    srv = start_server("--tensor-parallel-size", "2")
+    core = _engine_processes(srv.proc.pid)[0]
+    workers = _engine_processes(core)
+    assert len(workers) == 1, "the core process should have started one worker rank"
+    events: list[dict] = []
+    streaming = threading.Event()
+
+    def stream() -> None:
+        body = {"prompt": [1, 2, 3], "max_tokens": 250, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+                    streaming.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert streaming.wait(60)
+    killed = time.monotonic()
+    os.kill(workers[0], signal.SIGKILL)
+    reader.join(30)
+    assert time.monotonic() - killed < 15, "the stream did not end promptly"
+    errors = [e["error"] for e in events if "error" in e]
+    assert errors and errors[0]["code"] == "engine_dead"
+    assert srv.metric("engine_healthy") == 0
+    assert "tensor-parallel worker rank 1 (exit code -9) died" in srv.output()

@@ -62,6 +62,18 @@ class TensorParallelExecutor:
     def shutdown(self) -> None:
         self._finalizer()
 
+    def failure(self, error: Exception) -> RuntimeError:
+        """A collective failed: an error naming the worker that died (a dead peer breaks gloo's sockets,
+        so rank 0 learns at its next collective), or the collective's own error."""
+        for process in self.processes:
+            process.join(timeout=1.0)  # a killed worker is reaped within moments of its sockets closing
+        dead = [f"rank {rank} (exit code {process.exitcode})" for rank, process in enumerate(self.processes, start=1)
+                if process.exitcode is not None]
+        if dead:
+            return RuntimeError(f"tensor-parallel worker {', '.join(dead)} died; this engine cannot continue "
+                                f"(gloo: {str(error).splitlines()[0][:200]})")
+        return RuntimeError(f"a tensor-parallel collective failed: {error}")
+
 
 def _wait_for_workers(store, processes: list, timeout_s: float) -> None:
     """Returns once every worker has reached the store; RuntimeError naming a worker that exited first
@@ -109,9 +121,14 @@ class TensorParallelRunner:
         return getattr(self.driver, name)
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        self.executor.group.broadcast_object(("step", so))
-        return self.driver.execute(so)
+        return self._run("step", so, self.driver.execute)
 
     def execute_logits(self, so: SchedulerOutput) -> dict[str, torch.Tensor]:
-        self.executor.group.broadcast_object(("logits", so))
-        return self.driver.execute_logits(so)
+        return self._run("logits", so, self.driver.execute_logits)
+
+    def _run(self, kind: str, so: SchedulerOutput, call):
+        try:
+            self.executor.group.broadcast_object((kind, so))
+            return call(so)
+        except RuntimeError as e:  # gloo reports a dead peer as a socket error
+            raise self.executor.failure(e) from e
