@@ -60,10 +60,24 @@ def _make_llm(args, skip_tokenizer_init: bool = False):
 
 
 def _serve(args) -> None:
+    import dataclasses
+
+    from tokenmill.distributed.launch import launched_tensor_parallel_size, torchrun_rank
     from tokenmill.llm import engine_config
     from tokenmill.server.main import serve
 
-    serve(engine_config(args.model, **_engine_kwargs(args)), args)
+    config = engine_config(args.model, **_engine_kwargs(args))
+    launched = torchrun_rank()
+    if launched is not None:  # started by torchrun: every process is a tensor-parallel rank; rank 0 serves
+        config = dataclasses.replace(config, tensor_parallel_size=launched_tensor_parallel_size(
+            config.tensor_parallel_size, launched))
+        if launched.rank != 0:
+            from tokenmill.distributed.worker import worker_main
+
+            worker_main(launched.rank, launched.world_size, launched.master_port, config, torch.get_num_threads(),
+                        launched.master_addr)
+            return
+    serve(config, args)
 
 
 def _generate(args) -> None:

@@ -19,6 +19,7 @@ import weakref
 import torch
 from torch import nn
 
+from tokenmill.distributed.launch import torchrun_rank
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.distributed.worker import worker_main
 from tokenmill.logger import get_logger
@@ -32,25 +33,34 @@ class TensorParallelExecutor:
 
     def __init__(self, config):
         size = config.tensor_parallel_size
+        launched = torchrun_rank()
         self._threads_before = torch.get_num_threads()
-        threads = max(1, self._threads_before // size)
-        store = TensorParallelGroup.listen(size, config.distributed_timeout_s)
-        context = multiprocessing.get_context("spawn")
-        self.processes = [context.Process(target=worker_main, args=(rank, size, store.port, config, threads),
-                                          name=f"tokenmill-tp-rank{rank}", daemon=True)
-                          for rank in range(1, size)]
-        for process in self.processes:
-            process.start()
+        threads = max(1, self._threads_before // (launched.local_world_size if launched else size))
+        self.processes = []
+        if launched is not None:  # torchrun started the other ranks; its store is where they meet
+            store = (TensorParallelGroup.connect(launched.master_addr, launched.master_port, size,
+                                                 config.distributed_timeout_s) if launched.agent_store else
+                     TensorParallelGroup.listen(size, config.distributed_timeout_s, launched.master_addr,
+                                                launched.master_port))
+        else:
+            store = TensorParallelGroup.listen(size, config.distributed_timeout_s)
+            context = multiprocessing.get_context("spawn")
+            self.processes = [context.Process(target=worker_main, args=(rank, size, store.port, config, threads),
+                                              name=f"tokenmill-tp-rank{rank}", daemon=True)
+                              for rank in range(1, size)]
+            for process in self.processes:
+                process.start()
         try:
-            _wait_for_workers(store, self.processes, config.distributed_timeout_s)
-            self.group = TensorParallelGroup.join(0, size, config.distributed_timeout_s, store=store,
+            _wait_for_workers(store, size, self.processes, config.distributed_timeout_s)
+            self.group = TensorParallelGroup.join(0, size, config.distributed_timeout_s, store,
                                                   expert_parallel=config.enable_expert_parallel)
         except BaseException:
             _stop(None, self.processes, self._threads_before)
             raise
         torch.set_num_threads(threads)
-        self._store = store  # rank 0 hosts the rendezvous; it must outlive the group
-        logger.info("tensor parallel: %d ranks (gloo), %d thread(s) each%s", size, threads,
+        self._store = store  # rank 0 may host the rendezvous; it must outlive the group
+        logger.info("tensor parallel: %d ranks (gloo%s), %d thread(s) each%s", size,
+                    ", launched by torchrun" if launched else "", threads,
                     ", experts placed whole on the ranks (expert parallel)" if config.enable_expert_parallel else "")
         self._finalizer = weakref.finalize(self, _stop, self.group, self.processes, self._threads_before)
 
@@ -75,20 +85,20 @@ class TensorParallelExecutor:
         return RuntimeError(f"a tensor-parallel collective failed: {error}")
 
 
-def _wait_for_workers(store, processes: list, timeout_s: float) -> None:
-    """Returns once every worker has reached the store; RuntimeError naming a worker that exited first
-    (an import error, a missing ``if __name__ == "__main__":`` guard in a spawning script) or the
-    ranks still missing at the timeout."""
+def _wait_for_workers(store, size: int, processes: list, timeout_s: float) -> None:
+    """Returns once every worker rank has reached the store; RuntimeError naming a worker this process
+    started that exited first (an import error, a missing ``if __name__ == "__main__":`` guard in a
+    spawning script) or the ranks still missing at the timeout."""
     deadline = time.monotonic() + timeout_s
-    waiting = {rank: process for rank, process in enumerate(processes, start=1)}
+    waiting = set(range(1, size))
     while waiting:
-        for rank, process in list(waiting.items()):
-            if store.check([f"tokenmill/started/{rank}"]):
-                del waiting[rank]
-            elif process.exitcode is not None:
-                raise RuntimeError(f"tensor-parallel rank {rank} exited with code {process.exitcode} before joining "
-                                   "(its error is printed above; a script that starts an engine with "
-                                   "tensor_parallel_size > 1 needs an `if __name__ == \"__main__\":` guard)")
+        for rank in sorted(waiting):
+            if TensorParallelGroup.started(store, rank):
+                waiting.discard(rank)
+            elif rank <= len(processes) and processes[rank - 1].exitcode is not None:
+                raise RuntimeError(f"tensor-parallel rank {rank} exited with code {processes[rank - 1].exitcode} "
+                                   "before joining (its error is printed above; a script that starts an engine "
+                                   "with tensor_parallel_size > 1 needs an `if __name__ == \"__main__\":` guard)")
         if waiting and time.monotonic() > deadline:
             raise RuntimeError(f"tensor-parallel rank(s) {sorted(waiting)} did not start within {timeout_s:.0f} s")
         time.sleep(0.05)

@@ -35,21 +35,31 @@ class TensorParallelGroup:
         return dist.TCPStore(host, port, size, is_master=True, timeout=timedelta(seconds=timeout_s),
                              wait_for_workers=False)
 
+    @staticmethod
+    def connect(host: str, port: int, size: int, timeout_s: float) -> Any:
+        """A client of the store at host:port (a worker's, or every rank's under torchrun's agent store)."""
+        return dist.TCPStore(host, port, size, is_master=False, timeout=timedelta(seconds=timeout_s))
+
     @classmethod
-    def join(cls, rank: int, size: int, timeout_s: float, store: Any = None, host: str = "127.0.0.1",
-             port: int = 0, expert_parallel: bool = False) -> "TensorParallelGroup":
-        """Joins the group (rank 0 passes its ``store``, the others rank 0's host and port); raises
-        RuntimeError if the ranks have not all joined within ``timeout_s``."""
+    def join(cls, rank: int, size: int, timeout_s: float, store: Any, expert_parallel: bool = False
+             ) -> "TensorParallelGroup":
+        """Joins the group through ``store`` (its keys go under "tokenmill/"); rank > 0 first marks itself
+        started, which rank 0 watches for. RuntimeError if the ranks have not all joined within ``timeout_s``."""
         timeout = timedelta(seconds=timeout_s)
+        ours = dist.PrefixStore("tokenmill", store)
         try:
-            if store is None:
-                store = dist.TCPStore(host, port, size, is_master=False, timeout=timeout)
-                store.set(f"tokenmill/started/{rank}", "1")  # rank 0 watches for these (and for dead workers)
-            process_group = dist.ProcessGroupGloo(store, rank, size, timeout)
+            if rank > 0:
+                ours.set(f"started/{rank}", "1")
+            process_group = dist.ProcessGroupGloo(ours, rank, size, timeout)
         except Exception as e:  # noqa: BLE001 - re-raised with the ranks named
             raise RuntimeError(f"tensor-parallel rank {rank} of {size}: the {size} ranks did not all join within "
                                f"{timeout_s:.0f} s (a rank failed to start, or died): {e}") from None
         return cls(rank, size, process_group, expert_parallel)
+
+    @staticmethod
+    def started(store: Any, rank: int) -> bool:
+        """Whether worker ``rank`` has reached ``store``."""
+        return dist.PrefixStore("tokenmill", store).check([f"started/{rank}"])
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of ``x`` over the ranks (computed in float32, returned in x's dtype)."""

@@ -14,8 +14,9 @@ from tokenmill.logger import get_logger
 logger = get_logger(__name__)
 
 
-def worker_main(rank: int, size: int, port: int, config, num_threads: int) -> None:
-    """Entry point of worker ``rank`` (1 .. size - 1), started by ``TensorParallelExecutor``."""
+def worker_main(rank: int, size: int, port: int, config, num_threads: int, host: str = "127.0.0.1") -> None:
+    """Entry point of worker ``rank`` (1 .. size - 1), started by ``TensorParallelExecutor`` (or by torchrun:
+    ``tokenmill serve`` on a rank other than 0), whose rank 0 keeps the store at host:port."""
     from tokenmill.attention.registry import create_backend
     from tokenmill.distributed.parallel_state import TensorParallelGroup, building_for
     from tokenmill.config import resolve_device
@@ -23,7 +24,8 @@ def worker_main(rank: int, size: int, port: int, config, num_threads: int) -> No
     from tokenmill.runner.model_runner import ModelRunner
 
     torch.set_num_threads(num_threads)
-    group = TensorParallelGroup.join(rank, size, config.distributed_timeout_s, port=port,
+    store = TensorParallelGroup.connect(host, port, size, config.distributed_timeout_s)
+    group = TensorParallelGroup.join(rank, size, config.distributed_timeout_s, store,
                                      expert_parallel=config.enable_expert_parallel)
     device = resolve_device(config.device)
     with building_for(group):
