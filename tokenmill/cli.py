@@ -312,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body accepted")
     srv.add_argument("--no-engine-process", action="store_true",
                      help="step the engine in a thread of the server process (to measure what the split buys)")
+    srv.add_argument("--data-parallel-size", type=int, default=1,
+                     help="engine replicas (processes, each with its own KV cache) behind a prefix-aware router")
+    srv.add_argument("--router-policy", default="prefix", choices=["prefix", "round_robin"],
+                     help="with --data-parallel-size: prefix-aware with a load guard (default) or round robin")
     srv.set_defaults(func=_serve)
     return parser
 

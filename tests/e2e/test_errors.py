@@ -189,3 +189,15 @@ def test_empty_prompts_follow_one_rule(checkpoint):
         llm.generate({"prompt_token_ids": []}, SamplingParams(max_tokens=3))
     with pytest.raises(RequestError, match="prompt is too long"):
         llm.generate("x" * 100_000, SamplingParams(max_tokens=3))
+
+
+def test_a_top_k_beyond_any_integer_width_means_all_tokens(checkpoint, make_llm):
+    """top_k = 10**31 (the server's fuzzer sent one) once overflowed the int64 tensor of the batch and
+    killed the engine; a top_k past the vocabulary keeps every token, as top_k = vocabulary does."""
+    llm = make_llm(checkpoint("llama"), dtype="float32")
+    prompt = {"prompt_token_ids": [1, 5, 9]}
+    huge = llm.generate(prompt, SamplingParams(temperature=1.0, top_k=10**31, seed=3, max_tokens=8, ignore_eos=True),
+                        use_tqdm=False)
+    full = llm.generate(prompt, SamplingParams(temperature=1.0, top_k=0, seed=3, max_tokens=8, ignore_eos=True),
+                        use_tqdm=False)
+    assert huge[0].outputs[0].token_ids == full[0].outputs[0].token_ids

@@ -94,6 +94,14 @@ def test_tensor_parallel_splits_weights_and_time():
     assert one.cluster is None and analyze("llama-2-70b", "h100-sxm", batch_size=1, tp=1).cluster.num_devices == 2
 
 
+def test_the_report_gives_the_all_reduce_traffic_per_token_at_tp2():
+    from tokenmill.analysis.report import text_report
+
+    report = analyze("llama-3.2-1b", "a10", batch_size=1, tp=2)
+    # 16 layers x 2 all-reduces x a 2048-wide fp16 vector x 2 (tp - 1) / tp = 131,072 bytes
+    assert "all-reduce traffic per generated token and device 131.07 kB" in text_report(report)
+
+
 def test_a_configuration_beyond_one_device_gets_the_smallest_tensor_x_pipeline_layout():
     """The seed's OPT-175B example (batch 512, 512 in, 32 out: ~325 GB of weights, ~1.2 TB of KV
     cache) on A10s: the fullest device of the layout, worked out by hand, fits; one stage fewer does not."""

@@ -39,6 +39,13 @@ class ClusterPlan:
         return self.tp * self.pp
 
 
+def allreduce_bytes_per_token(shape: ModelShape, tp: int, dtype: str) -> float:
+    """Bytes each device sends (and receives) in tensor-parallel all-reduces per generated token: two
+    all-reduces of one hidden vector per layer, a ring moving 2 (tp - 1) / tp of it each."""
+    hidden = shape.hidden_size * dtype_bytes("fp32" if dtype == "fp32" else "fp16")
+    return shape.num_layers * 2 * hidden * 2 * (tp - 1) / tp
+
+
 def tp_degrees(shape: ModelShape) -> list[int]:
     """Powers of two up to MAX_TP that split the attention heads (and split or replicate the KV heads)."""
     degrees, tp = [], 1
@@ -73,6 +80,6 @@ def plan_cluster(shape: ModelShape, mem: MemoryReport, device_memory: float, dty
         if held <= device_memory:
             hidden = shape.hidden_size * act
             return ClusterPlan(tp, pp, held, device_memory,
-                               allreduce_bytes_per_token=shape.num_layers * 2 * hidden * 2 * (tp - 1) / tp,
+                               allreduce_bytes_per_token=allreduce_bytes_per_token(shape, tp, dtype),
                                pipeline_bytes_per_token=(pp - 1) * 2 * hidden)
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tokenmill.analysis.analyzer import AnalysisReport
+from tokenmill.analysis.cluster import allreduce_bytes_per_token
 from tokenmill.analysis.roofline import Phase
 
 GiB = 2 ** 30
@@ -30,7 +31,11 @@ def phase_table(phase: Phase, ridge: float) -> str:
 def _cluster_lines(r: AnalysisReport) -> list[str]:
     c = r.cluster
     if c is None:
-        return []
+        if r.tp == 1:
+            return []
+        traffic = allreduce_bytes_per_token(r.model, r.tp, r.dtype)
+        return [f"tensor parallel x{r.tp}: all-reduce traffic per generated token and device "
+                f"{_fmt(traffic, 'B')} (2 per layer, ring)"]
     return ["", f"does not fit one {r.hardware.name}: the smallest layout that holds it is tp {c.tp} x pp {c.pp} = "
                 f"{c.num_devices} x {r.hardware.name}",
             f"  per device {c.per_device_bytes / GiB:.1f} GiB of {c.device_memory_bytes / GiB:.1f} (its layers' weights "

@@ -37,11 +37,15 @@ class ServerShutdownError(TokenmillError):
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, engine_process: bool = True, num_threads: int | None = None):
+    def __init__(self, config: EngineConfig, engine_process: bool = True, num_threads: int | None = None,
+                 make_client: Callable | None = None):
+        """``make_client(config, tokenizer_eos)``: the core client to use (a data-parallel router), instead
+        of one engine core process."""
         self.config = config
         self.tokenizer = frontend_tokenizer(config)
-        eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
-        self.client = CoreClient(config, tuple(eos), use_process=engine_process, num_threads=num_threads)
+        eos = tuple(self.tokenizer.eos_token_ids if self.tokenizer else ())
+        self.client = (make_client(config, eos) if make_client else
+                       CoreClient(config, eos, use_process=engine_process, num_threads=num_threads))
         self.frontend = EngineFrontend(config, self.tokenizer, self.client)
         self.stats: EngineStats | None = None
         self.dead_reason: str | None = None
@@ -52,6 +56,8 @@ class AsyncLLM:
         """Called with every stats snapshot (metrics), from the reader thread."""
         self.on_dead: Callable[[], None] | None = None
         """Called once when the engine core has failed (metrics)."""
+        self.on_replica_dead: Callable[[str], None] | None = None
+        """Called when one data-parallel replica has failed and the others go on (metrics, logs)."""
         self._queues: dict[str, asyncio.Queue] = {}
         self._num_sequences: dict[str, int] = {}  # request id -> sequences it runs (n, best_of, beams)
         self.num_in_flight = 0
@@ -86,6 +92,9 @@ class AsyncLLM:
                             self.on_finished(output)
                 if not self._call_soon(self._deliver, outputs):
                     return
+            elif message[0] == "replica_dead":  # a router's replica: only its requests fail
+                if not self._call_soon(self._on_replica_dead, message[1], message[2]):
+                    return
             elif message[0] == "dead":
                 self.client.reap()  # a killed core must not linger as a zombie
                 self._call_soon(self._on_dead, message[1])
@@ -109,6 +118,18 @@ class AsyncLLM:
         if self.on_dead:
             self.on_dead()
         self._fail_all(EngineDeadError(f"the engine failed: {reason}"))
+
+    def _on_replica_dead(self, request_ids: list[str], reason: str) -> None:
+        if self.on_replica_dead:
+            self.on_replica_dead(reason)
+        error = EngineDeadError(reason)
+        for request_id in request_ids:  # core ids: a sample's or beam's id is its request's id + "#..."
+            key = request_id
+            while key not in self._queues and "#" in key:
+                key = key.rsplit("#", 1)[0]
+            queue = self._queues.get(key)
+            if queue is not None:
+                queue.put_nowait(error)
 
     def _fail_all(self, error: Exception) -> None:
         for queue in {id(q): q for q in self._queues.values()}.values():

@@ -167,7 +167,7 @@ def build_sampling_metadata(states: list[RunnerRequestState], device: torch.devi
     return SamplingMetadata(
         temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32,
                                  device=device),
-        top_k=torch.tensor([p.top_k for p in params], device=device) if use_top_k else None,
+        top_k=torch.tensor([min(p.top_k, vocab_size) for p in params], device=device) if use_top_k else None,
         top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device) if use_top_p else None,
         min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device) if use_min_p else None,
         step_seeds=step_seeds,

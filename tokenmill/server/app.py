@@ -115,6 +115,8 @@ def create_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     engine.on_stats = metrics.on_stats
     engine.on_finished = metrics.on_finished
     engine.on_dead = metrics.on_engine_dead
+    if hasattr(engine.client, "replicas"):  # a data-parallel router: per-replica series
+        metrics.watch_replicas(engine.client)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -31,7 +31,16 @@ def serve(config: EngineConfig, args) -> None:
     # The front end does no tensor work: one thread, so that it never competes with the engine's.
     torch.set_num_threads(1)
     engine_threads = args.threads or os.cpu_count()
-    engine = AsyncLLM(config, engine_process=not args.no_engine_process, num_threads=engine_threads)
+    replicas = getattr(args, "data_parallel_size", 1) or 1
+    make_client = None
+    if replicas > 1:  # N engine cores behind a prefix-aware router, each with its share of the threads
+        from tokenmill.server.router import ReplicaRouter
+
+        engine_threads = max(1, engine_threads // replicas)
+        policy = getattr(args, "router_policy", "prefix")
+        make_client = lambda cfg, eos: ReplicaRouter(cfg, eos, replicas, engine_threads, policy)  # noqa: E731
+    engine = AsyncLLM(config, engine_process=not args.no_engine_process, num_threads=engine_threads,
+                      make_client=make_client)
     settings = ServerSettings(model_name=args.served_model_name or default_model_name(args.model),
                               api_key=args.api_key or None, max_queued_requests=args.max_queued_requests,
                               request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes)

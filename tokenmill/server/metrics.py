@@ -45,6 +45,27 @@ class ServerMetrics:
         self.healthy.set(1)
         self._last = EngineStats(0, 0, 0.0, 0, 0, 0, 0)
 
+    def watch_replicas(self, router) -> None:
+        """Per-replica series (label ``replica``), read from the router at every scrape."""
+        registry, name = self.registry, self.model_name
+
+        def per_replica(metric: str, doc: str, value) -> None:
+            gauge = Gauge(f"tokenmill:replica_{metric}", doc, ["model_name", "replica"], registry=registry)
+            for index, replica in enumerate(router.replicas):
+                gauge.labels(name, str(index)).set_function(lambda r=replica: value(r))
+
+        per_replica("healthy", "1 while this data-parallel replica runs, 0 once it has failed.",
+                    lambda r: 1.0 if r.alive else 0.0)
+        per_replica("num_requests_routed", "Requests the router has sent to this replica.", lambda r: r.num_routed)
+        per_replica("outstanding_tokens", "Prompt + output budget of this replica's requests in flight.",
+                    lambda r: r.load)
+        per_replica("num_requests_running", "Sequences in this replica's running batch.",
+                    lambda r: r.stats.num_running if r.stats and r.alive else 0)
+        per_replica("prefix_cache_hits", "Prompt tokens this replica found in its prefix cache, since start.",
+                    lambda r: r.stats.prefix_cache_hits if r.stats else 0)
+        per_replica("prefix_cache_queries", "Prompt tokens this replica looked up in its prefix cache, since start.",
+                    lambda r: r.stats.prefix_cache_queries if r.stats else 0)
+
     def on_engine_dead(self) -> None:
         """The core is gone, and its requests with it: nothing runs, waits or holds KV blocks."""
         self.healthy.set(0)
