@@ -27,6 +27,16 @@ def _tokens(outputs) -> list[list[int]]:
     return [completion.token_ids for o in outputs for completion in o.outputs]
 
 
+def _matches_reference_and_one_process(llm, folder, make_llm, label: str) -> None:
+    """Logits within 1e-4 of transformers' step by step, and greedy tokens equal to one process's."""
+    greedy_steps_match(llm.engine.core, PROMPT, 5, load_reference(folder), label=label)
+    prompts = [{"prompt_token_ids": p} for p in (PROMPT, [1, 300], [1] + list(range(5, 40)))]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    one = make_llm(folder, dtype="float32")
+    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(one.generate(prompts, params,
+                                                                                          use_tqdm=False))
+
+
 @pytest.mark.parametrize("arch, degree", [("llama", 2), ("llama_linear", 2), ("mistral", 2), ("qwen3", 2),
                                           ("llama_tp", 2), ("llama_tp", 4)])
 def test_logits_equal_reference_and_tokens_equal_one_process(arch, degree, checkpoint, make_llm):
@@ -40,12 +50,7 @@ def test_logits_equal_reference_and_tokens_equal_one_process(arch, degree, check
     assert attn.num_heads == cfg.num_attention_heads // degree  # this rank's share
     assert attn.num_kv_heads == max(1, cfg.num_key_value_heads // degree)
     assert model.lm_head.out_features == -(-cfg.vocab_size // degree)
-    greedy_steps_match(llm.engine.core, PROMPT, 5, load_reference(folder), label=f"{arch} tp={degree}")
-    prompts = [{"prompt_token_ids": p} for p in (PROMPT, [1, 300], [1] + list(range(5, 40)))]
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    one = make_llm(folder, dtype="float32")
-    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(one.generate(prompts, params,
-                                                                                          use_tqdm=False))
+    _matches_reference_and_one_process(llm, folder, make_llm, f"{arch} tp={degree}")
 
 
 def _workload(seed: int = 2) -> tuple[list[dict], list[SamplingParams]]:
@@ -87,12 +92,7 @@ def test_mixture_of_experts_split_or_placed_over_ranks_equals_one_process(arch, 
         assert experts.num_local_experts == cfg.num_experts // 2 and experts.w13.shape[1] == 2 * cfg.expert_intermediate_size
     else:
         assert experts.num_local_experts == cfg.num_experts and experts.w13.shape[1] == cfg.expert_intermediate_size
-    greedy_steps_match(llm.engine.core, PROMPT, 5, load_reference(folder), label=f"{arch} ep={expert_parallel}")
-    prompts = [{"prompt_token_ids": p} for p in (PROMPT, [1, 300], [1] + list(range(5, 40)))]
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    one = make_llm(folder, dtype="float32")
-    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(one.generate(prompts, params,
-                                                                                          use_tqdm=False))
+    _matches_reference_and_one_process(llm, folder, make_llm, f"{arch} ep={expert_parallel}")
 
 
 @pytest.mark.parametrize("arch, why", [("qwen2", r"3 KV heads cannot be split evenly over tensor_parallel_size 2"),

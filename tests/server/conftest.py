@@ -97,3 +97,28 @@ def start_server(checkpoint):
     yield start
     for srv in started:
         srv.stop()
+
+
+class StreamReader:
+    """A streaming completion read on a thread: ``events`` collects its JSON chunks; ``started`` is set
+    at the first one."""
+
+    def __init__(self, url: str, body: dict):
+        import json
+        import threading
+
+        self.events: list[dict] = []
+        self.started = threading.Event()
+
+        def read() -> None:
+            with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        self.events.append(json.loads(line[6:]))
+                        self.started.set()
+
+        self.thread = threading.Thread(target=read)
+        self.thread.start()
+
+    def errors(self) -> list[dict]:
+        return [e["error"] for e in self.events if "error" in e]

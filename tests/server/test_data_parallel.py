@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from server.conftest import StreamReader
 
 
 def _replica_pids(server_pid: int) -> list[int]:
@@ -70,27 +70,16 @@ def test_requests_sharing_a_prefix_land_on_one_replica_and_hit_its_cache(dp_serv
 
 
 def test_a_dead_replica_fails_its_requests_fast_and_the_other_keeps_serving(dp_server):
-    events: list[dict] = []
-    streaming = threading.Event()
-
-    def stream() -> None:
-        body = {"model": dp_server.name, "prompt": [1, 2, 3], "max_tokens": 250, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", dp_server.url + "/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    events.append(json.loads(line[6:]))
-                    streaming.set()
-
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert streaming.wait(60)
+    reader = StreamReader(dp_server.url, {"model": dp_server.name, "prompt": [1, 2, 3], "max_tokens": 250,
+                                          "ignore_eos": True})
+    assert reader.started.wait(60)
     busy = _replica_metric(dp_server, "outstanding_tokens")
     victim = 0 if busy[0] > 0 else 1
     os.kill(_replica_pids(dp_server.proc.pid)[victim], signal.SIGKILL)
     killed = time.monotonic()
-    reader.join(30)
+    reader.thread.join(30)
     assert time.monotonic() - killed < 10
-    errors = [e["error"] for e in events if "error" in e]
+    errors = reader.errors()
     assert errors and errors[0]["code"] == "engine_dead"
     for i in range(8):  # every new request goes to the replica that is left
         body = {"model": dp_server.name, "prompt": [1, 5, i + 3], "max_tokens": 3, "temperature": 0,

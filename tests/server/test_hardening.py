@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from helpers.shared_models import stories_dir
-from server.conftest import Server
+from server.conftest import Server, StreamReader
 
 BODY_LIMIT = 4 * 2**20  # the server's default --max-body-bytes
 
@@ -280,26 +280,14 @@ def test_a_dead_engine_shows_in_metrics_is_reaped_and_streams_say_engine_dead(st
     srv = start_server()
     assert srv.metric("engine_healthy") == 1
     engine_pids = _engine_processes(srv.proc.pid)
-    events: list[dict] = []
-    streaming = threading.Event()
-
-    def stream() -> None:
-        body = {"prompt": [1, 2, 3], "max_tokens": 250, "ignore_eos": True, "stream": True, "n": 4,
-                "temperature": 1.0}
-        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    events.append(json.loads(line[6:]))
-                    streaming.set()
-
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert streaming.wait(60)
+    reader = StreamReader(srv.url, {"prompt": [1, 2, 3], "max_tokens": 250, "ignore_eos": True, "n": 4,
+                                    "temperature": 1.0})
+    assert reader.started.wait(60)
     assert srv.metric("num_requests_running") > 0
     for pid in engine_pids:
         os.kill(pid, signal.SIGKILL)
-    reader.join(30)
-    errors = [e["error"] for e in events if "error" in e]
+    reader.thread.join(30)
+    errors = reader.errors()
     assert errors and errors[0]["code"] == "engine_dead" and errors[0]["type"] == "internal_server_error"
     assert srv.metric("engine_healthy") == 0
     assert srv.metric("num_requests_running") == 0 and srv.metric("kv_cache_usage_perc") == 0
@@ -414,25 +402,13 @@ def test_a_dead_tensor_parallel_worker_fails_streams_fast_and_marks_the_engine_u
     core = _engine_processes(srv.proc.pid)[0]
     workers = _engine_processes(core)
     assert len(workers) == 1, "the core process should have started one worker rank"
-    events: list[dict] = []
-    streaming = threading.Event()
-
-    def stream() -> None:
-        body = {"prompt": [1, 2, 3], "max_tokens": 250, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    events.append(json.loads(line[6:]))
-                    streaming.set()
-
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert streaming.wait(60)
+    reader = StreamReader(srv.url, {"prompt": [1, 2, 3], "max_tokens": 250, "ignore_eos": True})
+    assert reader.started.wait(60)
     killed = time.monotonic()
     os.kill(workers[0], signal.SIGKILL)
-    reader.join(30)
+    reader.thread.join(30)
     assert time.monotonic() - killed < 15, "the stream did not end promptly"
-    errors = [e["error"] for e in events if "error" in e]
+    errors = reader.errors()
     assert errors and errors[0]["code"] == "engine_dead"
     assert srv.metric("engine_healthy") == 0
     assert "tensor-parallel worker rank 1 (exit code -9) died" in srv.output()
