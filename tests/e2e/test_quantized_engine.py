@@ -117,11 +117,12 @@ def test_a_layer_that_cannot_hold_the_groups_stays_float_with_a_warning(checkpoi
     assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in outputs)
 
 
-@pytest.mark.parametrize("arch", ["llama3", "llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama3", "llama", "qwen3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_analyze_counts_what_the_engine_allocates(arch, scheme, checkpoint, make_llm):
     """`tokenmill analyze --dtype int8|int4` and the engine agree to the byte on weights (codes,
-    scales, layers left in float, the int8 head, float32 norms) and on KV bytes per token."""
+    scales, layers left in float, the int8 head, float32 norms; experts and routers in float, shared
+    experts and dense layers quantized) and on KV bytes per token."""
     import json
 
     from tokenmill.analysis.memory import kv_bytes_per_token, memory_report

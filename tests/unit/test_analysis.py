@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers.checkpoints import ARCHITECTURES
+from helpers.checkpoints import ARCHITECTURES, MOE_ARCHITECTURES
 from tokenmill.analysis import HARDWARE, MODEL_PRESETS, analyze, get_hardware, get_model_shape
 from tokenmill.analysis.hardware import AnalysisError
 from tokenmill.analysis.memory import simple_kv_bytes, simple_weight_bytes
@@ -34,7 +34,7 @@ def test_seed_v100_ops_per_byte():
     assert v100.flops("fp16") / v100.l2_bandwidth == pytest.approx(40, abs=1)  # against 3.1 TB/s L2
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + MOE_ARCHITECTURES)
 def test_exact_params_equal_checkpoint_tensor_sizes(arch, checkpoint):
     from safetensors import safe_open
 

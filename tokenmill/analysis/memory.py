@@ -22,13 +22,17 @@ INT4_GROUP_SIZE = 64
 """The engine's default int4 group size (``quantization_group_size``)."""
 
 
-def linear_shapes(shape: ModelShape) -> list[tuple[int, int]]:
-    """(out, in) of each of one layer's linear layers as the engine merges them: qkv, o, gate_up
-    (or the plain MLP's up), down; MoE experts each."""
-    h, q, kv, i = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim, \
-        shape.intermediate_size
-    mlp = [((2 if shape.gated_mlp else 1) * i, h), (h, i)] * shape.num_experts
-    return [(q + 2 * kv, h), (h, q), *mlp]
+def linear_shapes(shape: ModelShape, expert_layer: bool = False) -> list[tuple[int, int]]:
+    """(out, in) of the linear layers the engine quantizes in one layer, merged as it merges them: qkv,
+    o, and the dense MLP's gate_up (or the plain MLP's up) and down; in an expert layer the shared
+    expert's instead (the router and the experts stay in float)."""
+    h, q, kv = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    i = shape.intermediate_size
+    if expert_layer:
+        i = shape.shared_expert_intermediate_size
+        if not i:
+            return [(q + 2 * kv, h), (h, q)]
+    return [(q + 2 * kv, h), (h, q), ((2 if shape.gated_mlp else 1) * i, h), (h, i)]
 
 
 def quantized_matrix_bytes(out_features: int, in_features: int, bits: int, group_size: int,
@@ -47,19 +51,21 @@ def weight_bytes_quantized(shape: ModelShape, dtype: str, act_dtype: str, group_
     biases in the activation dtype, norm weights in float32, as the engine keeps them."""
     bits, act = QUANTIZED_DTYPES[dtype], dtype_bytes(act_dtype)
     layer_group = -1 if bits == 8 else group_size
-    per_layer = sum(quantized_matrix_bytes(n, k, bits, layer_group, act) for n, k in linear_shapes(shape))
-    linear_params = sum(n * k for n, k in linear_shapes(shape))
-    other_layer_params = shape.layer_params() - 2 * shape.norm_params() - linear_params  # biases, q/k norms
-    if shape.is_moe:
-        other_layer_params -= shape.hidden_size * shape.num_experts  # the router stays float
-        per_layer += shape.hidden_size * shape.num_experts * act
     qk_norms = 2 * shape.head_dim if shape.qk_norm else 0
     norm = act if shape.layer_norm else 4  # RMSNorm weights are kept in float32, LayerNorm's in the model dtype
-    per_layer += (other_layer_params - qk_norms) * act + 4 * qk_norms + norm * 2 * shape.norm_params()
+    layers = 0.0
+    for expert_layer, count in ((True, shape.num_sparse_layers), (False, shape.num_layers - shape.num_sparse_layers)):
+        linears = linear_shapes(shape, expert_layer)
+        per_layer = sum(quantized_matrix_bytes(n, k, bits, layer_group, act) for n, k in linears)
+        mlp = shape.mlp_params() if expert_layer else shape.dense_mlp_params()
+        # Biases, q/k norms, and in expert layers the router, experts and shared-expert gate: all float.
+        others = shape.attention_params() + mlp - sum(n * k for n, k in linears)
+        per_layer += (others - qk_norms) * act + 4 * qk_norms + norm * 2 * shape.norm_params()
+        layers += count * per_layer
     embeddings = (shape.vocab_size + shape.learned_positions) * shape.hidden_size * act
     head_group = 64 if shape.hidden_size % 64 == 0 else -1  # layers/quantization: HEAD_GROUP_SIZE
     head = quantized_matrix_bytes(shape.vocab_size, shape.hidden_size, 8, head_group, act)
-    return shape.num_layers * per_layer + embeddings + head + norm * shape.norm_params()
+    return layers + embeddings + head + norm * shape.norm_params()
 
 
 def simple_weight_bytes(shape: ModelShape) -> float:

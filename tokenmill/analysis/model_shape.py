@@ -29,6 +29,13 @@ class ModelShape:
     """SwiGLU (gate, up, down) or a plain two-matrix MLP (OPT, GPT-2)."""
     num_experts: int = 1
     experts_per_token: int = 1
+    expert_intermediate_size: int = 0
+    """Each expert's intermediate size (Qwen-MoE's ``moe_intermediate_size``); 0: ``intermediate_size``."""
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE: a gated dense expert beside the routed ones in every expert layer; 0 for none."""
+    num_dense_layers: int = 0
+    """Layers with a dense MLP of ``intermediate_size`` instead of experts (Qwen's ``mlp_only_layers``,
+    ``decoder_sparse_step``)."""
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -61,34 +68,53 @@ class ModelShape:
         n += 2 * self.head_dim if self.qk_norm else 0
         return n
 
-    def expert_mlp_params(self) -> int:
-        h, i = self.hidden_size, self.intermediate_size
+    @property
+    def num_sparse_layers(self) -> int:
+        return self.num_layers - self.num_dense_layers if self.is_moe else 0
+
+    def _mlp(self, intermediate: int) -> int:
+        h, i = self.hidden_size, intermediate
         n = (3 if self.gated_mlp else 2) * h * i
         if self.mlp_bias:
             n += (2 * i if self.gated_mlp else i) + h
         return n
 
+    def expert_mlp_params(self) -> int:
+        return self._mlp(self.expert_intermediate_size or self.intermediate_size)
+
+    def dense_mlp_params(self) -> int:
+        return self._mlp(self.intermediate_size)
+
     def mlp_params(self) -> int:
-        router = self.hidden_size * self.num_experts if self.is_moe else 0
-        return self.num_experts * self.expert_mlp_params() + router
+        """One expert layer's router, experts and shared expert (with its gate); a dense layer's MLP."""
+        if not self.is_moe:
+            return self.dense_mlp_params()
+        shared = self._mlp(self.shared_expert_intermediate_size) + self.hidden_size if \
+            self.shared_expert_intermediate_size else 0
+        return self.num_experts * self.expert_mlp_params() + self.hidden_size * self.num_experts + shared
 
     def norm_params(self) -> int:
         return (2 if self.layer_norm else 1) * self.hidden_size
 
     def layer_params(self) -> int:
+        """An expert layer's (a dense one's for dense models)."""
         return self.attention_params() + self.mlp_params() + 2 * self.norm_params()
+
+    def all_layer_params(self) -> int:
+        dense = self.num_dense_layers * (self.attention_params() + self.dense_mlp_params() + 2 * self.norm_params())
+        return (self.num_layers - self.num_dense_layers) * self.layer_params() + dense
 
     def embedding_params(self) -> int:
         n = self.vocab_size * self.hidden_size + self.learned_positions * self.hidden_size
         return n + (0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
 
     def total_params(self) -> int:
-        return self.num_layers * self.layer_params() + self.embedding_params() + self.norm_params()
+        return self.all_layer_params() + self.embedding_params() + self.norm_params()
 
     def active_params_per_token(self) -> int:
         """Parameters a token passes through (MoE: only its routed experts)."""
         inactive = (self.num_experts - self.experts_per_token) * self.expert_mlp_params() if self.is_moe else 0
-        return self.total_params() - self.num_layers * inactive
+        return self.total_params() - self.num_sparse_layers * inactive
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "config.json") -> "ModelShape":
@@ -114,12 +140,21 @@ class ModelShape:
             h, heads = hf["hidden_size"], hf["num_attention_heads"]
             qwen2 = model_type in ("qwen2", "qwen2_moe")
             attention_bias = bool(hf.get("attention_bias", False))
-            return cls(name=name, num_layers=hf["num_hidden_layers"], hidden_size=h, num_heads=heads,
+            num_experts = hf.get("num_local_experts") or hf.get("num_experts") or 1
+            layers = hf["num_hidden_layers"]
+            dense = 0
+            if model_type in ("qwen2_moe", "qwen3_moe"):  # some layers may keep a dense MLP
+                step, only = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or ())
+                dense = sum(1 for i in range(layers) if i in only or (i + 1) % step)
+            return cls(name=name, num_layers=layers, hidden_size=h, num_heads=heads,
                        num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or h // heads,
                        intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-                       num_experts=hf.get("num_local_experts") or 1, experts_per_token=hf.get("num_experts_per_tok") or 1,
+                       num_experts=num_experts, experts_per_token=hf.get("num_experts_per_tok") or 1,
+                       expert_intermediate_size=hf.get("moe_intermediate_size") or 0,
+                       shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
+                       num_dense_layers=dense if num_experts > 1 else 0,
                        qkv_bias=qwen2 or attention_bias, o_bias=attention_bias and not qwen2,
-                       mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
+                       mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type in ("qwen3", "qwen3_moe"),
                        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
         except KeyError as e:
             raise AnalysisError(f"{name}: malformed model config, missing {e.args[0]!r}") from None

@@ -93,22 +93,29 @@ def phase_ops(shape: ModelShape, hw: Hardware, batch: int, query_len: int, conte
     elementwise("attn_residual_add", tokens * h, 1, 2)
     elementwise("post_attention_norm", tokens * h, 4, 1)
     i_local = i // tp
-    if shape.is_moe:
+    sparse, dense = shape.num_sparse_layers, shape.num_layers - shape.num_sparse_layers
+    if sparse:
         routed = tokens * shape.experts_per_token
+        e_local = (shape.expert_intermediate_size or i) // tp
         # Distinct experts whose weights a step reads: all of them once enough tokens are routed.
         experts_read = shape.num_experts * (1 - (1 - shape.experts_per_token / shape.num_experts) ** tokens)
-        linear("router", tokens, h, shape.num_experts)
-        for part, (n_in, n_out) in (("gate_proj", (h, i_local)), ("up_proj", (h, i_local)), ("down_proj", (i_local, h))):
+        linear("router", tokens, h, shape.num_experts, count=sparse)
+        for part, (n_in, n_out) in (("gate_proj", (h, e_local)), ("up_proj", (h, e_local)), ("down_proj", (e_local, h))):
             flops = 2 * routed * n_in * n_out
             nbytes = experts_read * n_in * n_out * wb + routed * (n_in + n_out) * ab
-            add(f"experts.{part}", "linear", flops, nbytes, shape.num_layers)
-        elementwise("silu_and_mul", routed * i_local, 5, 2)
-    elif shape.gated_mlp:
-        linear("gate_proj", tokens, h, i_local)
-        linear("up_proj", tokens, h, i_local)
-        elementwise("silu_and_mul", tokens * i_local, 5, 2)
-        linear("down_proj", tokens, i_local, h)
-    else:
+            add(f"experts.{part}", "linear", flops, nbytes, sparse)
+        elementwise("silu_and_mul", routed * e_local, 5, 2, count=sparse)
+        if shape.shared_expert_intermediate_size:
+            s_local = shape.shared_expert_intermediate_size // tp
+            linear("shared_expert.gate_up", tokens, h, 2 * s_local, count=sparse)
+            linear("shared_expert.down", tokens, s_local, h, count=sparse)
+            linear("shared_expert_gate", tokens, h, 1, count=sparse)
+    if dense and shape.gated_mlp:
+        linear("gate_proj", tokens, h, i_local, count=dense)
+        linear("up_proj", tokens, h, i_local, count=dense)
+        elementwise("silu_and_mul", tokens * i_local, 5, 2, count=dense)
+        linear("down_proj", tokens, i_local, h, count=dense)
+    elif dense:
         linear("fc1", tokens, h, i_local)
         elementwise("activation", tokens * i_local, 8, 1)
         linear("fc2", tokens, i_local, h)
