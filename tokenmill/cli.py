@@ -37,6 +37,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "fp8_e4m3 (a per-tensor scale: 2x)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="processes that each hold 1/N of the model (CPU, gloo); the engine starts the workers")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="processes that each hold a range of the layers, one batch in flight per stage (CPU, gloo); "
+                        "combines with --tensor-parallel-size")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --tensor-parallel-size: place whole experts of MoE layers on the ranks")
 
@@ -48,7 +51,8 @@ def _engine_kwargs(args) -> dict:
                 max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
                 quantization=args.quantization, quantization_group_size=args.quantization_group_size,
                 quantize_lm_head=not args.no_quantize_lm_head, kv_cache_dtype=args.kv_cache_dtype,
-                tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
+                tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+                pipeline_parallel_size=args.pipeline_parallel_size)
 
 
 def _make_llm(args, skip_tokenizer_init: bool = False):
@@ -68,9 +72,9 @@ def _serve(args) -> None:
 
     config = engine_config(args.model, **_engine_kwargs(args))
     launched = torchrun_rank()
-    if launched is not None:  # started by torchrun: every process is a tensor-parallel rank; rank 0 serves
+    if launched is not None:  # started by torchrun: every process is a rank; rank 0 serves
         config = dataclasses.replace(config, tensor_parallel_size=launched_tensor_parallel_size(
-            config.tensor_parallel_size, launched))
+            config.tensor_parallel_size, config.pipeline_parallel_size, launched))
         if launched.rank != 0:
             from tokenmill.distributed.worker import worker_main
 

@@ -349,15 +349,20 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     """Processes that each hold 1/N of every layer (heads, MLP rows, vocabulary), joined with
     torch.distributed (gloo); the engine starts the N - 1 workers itself."""
+    pipeline_parallel_size: int = 1
+    """Processes that each hold a contiguous range of the layers (the first the embedding, the last the
+    norm and LM head), as many steps in flight as there are stages; combines with tensor_parallel_size
+    (tensor_parallel_size x pipeline_parallel_size processes)."""
     enable_expert_parallel: bool = False
     """Mixture-of-experts layers under tensor parallelism: each rank holds whole experts (E / N of them)
     instead of 1/N of every expert; attention stays tensor-parallel."""
     distributed_timeout_s: float = 120.0
-    """How long a tensor-parallel rank waits for the others (to join, or in a collective) before failing."""
+    """How long a rank waits for the others (to join, in a collective, for a step's result) before failing."""
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}")
         if self.quantization not in (None, "gptq", *LOAD_TIME_METHODS):

@@ -26,7 +26,8 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
                   attention_backend: str = "auto", skip_tokenizer_init: bool = False,
                   device: str = "auto", quantization: str | None = None, quantization_group_size: int | None = None,
                   quantize_lm_head: bool = True, kv_cache_dtype: str = "auto",
-                  tensor_parallel_size: int = 1, enable_expert_parallel: bool = False) -> EngineConfig:
+                  tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
+                  pipeline_parallel_size: int = 1) -> EngineConfig:
     """An EngineConfig from the flat options of ``LLM`` (and the CLI); see ``LLM`` for their meaning.
     A known model name (``smollm2-135m-instruct``) becomes its local file, fetched on first use."""
     from tokenmill.models.fetch import resolve_model
@@ -38,7 +39,8 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
         quantization=quantization, quantization_group_size=quantization_group_size, quantize_lm_head=quantize_lm_head,
         cache=CacheConfig(block_size, memory, enable_prefix_caching, kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill),
-        tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel)
+        tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel,
+        pipeline_parallel_size=pipeline_parallel_size)
 
 
 class LLM:
@@ -67,6 +69,8 @@ class LLM:
         tensor_parallel_size: processes that each hold 1/N of the model (CPU, gloo); the engine
             starts the workers, and ``shutdown()`` (or the end of this process) stops them.
         enable_expert_parallel: with tensor_parallel_size > 1, place whole experts on the ranks.
+        pipeline_parallel_size: processes that each hold a contiguous range of the layers, one batch
+            in flight per stage (CPU, gloo); with tensor parallelism, tp x pp processes.
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",
@@ -76,12 +80,12 @@ class LLM:
                  attention_backend: str = "auto", skip_tokenizer_init: bool = False, device: str = "auto",
                  quantization: str | None = None, quantization_group_size: int | None = None,
                  quantize_lm_head: bool = True, kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False):
+                 enable_expert_parallel: bool = False, pipeline_parallel_size: int = 1):
         config = engine_config(model, tokenizer, dtype, kv_cache_memory, block_size, max_num_seqs,
                                max_num_batched_tokens, max_model_len, enable_prefix_caching, enable_chunked_prefill,
                                seed, attention_backend, skip_tokenizer_init, device, quantization,
                                quantization_group_size, quantize_lm_head, kv_cache_dtype, tensor_parallel_size,
-                               enable_expert_parallel)
+                               enable_expert_parallel, pipeline_parallel_size)
         self.engine = LLMEngine(config)
 
     @classmethod
@@ -96,7 +100,7 @@ class LLM:
         return self.engine.tokenizer
 
     def shutdown(self) -> None:
-        """Stops the tensor-parallel worker processes (nothing to do in one process)."""
+        """Stops the worker processes of tensor or pipeline parallelism (nothing to do in one process)."""
         self.engine.core.shutdown()
 
     def generate(self, prompts: PromptType | Sequence[PromptType],

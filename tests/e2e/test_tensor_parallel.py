@@ -9,32 +9,15 @@ same outputs as one process; what cannot be split is refused with the reason."""
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 
 import pytest
 
-from helpers.checkpoints import MOE_ARCHITECTURES, load_reference
-from helpers.parity import greedy_steps_match
+from helpers.checkpoints import MOE_ARCHITECTURES
+from helpers.workloads import matches_reference_and_one_process, mixed_workload, tokens
 from tokenmill import SamplingParams
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.moe import FusedMoE
-
-PROMPT = [1, 17, 45, 99, 3, 250, 77, 8, 9]
-
-
-def _tokens(outputs) -> list[list[int]]:
-    return [completion.token_ids for o in outputs for completion in o.outputs]
-
-
-def _matches_reference_and_one_process(llm, folder, make_llm, label: str) -> None:
-    """Logits within 1e-4 of transformers' step by step, and greedy tokens equal to one process's."""
-    greedy_steps_match(llm.engine.core, PROMPT, 5, load_reference(folder), label=label)
-    prompts = [{"prompt_token_ids": p} for p in (PROMPT, [1, 300], [1] + list(range(5, 40)))]
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    one = make_llm(folder, dtype="float32")
-    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(one.generate(prompts, params,
-                                                                                          use_tqdm=False))
 
 
 @pytest.mark.parametrize("arch, degree", [("llama", 2), ("llama_linear", 2), ("mistral", 2), ("qwen3", 2),
@@ -50,18 +33,7 @@ def test_logits_equal_reference_and_tokens_equal_one_process(arch, degree, check
     assert attn.num_heads == cfg.num_attention_heads // degree  # this rank's share
     assert attn.num_kv_heads == max(1, cfg.num_key_value_heads // degree)
     assert model.lm_head.out_features == -(-cfg.vocab_size // degree)
-    _matches_reference_and_one_process(llm, folder, make_llm, f"{arch} tp={degree}")
-
-
-def _workload(seed: int = 2) -> tuple[list[dict], list[SamplingParams]]:
-    rng = random.Random(seed)
-    shared = [1] + [rng.randrange(3, 380) for _ in range(24)]  # a prefix several prompts share
-    prompts = [shared + [rng.randrange(3, 380) for _ in range(rng.randint(1, 12))] for _ in range(4)]
-    prompts += [[1] + [rng.randrange(3, 380) for _ in range(rng.randint(20, 45))] for _ in range(2)]
-    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 4
-    params += [SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True),
-               SamplingParams(beam_width=3, n=2, max_tokens=8)]
-    return [{"prompt_token_ids": p} for p in prompts], params
+    matches_reference_and_one_process(llm, folder, make_llm, label=f"{arch} tp={degree}")
 
 
 def test_engine_features_give_the_same_outputs_as_one_process(checkpoint, make_llm):
@@ -69,10 +41,10 @@ def test_engine_features_give_the_same_outputs_as_one_process(checkpoint, make_l
     sampling and beam search, all in one batch."""
     folder = checkpoint("llama_tp")
     options = dict(dtype="float32", block_size=4, max_num_batched_tokens=16, kv_cache_memory=2 * 2 * 1 * 8 * 4 * 4 * 40)
-    prompts, params = _workload()
-    expected = _tokens(make_llm(folder, **options).generate(prompts, params, use_tqdm=False))
+    prompts, params = mixed_workload()
+    expected = tokens(make_llm(folder, **options).generate(prompts, params, use_tqdm=False))
     llm = make_llm(folder, tensor_parallel_size=2, **options)
-    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
+    assert tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
     stats = llm.engine.core.stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
 
@@ -92,7 +64,7 @@ def test_mixture_of_experts_split_or_placed_over_ranks_equals_one_process(arch, 
         assert experts.num_local_experts == cfg.num_experts // 2 and experts.w13.shape[1] == 2 * cfg.expert_intermediate_size
     else:
         assert experts.num_local_experts == cfg.num_experts and experts.w13.shape[1] == cfg.expert_intermediate_size
-    _matches_reference_and_one_process(llm, folder, make_llm, f"{arch} ep={expert_parallel}")
+    matches_reference_and_one_process(llm, folder, make_llm, label=f"{arch} ep={expert_parallel}")
 
 
 @pytest.mark.parametrize("arch, why", [("qwen2", r"3 KV heads cannot be split evenly over tensor_parallel_size 2"),
@@ -111,8 +83,8 @@ def _worker_that_never_joins(rank, size, port, config, threads):
 
 
 @pytest.mark.parametrize("worker, message", [
-    (_worker_that_exits, r"tensor-parallel rank 1 exited with code 3 before joining"),
-    (_worker_that_never_joins, r"tensor-parallel rank\(s\) \[1\] did not start within 3 s"),
+    (_worker_that_exits, r"distributed rank 1 exited with code 3 before joining"),
+    (_worker_that_never_joins, r"distributed rank\(s\) \[1\] did not start within 3 s"),
 ])
 def test_a_rank_that_dies_or_never_joins_fails_start_up_naming_it(worker, message, checkpoint, monkeypatch):
     from tokenmill.distributed import executor

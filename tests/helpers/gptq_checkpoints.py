@@ -149,3 +149,20 @@ def read_gptq_layer(state: dict[str, torch.Tensor], prefix: str, bits: int, chec
     g_idx = state[f"{prefix}.g_idx"].long().numpy()
     scales = state[f"{prefix}.scales"].float().numpy()
     return torch.from_numpy((scales[g_idx] * (codes - zeros[g_idx])).T.astype(np.float32))
+
+
+def gptq_test_config(kind: str):
+    """The transformers config of a tiny model to quantize: llama, llama_odd, qwen2 or gpt2."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=384, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":  # inputs and groups multiples of 32: the packed 4-bit kernel layout
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **common)
+    if kind == "llama_odd":  # 48 and 88 inputs: partial last groups, codes one per byte
+        return LlamaConfig(hidden_size=48, intermediate_size=88, num_hidden_layers=2, num_attention_heads=6,
+                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if kind == "qwen2":  # q/k/v biases stay float beside the quantized weights
+        return Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)

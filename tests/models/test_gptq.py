@@ -8,28 +8,12 @@ import json
 import pytest
 import torch
 
-from helpers.gptq_checkpoints import GPTQSpec, make_gptq_checkpoint
+from helpers.gptq_checkpoints import GPTQSpec, gptq_test_config, make_gptq_checkpoint
 from helpers.parity import greedy_steps_match
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.linear import Linear
 
 PROMPT = [1, 17, 45, 99, 3, 250, 77, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
-
-
-def _config(kind: str):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
-
-    common = dict(vocab_size=384, bos_token_id=1, eos_token_id=2)
-    if kind == "llama":  # inputs and groups multiples of 32: the packed 4-bit kernel layout
-        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **common)
-    if kind == "llama_odd":  # 48 and 88 inputs: partial last groups, codes one per byte
-        return LlamaConfig(hidden_size=48, intermediate_size=88, num_hidden_layers=2, num_attention_heads=6,
-                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
-    if kind == "qwen2":  # q/k/v biases stay float beside the quantized weights
-        return Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
-    return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
 
 
 CASES = {
@@ -53,7 +37,7 @@ def test_gptq_logits_match_dequantized_reference(case, kernels, tmp_path, make_l
     if kernels == "portable":
         monkeypatch.setenv("TOKENMILL_NO_CPU_KERNELS", "1")
     kind, spec = CASES[case]
-    reference = make_gptq_checkpoint(tmp_path / case, _config(kind), spec)
+    reference = make_gptq_checkpoint(tmp_path / case, gptq_test_config(kind), spec)
     llm = make_llm(tmp_path / case, dtype="float32", block_size=4)
     model = llm.engine.core.runner.model
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, Linear) and m.qmatrix is not None}
@@ -69,7 +53,7 @@ def test_gptq_layers_dequantize_to_the_formula(case, tmp_path, make_llm):
     """Each quantized layer's dequantized weight equals scale * (q - zero) of the checkpoint (the
     reference model holds exactly that), merged projections included."""
     kind, spec = CASES[case]
-    reference = make_gptq_checkpoint(tmp_path / case, _config(kind), spec)
+    reference = make_gptq_checkpoint(tmp_path / case, gptq_test_config(kind), spec)
     llm = make_llm(tmp_path / case, dtype="float32")
     layer = llm.engine.core.runner.model.model.layers[1]
     ref_layer = reference.model.layers[1]
@@ -81,7 +65,7 @@ def test_gptq_layers_dequantize_to_the_formula(case, tmp_path, make_llm):
         torch.testing.assert_close(ours.qmatrix.dequantize(), theirs.detach(), atol=1e-6, rtol=1e-6)
 
 
-def _rewrite_quant_config(folder, **changes):
+def _rewrite_quantgptq_test_config(folder, **changes):
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"].update(changes)
     (folder / "config.json").write_text(json.dumps(config))
@@ -97,8 +81,8 @@ def test_unsupported_gptq_configs_are_refused_naming_the_field(changes, message,
     from tokenmill import LLM
 
     folder = tmp_path / "ckpt"
-    make_gptq_checkpoint(folder, _config("llama"), GPTQSpec())
-    _rewrite_quant_config(folder, **changes)
+    make_gptq_checkpoint(folder, gptq_test_config("llama"), GPTQSpec())
+    _rewrite_quantgptq_test_config(folder, **changes)
     with pytest.raises(ModelLoadError, match=message.replace("(", r"\(").replace(")", r"\)")):
         LLM(str(folder), device="cpu", kv_cache_memory="8MiB")
 
@@ -106,7 +90,7 @@ def test_unsupported_gptq_configs_are_refused_naming_the_field(changes, message,
 def test_gptq_checkpoint_refuses_a_second_quantization(tmp_path):
     from tokenmill import LLM
 
-    make_gptq_checkpoint(tmp_path / "ckpt", _config("llama"), GPTQSpec())
+    make_gptq_checkpoint(tmp_path / "ckpt", gptq_test_config("llama"), GPTQSpec())
     with pytest.raises(ModelLoadError, match="is a gptq checkpoint already"):
         LLM(str(tmp_path / "ckpt"), device="cpu", kv_cache_memory="8MiB", quantization="int8")
 
@@ -119,7 +103,7 @@ def test_mismatched_act_order_across_merged_projections_is_refused(tmp_path):
     from tokenmill import LLM
 
     folder = tmp_path / "ckpt"
-    make_gptq_checkpoint(folder, _config("llama"), GPTQSpec(desc_act=True))
+    make_gptq_checkpoint(folder, gptq_test_config("llama"), GPTQSpec(desc_act=True))
     state = load_file(str(folder / "model.safetensors"))
     name = "model.layers.0.self_attn.k_proj.g_idx"
     state[name] = state[name].flip(0).contiguous()

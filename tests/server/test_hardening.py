@@ -411,4 +411,4 @@ def test_a_dead_tensor_parallel_worker_fails_streams_fast_and_marks_the_engine_u
     errors = reader.errors()
     assert errors and errors[0]["code"] == "engine_dead"
     assert srv.metric("engine_healthy") == 0
-    assert "tensor-parallel worker rank 1 (exit code -9) died" in srv.output()
+    assert "distributed worker rank 1 (exit code -9) died" in srv.output()

@@ -311,16 +311,18 @@ def test_bench_serve_reports_latency_and_throughput(server, tmp_path):
     server.wait_idle()
 
 
-def test_a_tensor_parallel_server_answers_like_a_single_process_one(server, start_server):
-    """`tokenmill serve --tensor-parallel-size 2`: its core process starts a worker rank; the texts
-    equal the one-process server's, and stopping the server stops the worker too."""
-    tp = start_server("--tensor-parallel-size", "2")
+@pytest.mark.parametrize("option, layout", [("--tensor-parallel-size", "tensor parallel 2 x pipeline parallel 1"),
+                                            ("--pipeline-parallel-size", "tensor parallel 1 x pipeline parallel 2")])
+def test_a_two_rank_server_answers_like_a_single_process_one(option, layout, server, start_server):
+    """`tokenmill serve --tensor-parallel-size 2` (or `--pipeline-parallel-size 2`): its core process starts a
+    worker rank; the texts equal the one-process server's, and stopping the server stops the worker too."""
+    tp = start_server(option, "2")
     for prompt in (PROMPT, "The little dog"):
         one = client(server).completions.create(model=server.name, prompt=prompt, max_tokens=16, temperature=0,
                                                 **NO_EOS)
         two = client(tp).completions.create(model=tp.name, prompt=prompt, max_tokens=16, temperature=0, **NO_EOS)
         assert two.choices[0].text == one.choices[0].text and two.usage.completion_tokens == 16
-    assert "tensor parallel: 2 ranks" in tp.output()
+    assert f"{layout} = 2 ranks" in tp.output()
     processes = _descendants(tp.proc.pid)
     assert len(processes) >= 2  # the core process and its worker rank (and multiprocessing's helper)
     tp.stop()

@@ -1,5 +1,6 @@
 """Two "nodes" of two processes each on 127.0.0.1, launched by torchrun as a cluster would be: every
-process runs `tokenmill serve`; global rank 0 serves and the other three are tensor-parallel workers."""
+process runs `tokenmill serve --pipeline-parallel-size 2`; each node is a pipeline stage of two
+tensor-parallel ranks; global rank 0 serves and the other three are workers."""
 
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ def _torchrun(node_rank: int, master_port: int, http_port: int, model: Path, log
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
            "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(master_port),
            "-m", "tokenmill", "serve", str(model), "--dtype", "float32", "--port", str(http_port),
-           "--kv-cache-memory", "8MiB"]
+           "--kv-cache-memory", "8MiB", "--pipeline-parallel-size", "2"]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_two_torchrun_nodes_serve_a_completion_like_one_process(checkpoint, make_llm, tmp_path):
-    model = checkpoint("llama3")  # 4 heads, 2 KV heads: replicated over the 4 ranks
+    model = checkpoint("llama3")  # 4 heads, 2 KV heads: one per tensor-parallel rank; 2 layers: one per stage
     master_port, http_port = _free_port(), _free_port()
     nodes = [_torchrun(rank, master_port, http_port, model, tmp_path / f"node{rank}.log") for rank in (1, 0)]
     url = f"http://127.0.0.1:{http_port}"
@@ -57,12 +58,17 @@ def test_two_torchrun_nodes_serve_a_completion_like_one_process(checkpoint, make
                                     use_tqdm=False)[0].outputs[0].text
             assert got == one
         log = (tmp_path / "node0.log").read_text()
-        assert "tensor parallel: 4 ranks (gloo, launched by torchrun)" in log
+        assert "tensor parallel 2 x pipeline parallel 2 = 4 ranks (gloo, launched by torchrun)" in log
         os.killpg(nodes[1].pid, signal.SIGINT)  # node 0: rank 0 serves; stopping it releases the workers
         for node in nodes:
             node.wait(timeout=60)
-    finally:
+    finally:  # SIGTERM first: torchrun's agent passes it on to its workers (which run in sessions of their own)
         for node in nodes:
             if node.poll() is None:
+                os.killpg(node.pid, signal.SIGTERM)
+        for node in nodes:
+            try:
+                node.wait(timeout=20)
+            except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait()

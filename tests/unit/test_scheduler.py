@@ -147,3 +147,44 @@ def test_copy_on_write_gives_the_writer_a_copy_and_sends_its_whole_table():
     s.update_from_output(so, ModelRunnerOutput({rid: [7] for rid in so.num_scheduled_tokens}))
     s.check_integrity()
     assert s.kv.pool.blocks[shared[0]].ref_cnt == 2 and s.kv.pool.blocks[shared[1]].ref_cnt == 1
+
+
+def _make_pipelined(num_blocks=64, **cfg) -> Scheduler:
+    cfg.setdefault("max_model_len", 256)
+    return Scheduler(SchedulerConfig(**cfg), KVCacheManager(num_blocks, 4), max_concurrent_batches=2)
+
+
+def test_two_batches_in_flight_take_disjoint_halves_of_the_requests():
+    """Pipeline parallelism: a second batch is scheduled before the first one's output comes back; it
+    holds the other requests, and a request in flight is never scheduled twice."""
+    s = _make_pipelined()
+    for i in range(4):
+        _add(s, str(i), 5, max_tokens=3)
+    first = s.schedule()
+    second = s.schedule()
+    assert set(first.num_scheduled_tokens) == {"0", "1"} and set(second.num_scheduled_tokens) == {"2", "3"}
+    assert s.schedule().num_scheduled_tokens == {}  # all four in flight: nothing to schedule
+    s.update_from_output(first, ModelRunnerOutput({rid: [7] for rid in first.num_scheduled_tokens}))
+    third = s.schedule()
+    assert third.num_scheduled_tokens == {"0": 1, "1": 1}  # their decodes, while 2 and 3 are still out
+    for so in (second, third):
+        s.update_from_output(so, ModelRunnerOutput({rid: [7] for rid in so.num_scheduled_tokens}))
+    assert [len(s.requests[str(i)].output_token_ids) for i in range(4)] == [2, 2, 1, 1]
+    s.check_integrity()
+
+
+def test_requests_in_flight_are_not_preempted_and_aborted_ones_drop_their_output():
+    s = _make_pipelined(num_blocks=4)  # 16 slots: two 8-token prompts fill them
+    _add(s, "a", 8, max_tokens=8, ignore_eos=True)
+    _add(s, "b", 8, max_tokens=8, ignore_eos=True)
+    first, second = s.schedule(), s.schedule()
+    assert set(first.num_scheduled_tokens) == {"a"} and set(second.num_scheduled_tokens) == {"b"}
+    s.update_from_output(first, ModelRunnerOutput({"a": [7]}))
+    blocked = s.schedule()  # a's next token needs a third block; b holds the others and is in flight
+    assert blocked.num_scheduled_tokens == {} and s.num_preemptions == 0
+    s.update_from_output(second, ModelRunnerOutput({"b": [7]}))
+    third = s.schedule()  # b's step is back: now it can give its blocks up
+    assert third.num_scheduled_tokens == {"a": 1} and s.num_preemptions == 1
+    s.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)  # aborted while its step is in flight
+    assert s.update_from_output(third, ModelRunnerOutput({"a": [9]})) == [] and "a" not in s.requests
+    s.check_integrity()

@@ -1,10 +1,11 @@
 """Ranks started by ``torchrun`` (one machine or several) instead of by the engine.
 
     torchrun --nnodes 2 --nproc-per-node 2 --node-rank 0|1 --master-addr HOST --master-port PORT \\
-        -m tokenmill serve MODEL [--tensor-parallel-size 4]
+        -m tokenmill serve MODEL [--pipeline-parallel-size 2]
 
-Every process runs the same command. Global rank 0 serves (its engine core is tensor-parallel rank
-0); every other rank loads its slice and runs the worker loop. The ranks meet in torchrun's store
+Every process runs the same command. Global rank 0 serves (its engine core is rank 0 of the
+engine); every other rank loads its part and runs the worker loop. The tensor-parallel degree is
+the world size over the pipeline degree. The ranks meet in torchrun's store
 at MASTER_ADDR:MASTER_PORT (the agent's, or rank 0's when the agent keeps none), under a prefix of
 their own.
 """
@@ -39,9 +40,12 @@ def torchrun_rank() -> LaunchedRank | None:
                         agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
-def launched_tensor_parallel_size(requested: int, launched: LaunchedRank) -> int:
-    """The tensor-parallel degree of a torchrun launch: every process is a rank, so it is the world size."""
-    if requested not in (1, launched.world_size):
-        raise ValueError(f"tensor_parallel_size {requested} does not match torchrun's {launched.world_size} "
-                         "processes; leave it out or give the world size")
-    return launched.world_size
+def launched_tensor_parallel_size(requested: int, pipeline_parallel_size: int, launched: LaunchedRank) -> int:
+    """The tensor-parallel degree of a torchrun launch: every process is a rank, so it is the world size
+    over the pipeline degree."""
+    tp, rest = divmod(launched.world_size, pipeline_parallel_size)
+    if rest or requested not in (1, tp):
+        raise ValueError(f"tensor_parallel_size {requested} x pipeline_parallel_size {pipeline_parallel_size} does "
+                         f"not match torchrun's {launched.world_size} processes; give a pipeline degree that divides "
+                         "it and leave the tensor degree out (or give world size / pipeline degree)")
+    return tp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass, replace
 
 import torch
@@ -10,10 +11,11 @@ from torch import nn
 
 from tokenmill.attention.registry import create_backend
 from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.distributed.parallel_state import WHOLE_MODEL
 from tokenmill.engine.memory import default_kv_cache_memory, kv_bytes_per_token
 from tokenmill.errors import RequestError
 from tokenmill.logger import get_logger
-from tokenmill.outputs import EngineCoreOutput
+from tokenmill.outputs import EngineCoreOutput, SchedulerOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.sampling_params import SamplingParams
@@ -85,7 +87,7 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig, model: nn.Module, model_config: ModelConfig,
                  eos_token_ids: tuple[int, ...], device: torch.device, executor=None):
-        """``executor``: the tensor-parallel workers (``build_engine_core`` starts them), None in one process."""
+        """``executor``: the worker ranks (``build_engine_core`` starts them), None in one process."""
         self.config = config
         self.model_config = model_config
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -94,7 +96,10 @@ class EngineCore:
         block_size = config.cache.block_size
         kv_cache_dtype = config.cache.kv_cache_dtype
         num_kv_heads = model.attention_layers()[0].num_kv_heads  # this rank's
-        bytes_per_block = kv_bytes_per_token(model_config, dtype, kv_cache_dtype, num_kv_heads) * block_size
+        stage = getattr(model, "stage", WHOLE_MODEL)
+        num_layers = stage.max_layers(model_config.num_hidden_layers)  # every stage's cache holds num_blocks
+        bytes_per_block = kv_bytes_per_token(model_config, dtype, kv_cache_dtype, num_kv_heads,
+                                             num_layers) * block_size
         max_num_seqs = config.scheduler.max_num_seqs
         usable = max_num_seqs * -(-self.max_model_len // block_size) * bytes_per_block
         budget = config.cache.kv_cache_memory or default_kv_cache_memory(device, usable)
@@ -113,20 +118,23 @@ class EngineCore:
             kind = ("int8 with a float16 scale per token and head" if kv_cache_dtype == "int8"
                     else "float8 e4m3 with a per-tensor scale")
             stored = f"{kind}: {ratio:.2f}x the tokens of a 16-bit cache"
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %d layers x %d KV heads x %d)",
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %d layers x %d KV heads x %d%s)",
                     self.num_blocks, block_size, self.num_blocks * block_size,
-                    self.num_blocks * bytes_per_block / 2**20, stored,
-                    model_config.num_hidden_layers, num_kv_heads, model_config.head_dim)
+                    self.num_blocks * bytes_per_block / 2**20, stored, num_layers, num_kv_heads,
+                    model_config.head_dim, " on each rank" if executor is not None else "")
         backend = create_backend(config.attention_backend, device)
         logger.info("attention backend: %s", backend.name)
         self.runner = ModelRunner(model, backend, self.num_blocks, block_size, dtype, device,
                                   list(eos_token_ids), kv_cache_dtype)
         self.executor = executor
         if executor is not None:
-            self.runner = executor.runner(self.runner, self.num_blocks)
+            self.runner = executor.runner(self.runner, self.num_blocks, dtype, list(eos_token_ids))
         self.kv_cache_manager = KVCacheManager(self.num_blocks, block_size, config.cache.enable_prefix_caching)
         scheduler_config = replace(config.scheduler, max_model_len=self.max_model_len)
-        self.scheduler = Scheduler(scheduler_config, self.kv_cache_manager)
+        self.max_concurrent_batches = getattr(self.runner, "max_concurrent_batches", 1)
+        self.scheduler = Scheduler(scheduler_config, self.kv_cache_manager, self.max_concurrent_batches)
+        self._in_flight: deque[tuple[SchedulerOutput, object]] = deque()  # (step, its PendingResult)
+        self.max_batches_in_flight = 0  # the most seen at once (pipeline overlap, for tests and metrics)
         self._seeds = itertools.count()
 
     @staticmethod
@@ -166,12 +174,33 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
 
     def step(self) -> list[EngineCoreOutput]:
-        scheduler_output = self.scheduler.schedule()
-        runner_output = self.runner.execute(scheduler_output)
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        """Schedules a batch, runs it and returns what it produced. Under pipeline parallelism up to one batch
+        per stage is in flight: a call that could start another returns [] at once, and a call with the
+        pipeline full (or nothing new to start) waits for the oldest batch and returns its outputs."""
+        if self.max_concurrent_batches == 1:
+            scheduler_output = self.scheduler.schedule()
+            runner_output = self.runner.execute(scheduler_output)
+            return self.scheduler.update_from_output(scheduler_output, runner_output)
+        if len(self._in_flight) < self.max_concurrent_batches:
+            scheduler_output = self.scheduler.schedule()
+            if (scheduler_output.num_scheduled_tokens or scheduler_output.finished_req_ids
+                    or scheduler_output.block_copies):
+                self._in_flight.append((scheduler_output, self.runner.execute_async(scheduler_output)))
+                self.max_batches_in_flight = max(self.max_batches_in_flight, len(self._in_flight))
+                if scheduler_output.num_scheduled_tokens and len(self._in_flight) < self.max_concurrent_batches:
+                    return []  # room for one more batch before waiting on this one
+        if not self._in_flight:
+            return []
+        scheduler_output, pending = self._in_flight.popleft()
+        outputs = self.scheduler.update_from_output(scheduler_output, pending.result())
+        while self._in_flight and self.scheduler.num_unfinished == 0:  # the rest hold no live request: collect
+            scheduler_output, pending = self._in_flight.popleft()  # them now rather than at the next request
+            outputs += self.scheduler.update_from_output(scheduler_output, pending.result())
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """Requests not finished, or batches whose results have not come back."""
+        return self.scheduler.num_unfinished > 0 or bool(self._in_flight)
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
@@ -185,24 +214,25 @@ class EngineCore:
         return self.kv_cache_manager.num_free_blocks == self.num_blocks
 
     def shutdown(self) -> None:
-        """Stops the tensor-parallel workers, if any."""
+        """Stops the worker ranks, if any."""
         if self.executor is not None:
             self.executor.shutdown()
 
 
 def load_engine_model(config: EngineConfig, device: torch.device):
-    """(model, model_config, executor): the model, with ``tensor_parallel_size`` > 1 this rank's slice
-    after starting the worker ranks (each loads its own; ``executor`` drives them, None in one process)."""
+    """(model, model_config, executor): the model, over several processes (``tensor_parallel_size`` or
+    ``pipeline_parallel_size`` > 1) rank 0's part after starting the worker ranks (each loads its own;
+    ``executor`` drives them, None in one process)."""
     from tokenmill.distributed.parallel_state import SINGLE, building_for
     from tokenmill.models.loader import load_model
 
     executor = None
-    if config.tensor_parallel_size > 1:
-        from tokenmill.distributed.executor import TensorParallelExecutor
+    if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
+        from tokenmill.distributed.executor import DistributedExecutor
 
-        executor = TensorParallelExecutor(config)
+        executor = DistributedExecutor(config)
     try:
-        with building_for(executor.group if executor else SINGLE):
+        with building_for(executor.group, executor.stage) if executor else building_for(SINGLE):
             model, model_config = load_model(config.model, config.dtype, device, seed=config.seed,
                                              quantization=config.quantization,
                                              load_time_quantization=config.load_time_quantization(),

@@ -113,10 +113,10 @@ class CoreClient:
         core_inbox, self._outbox = ctx.Pipe(duplex=False)  # front end -> core
         args = (config, tokenizer_eos, core_inbox, core_outbox, num_threads or os.cpu_count())
         if use_process:
-            # A daemonic process may not start children: with tensor parallelism the core starts its workers
+            # A daemonic process may not start children: over several ranks the core starts its workers
             # (it still exits when the front end goes away: its inbox closes).
             self._worker = ctx.Process(target=run_core_process, args=args, name="tokenmill-engine-core",
-                                       daemon=config.tensor_parallel_size == 1)
+                                       daemon=config.tensor_parallel_size * config.pipeline_parallel_size == 1)
         else:
             self._worker = threading.Thread(target=run_core, args=args, name="tokenmill-engine-core", daemon=True)
         self._worker.start()

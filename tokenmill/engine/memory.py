@@ -31,14 +31,15 @@ def parse_memory(value: int | float | str) -> int:
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto",
-                       num_kv_heads: int | None = None) -> int:
+                       num_kv_heads: int | None = None, num_layers: int | None = None) -> int:
     """K and V for every layer: 2 * layers * kv_heads * (bytes of one head's row); an int8 row is
-    head_dim bytes plus a float16 scale. ``num_kv_heads``: the heads one rank holds (tensor parallel)."""
+    head_dim bytes plus a float16 scale. ``num_kv_heads``: the heads one rank holds (tensor parallel);
+    ``num_layers``: the layers it holds (pipeline parallel)."""
     from tokenmill.attention.kv_quant import bytes_per_element_row
 
     element = torch.tensor([], dtype=dtype).element_size()
     row = bytes_per_element_row(config.head_dim, kv_cache_dtype, element)
-    return 2 * config.num_hidden_layers * (num_kv_heads or config.num_key_value_heads) * row
+    return 2 * (num_layers or config.num_hidden_layers) * (num_kv_heads or config.num_key_value_heads) * row
 
 
 def available_memory(device: torch.device) -> int:

@@ -6,17 +6,20 @@ matrices are transposed once at load time so that every projection is an ordinar
 
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.attention.layer import Attention
 from tokenmill.config import ModelConfig
-from tokenmill.distributed.parallel_state import tensor_parallel_group
+from tokenmill.distributed.parallel_state import pipeline_stage, tensor_parallel_group
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.activation import gelu
 from tokenmill.layers.linear import Linear, default_weight_loader, new_parameter
 from tokenmill.layers.norm import LayerNorm
+from tokenmill.models.pipeline import StageTensors, stage_holds, stage_layers
 
 
 def _transposed_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
@@ -70,20 +73,28 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
+    """The decoder stack; under pipeline parallelism only this stage's part of it (see models/pipeline.py)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.wte = nn.Module()
-        self.wte.weight = new_parameter(cfg.vocab_size, cfg.hidden_size)
-        self.wpe = nn.Module()
-        self.wpe.weight = new_parameter(cfg.max_position_embeddings, cfg.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+        self.stage = pipeline_stage()
+        if self.stage.is_first:
+            self.wte = nn.Module()
+            self.wte.weight = new_parameter(cfg.vocab_size, cfg.hidden_size)
+            self.wpe = nn.Module()
+            self.wpe.weight = new_parameter(cfg.max_position_embeddings, cfg.hidden_size)
+        self.h, self.owned = stage_layers(self.stage, cfg.num_hidden_layers, lambda i: GPT2Block(cfg))
+        self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps) if self.stage.is_last else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.wte.weight) + F.embedding(positions, self.wpe.weight)  # (T, H)
-        for block in self.h:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                received: StageTensors | None = None) -> torch.Tensor | StageTensors:
+        if received is None:
+            x = F.embedding(input_ids, self.wte.weight) + F.embedding(positions, self.wpe.weight)  # (T, H)
+        else:
+            x = received.tensors["hidden"]
+        for block in islice(self.h, self.owned.start, self.owned.stop):  # (the quantizer may truncate the list)
             x = block(x)
-        return self.ln_f(x)
+        return self.ln_f(x) if self.stage.is_last else StageTensors({"hidden": x})
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -97,22 +108,33 @@ class GPT2LMHeadModel(nn.Module):
             raise ModelLoadError("GPT2LMHeadModel does not run with tensor_parallel_size > 1 yet; use 1")
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        if config.tie_word_embeddings:
+        self.stage = stage = self.transformer.stage
+        self.lm_head = Linear(config.hidden_size, config.vocab_size) if stage.is_last else None
+        if config.tie_word_embeddings and stage.is_first and stage.is_last:
             self.lm_head.weight = self.transformer.wte.weight  # one parameter, loaded once
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.transformer(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                received: StageTensors | None = None) -> torch.Tensor | StageTensors:
+        return self.transformer(input_ids, positions, received)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        return [block.attn.attn for block in self.transformer.h]
+        """This stage's attention layers (all of them in one process), in order."""
+        return [self.transformer.h[i].attn.attn for i in self.transformer.owned]
 
     def checkpoint_name(self, name: str) -> str | None:
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             return None  # causal-mask buffers of old checkpoints
+        stage = self.transformer.stage
         if name.startswith("lm_head."):
-            return None if self.config.tie_word_embeddings else name
-        return name if name.startswith("transformer.") else "transformer." + name
+            return None if self.config.tie_word_embeddings or not stage.is_last else name
+        name = name if name.startswith("transformer.") else "transformer." + name
+        if name.startswith("transformer.wte.") and self.config.tie_word_embeddings and stage.is_last \
+                and not stage.is_first:
+            return "lm_head." + name.removeprefix("transformer.wte.")  # the head's own copy on the last stage
+        if not stage_holds(name, stage, self.transformer.owned, "transformer.h.", ("transformer.wte.", "transformer.wpe."),
+                           ("transformer.ln_f.",)):
+            return None
+        return name

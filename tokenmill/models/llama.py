@@ -10,18 +10,21 @@ stacked: ``mlp.experts.{e}.gate_proj`` (Mixtral: ``block_sparse_moe.experts.{e}.
 
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 from torch import nn
 
 from tokenmill.attention.layer import Attention
 from tokenmill.config import ModelConfig
-from tokenmill.distributed.parallel_state import partition, tensor_parallel_group
+from tokenmill.distributed.parallel_state import partition, pipeline_stage, tensor_parallel_group
 from tokenmill.layers.activation import silu_and_mul
 from tokenmill.layers.embedding import VocabParallelEmbedding
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.moe import SparseMoeBlock
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RopeInputs, RotaryEmbedding
+from tokenmill.models.pipeline import StageTensors, stage_holds, stage_layers
 
 
 class LlamaAttention(nn.Module):
@@ -98,20 +101,33 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """The decoder stack; under pipeline parallelism only this stage's part of it (see models/pipeline.py)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.stage = pipeline_stage()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if self.stage.is_first else None
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.layers, self.owned = stage_layers(self.stage, cfg.num_hidden_layers,
+                                               lambda i: LlamaDecoderLayer(cfg, self.rotary, i))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if self.stage.is_last else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        embedded = self.embed_tokens(input_ids)  # (T, H) in the model's dtype
-        rope = self.rotary.prepare(positions, embedded.dtype)  # shared by all layers
-        residual = embedded.float()  # the residual stream stays in float32 (a fresh tensor: updated in place)
-        hidden = None
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                received: StageTensors | None = None) -> torch.Tensor | StageTensors:
+        """hidden (T, H) after the final norm; a stage before the last returns its (hidden, residual),
+        and a stage after the first starts from the previous stage's instead of ``input_ids``."""
+        if received is None:
+            embedded = self.embed_tokens(input_ids)  # (T, H) in the model's dtype
+            residual = embedded.float()  # the residual stream stays in float32 (a fresh tensor: updated in place)
+            hidden, dtype = None, embedded.dtype
+        else:
+            hidden, residual = received.tensors["hidden"], received.tensors["residual"]
+            dtype = hidden.dtype
+        rope = self.rotary.prepare(positions, dtype)  # shared by all layers
+        for layer in islice(self.layers, self.owned.start, self.owned.stop):  # (the quantizer may truncate the list)
             hidden, residual = layer(rope, hidden, residual)
+        if not self.stage.is_last:
+            return StageTensors({"hidden": hidden, "residual": residual})
         return self.norm(residual, add=hidden)
 
 
@@ -129,12 +145,14 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, parallel="vocab")
-        if config.tie_word_embeddings:
+        self.stage = stage = self.model.stage
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, parallel="vocab") if stage.is_last else None
+        if config.tie_word_embeddings and stage.is_first and stage.is_last:
             self.lm_head.weight = self.model.embed_tokens.weight  # one parameter, loaded once
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                received: StageTensors | None = None) -> torch.Tensor | StageTensors:
+        return self.model(input_ids, positions, received)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, H) -> logits (N, V) in the model's dtype (gathered from every rank's vocabulary slice)."""
@@ -144,12 +162,18 @@ class LlamaForCausalLM(nn.Module):
         return logits
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        """This stage's attention layers (all of them in one process), in order."""
+        return [self.model.layers[i].self_attn.attn for i in self.model.owned]
 
     def checkpoint_name(self, name: str) -> str | None:
         """Maps a checkpoint tensor name to ours; None for tensors to skip."""
-        if self.config.tie_word_embeddings and name.startswith("lm_head."):
-            return None  # tied: some checkpoints still save the shared matrix twice
-        if "rotary_emb.inv_freq" in name:
+        stage = self.model.stage
+        if self.config.tie_word_embeddings:
+            if name.startswith("lm_head."):
+                return None  # tied: some checkpoints still save the shared matrix twice
+            if name.startswith("model.embed_tokens.") and stage.is_last and not stage.is_first:
+                return "lm_head." + name.removeprefix("model.embed_tokens.")  # the head's own copy on the last stage
+        if "rotary_emb.inv_freq" in name or not stage_holds(name, stage, self.model.owned, "model.layers.",
+                                                            ("model.embed_tokens.",), ("model.norm.", "lm_head.")):
             return None
         return name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's name for the expert block

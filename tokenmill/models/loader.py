@@ -199,8 +199,8 @@ def _quantize_layers(module: nn.Module, config: ModelConfig, path: Path, request
         if requested not in (None, checkpoint.method):
             raise ModelLoadError(f"{path} is a {checkpoint.method} checkpoint already; it cannot be loaded with "
                                  f"quantization={requested!r} (leave it unset)")
-        quantized = {parameter_name(module, name)[0].removesuffix(".qweight")
-                     for name in safetensors_names(path) if name.endswith(".qweight")}
+        ours = (parameter_name(module, name)[0] for name in safetensors_names(path) if name.endswith(".qweight"))
+        quantized = {name.removesuffix(".qweight") for name in ours if name is not None}  # None: another stage's
         apply_quantization(module, checkpoint, lambda name: name in quantized)
         logger.info("GPTQ checkpoint: %d linear layers quantized, %s", len(quantized), checkpoint.describe())
     elif requested == "gptq":

@@ -8,6 +8,8 @@ from torch import nn
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.kv_quant import QuantizedKVCache, make_kv_cache
 from tokenmill.attention.layer import forward_context
+from tokenmill.distributed.parallel_state import WHOLE_MODEL
+from tokenmill.models.pipeline import StageTensors
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.runner.cpu_decode_step import CpuDecodeStep
 from tokenmill.runner.input_batch import RunnerRequestState, build_step_inputs
@@ -18,6 +20,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, backend: AttentionBackend, num_blocks: int, block_size: int,
                  kv_dtype: torch.dtype, device: torch.device, eos_token_ids: list[int], kv_cache_dtype: str = "auto"):
         self.model = model
+        self.stage = getattr(model, "stage", WHOLE_MODEL)
         self.backend = backend
         self.block_size = block_size
         self.device = device
@@ -63,7 +66,8 @@ class ModelRunner:
             else:
                 cache[:, dst] = cache[:, src]
 
-    def _forward(self, so: SchedulerOutput, all_positions: bool = False):
+    def _run_model(self, so: SchedulerOutput, received: StageTensors | None):
+        """(inputs, hidden (T, H)), or this stage's StageTensors for the next stage of a pipeline."""
         self._update_states(so)
         states = [self.requests[request_id] for request_id in so.num_scheduled_tokens]
         inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device,
@@ -72,10 +76,21 @@ class ModelRunner:
             hidden = self.decode_step(inputs.input_ids, inputs.positions, inputs.attention)  # (T, H)
         else:
             with forward_context(inputs.attention):
-                hidden = self.model(inputs.input_ids, inputs.positions)  # (T, H)
+                hidden = self.model(inputs.input_ids, inputs.positions, received)  # (T, H)
+        return inputs, hidden
+
+    def _forward(self, so: SchedulerOutput, all_positions: bool = False, received: StageTensors | None = None):
+        inputs, hidden = self._run_model(so, received)
         if all_positions:
             return inputs, self.model.compute_logits(hidden).float(), hidden  # (T, V)
         return inputs, self.model.compute_logits(hidden[inputs.logits_index]), hidden  # (B, V), the sampler casts
+
+    def _stage_forward(self, so: SchedulerOutput, received: StageTensors | None) -> StageTensors:
+        """A stage before the last: its layers' output for the next stage (nothing for an empty step)."""
+        if so.is_empty:
+            self._update_states(so)
+            return StageTensors({})
+        return self._run_model(so, received)[1]
 
     def _prompt_logprobs(self, inputs, hidden: torch.Tensor) -> dict[str, tuple[int, list[tuple[list[int], list[float]]]]]:
         """For requests with prompt_logprobs: (first prompt position, entries) of this step's prompt tokens.
@@ -105,13 +120,18 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput, sample: bool = True) -> ModelRunnerOutput:
+    def execute(self, so: SchedulerOutput, sample: bool = True,
+                received: StageTensors | None = None) -> ModelRunnerOutput | StageTensors:
         """Runs one step and samples one token per request whose scheduled tokens end its sequence.
-        ``sample=False`` (a tensor-parallel worker): the same forward passes and collectives, no sampling."""
+        ``sample=False`` (a tensor-parallel worker): the same forward passes and collectives, no sampling.
+        One stage of a pipeline starts from ``received`` (the previous stage's output; None on the first)
+        and, before the last stage, returns its own output for the next."""
+        if not self.stage.is_last:
+            return self._stage_forward(so, received)
         if so.is_empty:
             self._update_states(so)
             return ModelRunnerOutput({})
-        inputs, logits, hidden = self._forward(so)
+        inputs, logits, hidden = self._forward(so, received=received)
         if not sample:
             if any(self.requests[rid].sampling_params.prompt_logprobs is not None for rid in inputs.request_ids):
                 self._prompt_logprobs(inputs, hidden)
@@ -138,9 +158,13 @@ class ModelRunner:
                                  prompt_logprobs, beam_candidates)
 
     @torch.inference_mode()
-    def execute_logits(self, so: SchedulerOutput) -> dict[str, torch.Tensor]:
-        """Runs one step without sampling: each request's logits (n_scheduled, V) at every new position."""
-        inputs, logits, _ = self._forward(so, all_positions=True)
+    def execute_logits(self, so: SchedulerOutput,
+                       received: StageTensors | None = None) -> dict[str, torch.Tensor] | StageTensors:
+        """Runs one step without sampling: each request's logits (n_scheduled, V) at every new position
+        (before the last stage of a pipeline: this stage's output, as ``execute``)."""
+        if not self.stage.is_last:
+            return self._stage_forward(so, received)
+        inputs, logits, _ = self._forward(so, all_positions=True, received=received)
         starts = [0] + [int(i) + 1 for i in inputs.logits_index[:-1]]
         ends = [int(i) + 1 for i in inputs.logits_index]
         return {rid: logits[s:e] for rid, s, e in zip(inputs.request_ids, starts, ends)}

@@ -25,14 +25,18 @@ from tokenmill.scheduler.kv_cache_manager import KVCacheManager
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_concurrent_batches: int = 1):
+        """``max_concurrent_batches`` > 1 (pipeline parallelism): that many batches may be in flight, each
+        with its own requests; each batch takes about an equal share of the sequences."""
         self.config = config
+        self.max_concurrent_batches = max_concurrent_batches
         self.kv = kv_cache_manager
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_req_ids: set[str] = set()
         self._num_tokens_sent: dict[str, int] = {}  # tokens of each request the runner already holds
+        self._in_flight: set[str] = set()  # scheduled in a step whose output has not come back yet
         self.groups: dict[str, BeamGroup] = {}
         self.num_preemptions = 0
         self.num_computed_prompt_tokens = 0
@@ -80,21 +84,22 @@ class Scheduler:
         new_reqs: dict[str, NewRequestData] = {}
         cached_reqs: dict[str, CachedRequestData] = {}
         preempted = False
+        max_seqs = self._max_seqs_per_batch()
 
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget > 0 and len(num_scheduled) < max_seqs:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new == 0:  # a beam that reported, waiting for its siblings
-                index += 1
+            if num_new == 0 or request.request_id in self._in_flight:  # a beam that reported, waiting for its
+                index += 1  # siblings, or a request whose last step is still in the pipeline
                 continue
             num_blocks_before = len(self.kv.block_ids(request.request_id))
             while not self.kv.allocate_slots(request, num_new):
-                unit, freed_budget = self._preempt_last(num_scheduled, new_reqs, cached_reqs)
-                budget += freed_budget
+                unit, freed_budget = self._preempt_last(request, num_scheduled, new_reqs, cached_reqs)
                 preempted = True
-                if request in unit:
+                if unit is None or request in unit:  # itself preempted, or all else in flight: wait
                     break
+                budget += freed_budget
             else:
                 num_scheduled[request.request_id] = num_new
                 budget -= num_new
@@ -104,11 +109,12 @@ class Scheduler:
                 else:  # a beam forked last step
                     new_reqs[request.request_id] = self._new_data(request)
                 continue
-            break  # the request itself was preempted: nothing newer is left to schedule
+            break  # nothing newer is left to schedule
 
         while self.waiting and budget > 0 and not preempted:
             unit = self._unit(self.waiting[0])  # a beam group's members are contiguous at the front
-            if len(self.running) + len(unit) > self.config.max_num_seqs:
+            if len(self.running) + len(unit) > self.config.max_num_seqs or (
+                    num_scheduled and len(num_scheduled) + len(unit) > max_seqs):
                 break
             admitted = self._admit(unit, budget)
             if admitted is None:
@@ -128,9 +134,18 @@ class Scheduler:
         for request_id, n in num_scheduled.items():
             request = self.requests[request_id]
             self.num_computed_prompt_tokens += max(0, min(request.num_prompt_tokens - request.num_computed_tokens, n))
+        self._in_flight.update(num_scheduled)
         finished, self._finished_req_ids = self._finished_req_ids, set()
         return SchedulerOutput(list(new_reqs.values()), list(cached_reqs.values()), num_scheduled,
                                sum(num_scheduled.values()), finished, self.kv.take_copies())
+
+    def _max_seqs_per_batch(self) -> int:
+        """With several batches in flight, each takes its share of the live sequences (so that the
+        pipeline's stages all have work); one batch at a time takes up to max_num_seqs."""
+        if self.max_concurrent_batches == 1:
+            return self.config.max_num_seqs
+        live = min(len(self.running) + len(self.waiting), self.config.max_num_seqs)
+        return max(1, -(-live // self.max_concurrent_batches))
 
     @staticmethod
     def _unit(request: Request) -> list[Request]:
@@ -172,9 +187,19 @@ class Scheduler:
             new_block_ids=[] if replaced else block_ids[num_blocks_before:],
             num_computed_tokens=request.num_computed_tokens, block_ids=block_ids if replaced else None)
 
-    def _preempt_last(self, num_scheduled: dict[str, int], new_reqs: dict, cached_reqs: dict) -> tuple[list[Request], int]:
-        """Preempts the newest running unit, unscheduling what of it this step already scheduled."""
-        unit = self._unit(self.running[-1])
+    def _preempt_last(self, needy: Request, num_scheduled: dict[str, int], new_reqs: dict, cached_reqs: dict
+                      ) -> tuple[list[Request] | None, int]:
+        """Preempts the newest running unit with no step in flight (its blocks are being written: it cannot
+        give them up), unscheduling what of it this step already scheduled. (None, 0): none to preempt, or
+        only ``needy``'s own unit while other steps are in flight (it waits for them rather than recompute)."""
+        for position in range(len(self.running) - 1, -1, -1):
+            unit = self._unit(self.running[position])
+            if not any(request.request_id in self._in_flight for request in unit):
+                break
+        else:
+            return None, 0
+        if needy in unit and self._in_flight:
+            return None, 0
         for request in unit:
             self.running.remove(request)
         freed_budget = 0
@@ -203,7 +228,10 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         reported: dict[str, BeamGroup] = {}
         for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
-            request = self.requests[request_id]
+            self._in_flight.discard(request_id)
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # finished or aborted while its step was in flight: the output is dropped
             request.num_computed_tokens += num_tokens
             prompt_logprobs = runner_output.prompt_logprobs.get(request_id)
             if request.num_computed_tokens < request.num_tokens:
