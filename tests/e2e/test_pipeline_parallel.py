@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from helpers.checkpoints import MOE_ARCHITECTURES
+from helpers.checkpoints import ARCHITECTURES, MOE_ARCHITECTURES
 from helpers.gptq_checkpoints import GPTQSpec, gptq_test_config, make_gptq_checkpoint
 from helpers.workloads import PROMPT, matches_reference_and_one_process, mixed_workload, tokens
 from tokenmill import SamplingParams
@@ -24,10 +24,11 @@ from tokenmill.distributed.parallel_state import PipelineStage
 from tokenmill.models.pipeline import MissingLayer
 
 
-@pytest.mark.parametrize("arch, tp", [("llama", 1), ("gpt2", 1), ("qwen3", 1), ("llama_tp", 1), ("llama_tp", 2)]
-                         + [(arch, 1) for arch in MOE_ARCHITECTURES])
+@pytest.mark.parametrize("arch, tp", [(arch, 1) for arch in ARCHITECTURES + ["llama_tp"] + MOE_ARCHITECTURES]
+                         + [("llama_tp", 2), ("gpt2", 2)])
 def test_stages_hold_their_layers_and_match_the_reference(arch, tp, checkpoint, make_llm):
-    """Two stages (times two tensor-parallel ranks for llama_tp: vocabulary 381, tied head, 1 KV head)."""
+    """Two stages, on every architecture (times two tensor-parallel ranks for llama_tp: vocabulary 381, tied
+    head, 1 KV head; and for GPT-2)."""
     folder = checkpoint(arch)
     llm = make_llm(folder, dtype="float32", block_size=4, pipeline_parallel_size=2, tensor_parallel_size=tp)
     assert len(llm.engine.core.executor.processes) == 2 * tp - 1

@@ -14,24 +14,28 @@ import time
 import pytest
 
 from helpers.checkpoints import MOE_ARCHITECTURES
+from helpers.gptq_checkpoints import GPTQSpec, gptq_test_config, make_gptq_checkpoint
 from helpers.workloads import matches_reference_and_one_process, mixed_workload, tokens
 from tokenmill import SamplingParams
+from tokenmill.distributed.parallel_state import TensorParallelGroup, partition
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.moe import FusedMoE
 
 
 @pytest.mark.parametrize("arch, degree", [("llama", 2), ("llama_linear", 2), ("mistral", 2), ("qwen3", 2),
-                                          ("llama_tp", 2), ("llama_tp", 4)])
+                                          ("llama_tp", 2), ("llama_tp", 4), ("gpt2", 2)])
 def test_logits_equal_reference_and_tokens_equal_one_process(arch, degree, checkpoint, make_llm):
+    """GPT-2: its fused q/k/v Conv1D split by heads, q, k and v each."""
     folder = checkpoint(arch)
     llm = make_llm(folder, dtype="float32", block_size=4, tensor_parallel_size=degree)
     workers = llm.engine.core.executor.processes
     assert len(workers) == degree - 1 and all(p.is_alive() for p in workers)
     model = llm.engine.core.runner.model
-    attn = model.model.layers[0].self_attn
+    attn = model.transformer.h[0].attn if arch == "gpt2" else model.model.layers[0].self_attn
     cfg = model.config
     assert attn.num_heads == cfg.num_attention_heads // degree  # this rank's share
-    assert attn.num_kv_heads == max(1, cfg.num_key_value_heads // degree)
+    if arch != "gpt2":
+        assert attn.num_kv_heads == max(1, cfg.num_key_value_heads // degree)
     assert model.lm_head.out_features == -(-cfg.vocab_size // degree)
     matches_reference_and_one_process(llm, folder, make_llm, label=f"{arch} tp={degree}")
 
@@ -67,11 +71,46 @@ def test_mixture_of_experts_split_or_placed_over_ranks_equals_one_process(arch, 
     matches_reference_and_one_process(llm, folder, make_llm, label=f"{arch} ep={expert_parallel}")
 
 
-@pytest.mark.parametrize("arch, why", [("qwen2", r"3 KV heads cannot be split evenly over tensor_parallel_size 2"),
-                                       ("gpt2", "GPT2LMHeadModel does not run with tensor_parallel_size > 1")])
-def test_what_cannot_be_split_is_refused_with_the_reason(arch, why, checkpoint, make_llm):
-    with pytest.raises((ValueError, ModelLoadError), match=why):
-        make_llm(checkpoint(arch), dtype="float32", tensor_parallel_size=2)
+GPTQ_CASES = {"4bit-g16-sym-v1": ("llama", GPTQSpec(bits=4, group_size=16, sym=True)),
+              "8bit-channel-sym": ("llama", GPTQSpec(bits=8, group_size=-1, sym=True)),
+              "4bit-g16-asym-v2-qwen2": ("qwen2", GPTQSpec(bits=4, group_size=16, sym=False, checkpoint_format="gptq_v2")),
+              "4bit-g32-gpt2": ("gpt2", GPTQSpec(bits=4, group_size=32, sym=True))}
+
+
+@pytest.mark.parametrize("case", list(GPTQ_CASES))
+def test_gptq_checkpoints_split_over_ranks_like_one_process(case, make_llm, tmp_path):
+    """Packed codes, zero points and scales cut by outputs (column; GPT-2's fused q/k/v by heads of each) or
+    by whole groups of inputs (row, g_idx renumbered from the rank's first group); per-channel scales whole
+    on every rank."""
+    kind, spec = GPTQ_CASES[case]
+    reference = make_gptq_checkpoint(tmp_path / case, gptq_test_config(kind), spec)
+    llm = make_llm(tmp_path / case, dtype="float32", block_size=4, tensor_parallel_size=2)
+    matches_reference_and_one_process(llm, tmp_path / case, make_llm, reference=reference, label=f"gptq {case} tp=2")
+
+
+def test_what_cannot_be_split_is_refused_with_the_reason(checkpoint, make_llm):
+    with pytest.raises(ValueError, match=r"3 KV heads cannot be split evenly over tensor_parallel_size 2"):
+        make_llm(checkpoint("qwen2"), dtype="float32", tensor_parallel_size=2)
+
+
+def test_only_kv_heads_replicate_over_more_ranks_than_heads():
+    """Query heads (or rows) replicated would be summed twice by the row-parallel projection after them."""
+    eight = TensorParallelGroup(5, 8)
+    assert partition(2, eight, "KV heads", replicate=True) == (1, 1)  # ranks 4..7 share KV head 1
+    with pytest.raises(ValueError, match="4 attention heads cannot be split over tensor_parallel_size 8"):
+        partition(4, eight, "attention heads")
+
+
+@pytest.mark.parametrize("spec, why", [
+    (GPTQSpec(bits=4, group_size=16, desc_act=True), r"o_proj: an act-order GPTQ checkpoint \(desc_act: true\)"),
+    (GPTQSpec(bits=4, group_size=64), r"o_proj: 32 inputs per tensor-parallel rank do not hold whole groups of 64 \(group_size\)"),
+])
+def test_gptq_layers_that_cannot_be_split_are_refused_naming_the_field(spec, why, tmp_path):
+    from tokenmill import LLM
+
+    make_gptq_checkpoint(tmp_path / "gptq", gptq_test_config("llama"), spec)
+    with pytest.raises(ModelLoadError, match=why):
+        LLM(str(tmp_path / "gptq"), dtype="float32", device="cpu", kv_cache_memory="8MiB", tensor_parallel_size=2)
 
 
 def _worker_that_exits(rank, size, port, config, threads):

@@ -171,12 +171,13 @@ def building_for(group: TensorParallelGroup, stage: PipelineStage = WHOLE_MODEL)
         _building, _building_stage = previous
 
 
-def partition(num_units: int, group: TensorParallelGroup, what: str = "rows") -> tuple[int, int]:
+def partition(num_units: int, group: TensorParallelGroup, what: str = "rows", replicate: bool = False
+              ) -> tuple[int, int]:
     """(first unit, number of units) of ``num_units`` (heads, rows) that ``group.rank`` holds.
 
-    Units split evenly when there are at least as many as ranks (num_units % size must be 0);
-    fewer units than ranks are replicated, each over size / num_units consecutive ranks (KV heads
-    with a tensor-parallel degree above their number): 2 KV heads on 4 ranks -> 0, 0, 1, 1.
+    Units split evenly when there are at least as many as ranks (num_units % size must be 0). With
+    ``replicate`` (KV heads), fewer units than ranks are replicated, each over size / num_units
+    consecutive ranks: 2 KV heads on 4 ranks -> 0, 0, 1, 1; otherwise that is an error.
     """
     size, rank = group.size, group.rank
     if num_units >= size:
@@ -184,6 +185,8 @@ def partition(num_units: int, group: TensorParallelGroup, what: str = "rows") ->
             raise ValueError(f"{num_units} {what} cannot be split evenly over tensor_parallel_size {size}")
         per_rank = num_units // size
         return rank * per_rank, per_rank
+    if not replicate:
+        raise ValueError(f"{num_units} {what} cannot be split over tensor_parallel_size {size}: fewer than the ranks")
     if size % num_units:
         raise ValueError(f"{num_units} {what} cannot be replicated evenly over tensor_parallel_size {size} "
                          f"(it must be a multiple of {num_units})")

@@ -35,6 +35,14 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: H
     param.data.copy_(loaded)
 
 
+def _check_full(loaded: torch.Tensor, param: nn.Parameter, dim: int, full_size: int) -> None:
+    """ModelLoadError unless ``loaded`` is ``param``'s full (unsplit) tensor: ``full_size`` along ``dim``."""
+    expected = list(param.shape)
+    expected[dim] = full_size
+    if list(loaded.shape) != expected:
+        raise ModelLoadError(f"weight shape {tuple(loaded.shape)} does not match the model's {tuple(expected)}")
+
+
 def new_parameter(*shape: int) -> nn.Parameter:
     """An uninitialised, frozen parameter: weights always come from a checkpoint or an explicit init."""
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
@@ -69,19 +77,34 @@ class Linear(nn.Module):
             self._attach_loaders()
 
     def _load_slice(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable = None) -> None:
-        """Copies this rank's slice of a full checkpoint tensor (weight or bias) into ``param``."""
-        full = (self.full_out_features, self.full_in_features)[:loaded.dim()]
-        if tuple(loaded.shape) != full:
-            raise ModelLoadError(f"weight shape {tuple(loaded.shape)} does not match the model's {full}")
+        """Copies this rank's slice of a full checkpoint tensor into ``param``: along its output dimension
+        ("column", "vocab") or its input dimension ("row"), counted in what one stored element covers.
+        A float weight (N, K) and bias (N,) say nothing; a quantized method's tensors carry ``output_dim``
+        and ``pack_factor`` (outputs per element), ``input_dim`` and ``input_unit`` (inputs per element: a
+        packed int32 holds several codes, a scale row a group), ``input_dim`` None when every rank needs
+        the whole tensor, and ``group_size`` on g_idx, whose values are group numbers."""
         if self.parallel == "row":
-            if loaded.dim() == 1:  # the bias
-                param.data.copy_(loaded if self.tp.rank == 0 else torch.zeros_like(loaded))
-            else:
-                param.data.copy_(loaded.narrow(1, self.in_start, self.in_features))
+            dim = getattr(param, "input_dim", 1 if param.dim() == 2 else None)
+            if dim is None:  # whole on every rank; the bias is added once, by rank 0 (the others hold zeros)
+                if param is self.bias and self.tp.rank != 0:
+                    loaded = torch.zeros_like(loaded)
+                default_weight_loader(param, loaded)
+                return
+            unit = getattr(param, "input_unit", 1)
+            _check_full(loaded, param, dim, -(-self.full_in_features // unit))
+            local = loaded.narrow(dim, self.in_start // unit, param.shape[dim])
+            if hasattr(param, "group_size"):  # g_idx: this rank's first group becomes group 0
+                local = local - self.in_start // param.group_size
+            default_weight_loader(param, local)
             return
-        rows = max(0, min(self.out_features, self.full_out_features - self.out_start))  # "vocab": past V is padding
+        dim, pack = getattr(param, "output_dim", 0), getattr(param, "pack_factor", 1)
+        if dim is None:
+            default_weight_loader(param, loaded)
+            return
+        _check_full(loaded, param, dim, self.full_out_features // pack)
+        rows = max(0, min(self.out_features, self.full_out_features - self.out_start)) // pack  # "vocab": padding
         param.data.zero_()
-        param.data[:rows].copy_(loaded.narrow(0, self.out_start, rows))
+        param.data.narrow(dim, 0, rows).copy_(loaded.narrow(dim, self.out_start // pack, rows))
 
     def set_quant_method(self, method) -> None:
         """Switches to another linear method before loading; it may replace ``weight`` by the
@@ -127,7 +150,8 @@ class MergedLinear(Linear):
         self.source_starts: dict[Hashable, int] = {}  # each shard's first row of this rank in the checkpoint
         for shard_id, rows in shards.items():
             unit = (unit_sizes or {}).get(shard_id, 1)
-            first, count = partition(rows // unit, tp, (unit_names or {}).get(shard_id, f"rows of shard {shard_id!r}"))
+            first, count = partition(rows // unit, tp, (unit_names or {}).get(shard_id, f"rows of shard {shard_id!r}"),
+                                     replicate=True)
             self.source_starts[shard_id], local_rows[shard_id] = first * unit, count * unit
         super().__init__(in_features, sum(local_rows.values()), bias)
         self.tp = tp

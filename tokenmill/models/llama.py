@@ -33,7 +33,7 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         tp = tensor_parallel_group()  # this rank's heads: all of them in one process
         _, self.num_heads = partition(cfg.num_attention_heads, tp, "attention heads")
-        _, self.num_kv_heads = partition(cfg.num_key_value_heads, tp, "KV heads")
+        _, self.num_kv_heads = partition(cfg.num_key_value_heads, tp, "KV heads", replicate=True)
         self.head_dim = cfg.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": cfg.q_size, "k": cfg.kv_size, "v": cfg.kv_size},
                                      bias=cfg.qkv_bias, parallel="column", unit_sizes=dict.fromkeys("qkv", cfg.head_dim))

@@ -128,6 +128,23 @@ class RTNLinearMethod(_QuantizedMethod):
         layer.weight = None  # a tied LM head keeps the embedding's parameter alive for the embedding only
 
 
+def _check_split(layer: nn.Module, cfg: QuantizationConfig, where: str) -> None:
+    """ModelLoadError where a GPTQ layer cannot be cut over tensor-parallel ranks: an LM head (padded
+    vocabulary), act-order split by inputs (a rank's inputs would belong to any group), or a cut
+    inside a group."""
+    if layer.parallel == "vocab":
+        raise ModelLoadError(f"{where}: a GPTQ-quantized LM head does not split over tensor-parallel ranks; "
+                             "use tensor_parallel_size 1")
+    if layer.parallel == "row":
+        if cfg.desc_act:
+            raise ModelLoadError(f"{where}: an act-order GPTQ checkpoint (desc_act: true) cannot split this layer's "
+                                 "inputs over tensor-parallel ranks; use tensor_parallel_size 1 or a checkpoint "
+                                 "without desc_act")
+        if cfg.group_size != -1 and layer.in_features % cfg.group_size:
+            raise ModelLoadError(f"{where}: {layer.in_features} inputs per tensor-parallel rank do not hold whole "
+                                 f"groups of {cfg.group_size} (group_size)")
+
+
 class GPTQLinearMethod(_QuantizedMethod):
     """A GPTQ checkpoint's packed tensors, loaded as they are, unpacked once after loading."""
 
@@ -140,27 +157,30 @@ class GPTQLinearMethod(_QuantizedMethod):
         cfg, in_features, out_features = self.config, layer.in_features, layer.out_features
         pack = 32 // cfg.bits
         where = self.layer_name or "a linear layer"
-        if layer.tp.size > 1:
-            raise ModelLoadError(f"{where}: GPTQ checkpoints do not load with tensor_parallel_size > 1 yet; use 1 "
-                                 "(or quantization='int8'/'int4' at load, which shards)")
+        _check_split(layer, cfg, where)
         if in_features % pack or out_features % pack:
             raise ModelLoadError(f"{where}: a {cfg.bits}-bit GPTQ layer needs inputs ({in_features}) and outputs "
                                  f"({out_features}) that are multiples of {pack}")
-        num_groups = 1 if cfg.group_size == -1 else -(-in_features // cfg.group_size)
+        per_channel = cfg.group_size == -1
+        num_groups = 1 if per_channel else -(-in_features // cfg.group_size)
         layer.weight = None
-        # output_dim: the dimension that merged projections (q/k/v, gate/up) are stacked along;
-        # pack_factor: how many outputs one stored element holds along it.
-        specs = {"qweight": ((in_features // pack, out_features), torch.int32, 1, 1),
-                 "qzeros": ((num_groups, out_features // pack), torch.int32, 1, pack),
-                 "scales": ((num_groups, out_features), torch.float16, 1, 1),
-                 "g_idx": ((in_features,), torch.int32, None, 1)}
-        for name, (shape, dtype, output_dim, pack_factor) in specs.items():
+        # output_dim: the dimension that merged projections (q/k/v, gate/up) are stacked along (and
+        # column-parallel ranks split); pack_factor: how many outputs one stored element holds along it.
+        # input_dim, input_unit: the dimension row-parallel ranks split, and the inputs per element.
+        group_rows = None if per_channel else 0  # one scale row for all inputs: every rank needs it
+        specs = {"qweight": ((in_features // pack, out_features), torch.int32, 1, 1, 0, pack),
+                 "qzeros": ((num_groups, out_features // pack), torch.int32, 1, pack, group_rows, cfg.group_size),
+                 "scales": ((num_groups, out_features), torch.float16, 1, 1, group_rows, cfg.group_size),
+                 "g_idx": ((in_features,), torch.int32, None, 1, 0, 1)}
+        for name, (shape, dtype, output_dim, pack_factor, input_dim, input_unit) in specs.items():
             param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
             param.output_dim, param.pack_factor = output_dim, pack_factor
+            param.input_dim, param.input_unit = input_dim, input_unit
             layer.register_parameter(name, param)
         # Checkpoints without act-order may leave g_idx out: inputs then go to groups in order.
-        layer.g_idx.data.copy_(torch.arange(in_features) // (in_features if cfg.group_size == -1 else cfg.group_size))
+        layer.g_idx.data.copy_(torch.arange(in_features) // (in_features if per_channel else cfg.group_size))
         layer.g_idx.optional = True
+        layer.g_idx.group_size = layer.full_in_features if per_channel else cfg.group_size
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         cfg = self.config
