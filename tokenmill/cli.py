@@ -40,6 +40,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-parallel-size", type=int, default=1,
                    help="processes that each hold a range of the layers, one batch in flight per stage (CPU, gloo); "
                         "combines with --tensor-parallel-size")
+    p.add_argument("--cpu-offload-gb", type=float, default=0.0,
+                   help="CUDA: GiB of weights kept in pinned CPU memory and streamed to the GPU unit by unit")
+    p.add_argument("--offload-folder", help="with --max-weight-memory: weights past the budget go to files here")
+    p.add_argument("--max-weight-memory", help="with --offload-folder: the most weight memory kept resident, "
+                                               "e.g. 32MiB")
+    p.add_argument("--no-offload-prefetch", action="store_true",
+                   help="move an offloaded unit only when it is needed (not while the one before computes)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --tensor-parallel-size: place whole experts of MoE layers on the ranks")
 
@@ -52,7 +59,9 @@ def _engine_kwargs(args) -> dict:
                 quantization=args.quantization, quantization_group_size=args.quantization_group_size,
                 quantize_lm_head=not args.no_quantize_lm_head, kv_cache_dtype=args.kv_cache_dtype,
                 tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
-                pipeline_parallel_size=args.pipeline_parallel_size)
+                pipeline_parallel_size=args.pipeline_parallel_size, cpu_offload_gb=args.cpu_offload_gb,
+                offload_folder=args.offload_folder, max_weight_memory=args.max_weight_memory,
+                offload_prefetch=not args.no_offload_prefetch)
 
 
 def _make_llm(args, skip_tokenizer_init: bool = False):

@@ -356,6 +356,16 @@ class EngineConfig:
     enable_expert_parallel: bool = False
     """Mixture-of-experts layers under tensor parallelism: each rank holds whole experts (E / N of them)
     instead of 1/N of every expert; attention stays tensor-parallel."""
+    cpu_offload_gb: float = 0.0
+    """CUDA: GiB of weights kept in pinned CPU memory and streamed to the GPU a unit (decoder layer, LM
+    head, embedding) at a time, decoder layers first."""
+    offload_folder: str | None = None
+    """Any device, with ``max_weight_memory``: weights past that budget are written here (safetensors) and
+    read back a unit at a time."""
+    max_weight_memory: int | None = None
+    """With ``offload_folder``: the most weight bytes kept resident."""
+    offload_prefetch: bool = True
+    """Start moving the next offloaded unit while the current one computes (off: when it is needed)."""
     distributed_timeout_s: float = 120.0
     """How long a rank waits for the others (to join, in a collective, for a step's result) before failing."""
 
@@ -363,6 +373,15 @@ class EngineConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.cpu_offload_gb < 0:
+            raise ValueError(f"cpu_offload_gb must be 0 or more, got {self.cpu_offload_gb}")
+        if (self.offload_folder is None) != (self.max_weight_memory is None):
+            raise ValueError("offload_folder and max_weight_memory go together: the folder holds the weights past "
+                             f"the budget (got offload_folder={self.offload_folder!r}, "
+                             f"max_weight_memory={self.max_weight_memory!r})")
+        if self.cpu_offload_gb and self.offload_folder is not None:
+            raise ValueError("choose one weight offload: cpu_offload_gb (CUDA, pinned CPU memory) or offload_folder "
+                             "with max_weight_memory (disk)")
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}")
         if self.quantization not in (None, "gptq", *LOAD_TIME_METHODS):

@@ -27,7 +27,8 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
                   device: str = "auto", quantization: str | None = None, quantization_group_size: int | None = None,
                   quantize_lm_head: bool = True, kv_cache_dtype: str = "auto",
                   tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
-                  pipeline_parallel_size: int = 1) -> EngineConfig:
+                  pipeline_parallel_size: int = 1, cpu_offload_gb: float = 0.0, offload_folder: str | None = None,
+                  max_weight_memory: int | float | str | None = None, offload_prefetch: bool = True) -> EngineConfig:
     """An EngineConfig from the flat options of ``LLM`` (and the CLI); see ``LLM`` for their meaning.
     A known model name (``smollm2-135m-instruct``) becomes its local file, fetched on first use."""
     from tokenmill.models.fetch import resolve_model
@@ -40,7 +41,10 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
         cache=CacheConfig(block_size, memory, enable_prefix_caching, kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill),
         tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel,
-        pipeline_parallel_size=pipeline_parallel_size)
+        pipeline_parallel_size=pipeline_parallel_size, cpu_offload_gb=cpu_offload_gb,
+        offload_folder=None if offload_folder is None else str(offload_folder),
+        max_weight_memory=None if max_weight_memory is None else parse_memory(max_weight_memory, "max_weight_memory"),
+        offload_prefetch=offload_prefetch)
 
 
 class LLM:
@@ -71,6 +75,11 @@ class LLM:
         enable_expert_parallel: with tensor_parallel_size > 1, place whole experts on the ranks.
         pipeline_parallel_size: processes that each hold a contiguous range of the layers, one batch
             in flight per stage (CPU, gloo); with tensor parallelism, tp x pp processes.
+        cpu_offload_gb: CUDA: GiB of weights kept in pinned CPU memory, streamed to the GPU a unit
+            (decoder layer, LM head, embedding) at a time.
+        offload_folder, max_weight_memory: any device: weights past the budget (bytes, GiB as a
+            float, or a string like ``"32MiB"``) are written to the folder and read back a unit at a time.
+        offload_prefetch: move the next offloaded unit while the current one computes.
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",
@@ -80,12 +89,15 @@ class LLM:
                  attention_backend: str = "auto", skip_tokenizer_init: bool = False, device: str = "auto",
                  quantization: str | None = None, quantization_group_size: int | None = None,
                  quantize_lm_head: bool = True, kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False, pipeline_parallel_size: int = 1):
+                 enable_expert_parallel: bool = False, pipeline_parallel_size: int = 1, cpu_offload_gb: float = 0.0,
+                 offload_folder: str | None = None, max_weight_memory: int | float | str | None = None,
+                 offload_prefetch: bool = True):
         config = engine_config(model, tokenizer, dtype, kv_cache_memory, block_size, max_num_seqs,
                                max_num_batched_tokens, max_model_len, enable_prefix_caching, enable_chunked_prefill,
                                seed, attention_backend, skip_tokenizer_init, device, quantization,
                                quantization_group_size, quantize_lm_head, kv_cache_dtype, tensor_parallel_size,
-                               enable_expert_parallel, pipeline_parallel_size)
+                               enable_expert_parallel, pipeline_parallel_size, cpu_offload_gb, offload_folder,
+                               max_weight_memory, offload_prefetch)
         self.engine = LLMEngine(config)
 
     @classmethod

@@ -25,7 +25,7 @@ def worker_main(rank: int, size: int, port: int, config, num_threads: int, host:
     from tokenmill.distributed.channel import RESULT_TAGS, Channel
     from tokenmill.distributed.parallel_state import (ParallelLayout, PipelineStage, TensorParallelGroup,
                                                       building_for, join_gloo)
-    from tokenmill.models.loader import load_model
+    from tokenmill.models.loader import load_for_engine
     from tokenmill.models.pipeline import StageTensors
     from tokenmill.runner.model_runner import ModelRunner
 
@@ -41,9 +41,7 @@ def worker_main(rank: int, size: int, port: int, config, num_threads: int, host:
     channel = Channel(join_gloo(rank, size, timeout, store, "world"))
     device = resolve_device(config.device)
     with building_for(group, stage):
-        model, _ = load_model(config.model, config.dtype, device, seed=config.seed, quantization=config.quantization,
-                              load_time_quantization=config.load_time_quantization(),
-                              prepack=config.prepack_weights)
+        model, _ = load_for_engine(config, device)
     (num_blocks, kv_dtype, eos_token_ids), _ = channel.recv(0, wait_without_limit=True)  # rank 0 may load for long
     runner = ModelRunner(model, create_backend(config.attention_backend, device), num_blocks,
                          config.cache.block_size, kv_dtype, device, eos_token_ids, config.cache.kv_cache_dtype)

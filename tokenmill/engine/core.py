@@ -214,9 +214,12 @@ class EngineCore:
         return self.kv_cache_manager.num_free_blocks == self.num_blocks
 
     def shutdown(self) -> None:
-        """Stops the worker ranks, if any."""
+        """Stops the worker ranks, if any, and removes offloaded weights' files."""
         if self.executor is not None:
             self.executor.shutdown()
+        streamer = getattr(self.runner.model, "weight_streamer", None)
+        if streamer is not None:
+            streamer.close()
 
 
 def load_engine_model(config: EngineConfig, device: torch.device):
@@ -224,7 +227,7 @@ def load_engine_model(config: EngineConfig, device: torch.device):
     ``pipeline_parallel_size`` > 1) rank 0's part after starting the worker ranks (each loads its own;
     ``executor`` drives them, None in one process)."""
     from tokenmill.distributed.parallel_state import SINGLE, building_for
-    from tokenmill.models.loader import load_model
+    from tokenmill.models.loader import load_for_engine
 
     executor = None
     if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
@@ -233,10 +236,7 @@ def load_engine_model(config: EngineConfig, device: torch.device):
         executor = DistributedExecutor(config)
     try:
         with building_for(executor.group, executor.stage) if executor else building_for(SINGLE):
-            model, model_config = load_model(config.model, config.dtype, device, seed=config.seed,
-                                             quantization=config.quantization,
-                                             load_time_quantization=config.load_time_quantization(),
-                                             prepack=config.prepack_weights)
+            model, model_config = load_for_engine(config, device)
     except BaseException:
         if executor is not None:
             executor.shutdown()

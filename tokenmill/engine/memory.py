@@ -12,10 +12,10 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "m
 _DEFAULT_CPU_CAP = 4 * 2**30
 
 
-def parse_memory(value: int | float | str) -> int:
+def parse_memory(value: int | float | str, what: str = "kv_cache_memory") -> int:
     """Bytes from an int (bytes), a float (GiB) or a string such as ``"2GiB"``, ``"512MiB"``, ``"1.5GB"``."""
     if isinstance(value, bool):
-        raise ValueError(f"kv_cache_memory must be bytes (int), GiB (float) or a string like '2GiB', got {value!r}")
+        raise ValueError(f"{what} must be bytes (int), GiB (float) or a string like '2GiB', got {value!r}")
     if isinstance(value, int):
         result = value
     elif isinstance(value, float):
@@ -23,10 +23,10 @@ def parse_memory(value: int | float | str) -> int:
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"kv_cache_memory {value!r} is not a size; use bytes or e.g. '2GiB', '512MiB'")
+            raise ValueError(f"{what} {value!r} is not a size; use bytes or e.g. '2GiB', '512MiB'")
         result = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if result <= 0:
-        raise ValueError(f"kv_cache_memory must be positive, got {value!r}")
+        raise ValueError(f"{what} must be positive, got {value!r}")
     return result
 
 

@@ -190,6 +190,19 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int = 0,
     return module, config
 
 
+def load_for_engine(config, device: torch.device) -> tuple[nn.Module, ModelConfig]:
+    """``load_model`` with an EngineConfig's options, then its weight offload (``offload/weights.py``);
+    every rank loads its own part this way (inside ``building_for``)."""
+    from tokenmill.offload.weights import apply_weight_offload
+
+    model, model_config = load_model(config.model, config.dtype, device, seed=config.seed,
+                                     quantization=config.quantization,
+                                     load_time_quantization=config.load_time_quantization(),
+                                     prepack=config.prepack_weights)
+    apply_weight_offload(model, config, device)
+    return model, model_config
+
+
 def _quantize_layers(module: nn.Module, config: ModelConfig, path: Path, requested: str | None,
                      load_time: QuantizationConfig | None) -> None:
     """Assigns quantized linear methods before loading: a GPTQ checkpoint's to the layers it holds
@@ -227,11 +240,13 @@ def process_weights_after_loading(model: nn.Module, prepack: bool = True) -> Non
 
 def decode_read_bytes(model: nn.Module) -> int:
     """Weight bytes one decode step must read: every linear layer (the LM head included) and every
-    norm, but not the embedding tables, of which a step reads one row."""
+    norm, but not the embedding tables, of which a step reads one row; offloaded units whole, since
+    each step brings them back (an offloaded embedding too)."""
     from tokenmill.layers.linear import Linear
     from tokenmill.layers.norm import LayerNorm, RMSNorm
 
-    total = 0
+    streamer = getattr(model, "weight_streamer", None)
+    total = 0 if streamer is None else streamer.stats.offloaded_bytes  # the units' own tensors are empty now
     for module in model.modules():
         if isinstance(module, Linear):
             total += module.read_bytes()
@@ -242,10 +257,12 @@ def decode_read_bytes(model: nn.Module) -> int:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of all weights as the model holds them at run time (prepacked and quantized ones
-    included, shared ones once)."""
+    included, shared ones once; offloaded ones where they are offloaded)."""
     from tokenmill.layers.quantization.quantized_matrix import QuantizedMatrix
 
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    streamer = getattr(model, "weight_streamer", None)
+    total = 0 if streamer is None else streamer.stats.offloaded_bytes
+    total += sum(p.numel() * p.element_size() for p in model.parameters())
     for module in model.modules():
         packed = getattr(module, "packed_weight", None)
         if packed is not None:

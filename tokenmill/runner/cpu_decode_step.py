@@ -77,6 +77,8 @@ def _unsupported(model: nn.Module, backend_name: str) -> str | None:
         return "TOKENMILL_NO_CPU_DECODE_STEP=1"
     if not isinstance(model, LlamaForCausalLM):
         return f"{type(model).__name__} is not a Llama-family model"
+    if getattr(model, "weight_streamer", None) is not None:
+        return "weights are offloaded (the C++ step holds every layer's weights)"
     if model.model.stage.size > 1:
         return "one stage of a pipeline (the C++ step runs the whole stack)"
     weight = model.model.embed_tokens.weight

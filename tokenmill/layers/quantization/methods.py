@@ -38,6 +38,12 @@ def _can_prepack(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def prepack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked copy of a plain (N, K) weight, for ``torch.ops.mkldnn._linear_pointwise``;
+    ``.to_dense()`` gives the plain weight back."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+
+
 class UnquantizedLinearMethod:
     """A float weight (N, K), as in torch.nn.Linear."""
 
@@ -50,7 +56,7 @@ class UnquantizedLinearMethod:
         """Prepacks bf16 weights on CPU. The packed copy replaces the plain one, so the memory is not
         doubled; the layer then cannot load a checkpoint again."""
         if layer.weight is not None and _can_prepack(layer.weight):
-            layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 1)
+            layer.packed_weight = prepack_linear_weight(layer.weight.detach())
             layer.weight = None
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +66,7 @@ class UnquantizedLinearMethod:
 
     def read_bytes(self, layer: nn.Module) -> int:
         weight = layer.packed_weight if layer.packed_weight is not None else layer.weight
-        return weight.numel() * weight.element_size()
+        return 0 if weight is None else weight.numel() * weight.element_size()  # None: offloaded
 
     def decode_spec(self, layer: nn.Module, kernels):
         """The layer as the C++ decode step runs it (a ``kernels.LinearSpec`` calling what ``apply``

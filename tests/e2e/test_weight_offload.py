@@ -1,0 +1,160 @@
+"""Weight offloading: units (embedding, decoder layers, LM head) past the weight budget live on disk (or in
+pinned CPU memory on CUDA) and stream back for their own forward pass.
+
+Greedy tokens equal no offload on every architecture, in float32 and bf16 (prepacked weights stored
+plain and packed again), with int8/int4 weights and over two pipeline stages; the process's anonymous
+memory, sampled while it generates, stays within the budget plus the two units in flight."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from helpers.checkpoints import ARCHITECTURES, MOE_ARCHITECTURES
+from helpers.workloads import PROMPT, mixed_workload, tokens
+from tokenmill import SamplingParams
+from tokenmill.offload.weights import tensor_bytes, unit_tensors
+
+
+def _weight_bytes(llm) -> int:
+    return tensor_bytes(unit_tensors(llm.engine.core.runner.model))
+
+
+@pytest.mark.parametrize("arch, dtype, quantization", [(arch, "float32", None) for arch in ARCHITECTURES + MOE_ARCHITECTURES]
+                         + [("llama", "bfloat16", None), ("llama", "float32", "int8"), ("qwen2", "bfloat16", "int4")])
+def test_a_quarter_of_the_weights_resident_gives_the_same_tokens(arch, dtype, quantization, checkpoint, make_llm,
+                                                                   tmp_path):
+    folder = checkpoint(arch)
+    options = dict(dtype=dtype, block_size=4, quantization=quantization)
+    prompts, params = mixed_workload()
+    whole = make_llm(folder, **options)
+    expected = tokens(whole.generate(prompts, params, use_tqdm=False))
+    budget = _weight_bytes(whole) // 4
+    llm = make_llm(folder, offload_folder=tmp_path, max_weight_memory=budget, **options)
+    streamer = llm.engine.core.runner.model.weight_streamer
+    assert streamer.stats.num_units >= 2 and _weight_bytes(llm) <= budget
+    assert len(list(tmp_path.glob("*/unit-*.safetensors"))) == streamer.stats.num_units
+    assert tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
+    largest = max(streamer._bytes)
+    assert streamer.stats.fetches > 0 and streamer.stats.peak_streamed_bytes <= 2 * largest
+
+
+def test_a_tied_head_and_embedding_stream_as_one_tensor(checkpoint, tmp_path):
+    """Plain (not prepacked) weights, as on CUDA: the LM head and the embedding share one parameter, which
+    both units must store before either empties it."""
+    import dataclasses
+
+    from tokenmill.llm import LLM, engine_config
+
+    prompts, params = mixed_workload()
+    base = engine_config(str(checkpoint("llama_tp")), dtype="float32", device="cpu", kv_cache_memory="8MiB",
+                         block_size=4)
+    whole = LLM.from_engine_config(dataclasses.replace(base, prepack_weights=False))
+    model = whole.engine.core.runner.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    expected = tokens(whole.generate(prompts, params, use_tqdm=False))
+    llm = LLM.from_engine_config(dataclasses.replace(base, prepack_weights=False, offload_folder=str(tmp_path),
+                                                     max_weight_memory=1))
+    assert llm.engine.core.runner.model.weight_streamer.names == ["embedding", "layer 0", "layer 1", "lm_head"]
+    assert tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_prefetch_on_or_off_and_over_two_pipeline_stages(prefetch, checkpoint, make_llm, tmp_path):
+    folder = checkpoint("llama_tp")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in (PROMPT, [1] + list(range(5, 40)))]
+    expected = tokens(make_llm(folder, dtype="float32").generate(prompts, params, use_tqdm=False))
+    llm = make_llm(folder, dtype="float32", offload_folder=tmp_path, max_weight_memory=1, offload_prefetch=prefetch,
+                   pipeline_parallel_size=2)
+    assert tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
+    assert len(list(tmp_path.glob("*/unit-*.safetensors"))) == 4  # embedding + layer 0 here; layer 1 + head there
+    streamer = llm.engine.core.runner.model.weight_streamer  # rank 0's: with prefetch, layer 0 arrives during
+    overlapped = streamer.stats.peak_streamed_bytes == sum(streamer._bytes)  # the embedding's lookup
+    assert overlapped == prefetch
+    llm.shutdown()
+    assert not list(tmp_path.glob("*/unit-*"))  # each rank removes its files when it stops
+
+
+def test_offload_options_are_checked_naming_them(tmp_path):
+    from tokenmill.llm import LLM, engine_config
+
+    with pytest.raises(ValueError, match="offload_folder and max_weight_memory go together"):
+        engine_config("tiny-llama", offload_folder=str(tmp_path))
+    with pytest.raises(ValueError, match="max_weight_memory 'lots' is not a size"):
+        engine_config("tiny-llama", offload_folder=str(tmp_path), max_weight_memory="lots")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cpu_offload_gb streams weights from CPU memory to a GPU; the device is cpu"):
+            LLM("tiny-llama", device="cpu", cpu_offload_gb=0.001)
+
+
+_MEASURE = textwrap.dedent("""
+    import json, sys, threading, time
+    import torch
+    from tokenmill import LLM, SamplingParams
+
+    def anonymous():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+    torch.set_num_threads(1)
+    LLM("tiny-llama", dtype="bfloat16", device="cpu", kv_cache_memory="1MiB")  # libraries and kernels loaded
+    before = anonymous()
+    llm = LLM(sys.argv[1], dtype="bfloat16", device="cpu", kv_cache_memory="4MiB", skip_tokenizer_init=True,
+              offload_folder=sys.argv[2], max_weight_memory="32MiB", max_model_len=64)
+    peak, running = [0], [True]
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], anonymous())
+            time.sleep(0.002)
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    running[0] = False
+    watcher.join()
+    streamer = llm.engine.core.runner.model.weight_streamer
+    print(json.dumps({"growth": peak[0] - before, "offloaded": streamer.stats.offloaded_bytes,
+                      "largest": max(streamer._bytes)}))
+""")
+
+
+def test_a_model_larger_than_the_budget_runs_within_it(tmp_path):
+    """The smollm2-135m shape in bf16 (~270 MB of weights) with a 32 MiB budget: while it generates, the
+    process's anonymous memory grows by at most the budget, the two units in flight (the 57 MB tied
+    embedding and a layer) and 64 MiB of activations, KV cache and allocator slack."""
+    script = tmp_path / "measure.py"
+    script.write_text(_MEASURE)
+    done = subprocess.run([sys.executable, str(script), "smollm2-135m", str(tmp_path / "offload")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["offloaded"] > 200 * 2**20  # nearly all of it is on disk
+    assert measured["growth"] <= 32 * 2**20 + 2 * measured["largest"] + 64 * 2**20, measured
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_cpu_offload_gb_streams_from_pinned_memory_to_the_gpu(prefetch, checkpoint, make_llm):
+    """Three quarters of the weights in pinned CPU memory: the same tokens; the GPU holds the rest, and
+    while generating at most two units more (one computing, one arriving on the side stream)."""
+    folder = checkpoint("llama_tp")
+    prompts, params = mixed_workload()
+    whole = make_llm(folder, dtype="float32", device="cuda", block_size=4)
+    expected = tokens(whole.generate(prompts, params, use_tqdm=False))
+    total = _weight_bytes(whole)
+    llm = make_llm(folder, dtype="float32", device="cuda", block_size=4, cpu_offload_gb=0.75 * total / 2**30,
+                   offload_prefetch=prefetch)
+    streamer = llm.engine.core.runner.model.weight_streamer
+    assert streamer.stats.offloaded_bytes >= 0.75 * total and _weight_bytes(llm) <= 0.25 * total
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    assert tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
+    growth = torch.cuda.max_memory_allocated() - before
+    assert growth <= 2 * max(streamer._bytes) + 16 * 2**20, growth  # + activations of this tiny model
