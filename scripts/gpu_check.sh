@@ -3,12 +3,7 @@
 #   the CUDA tests of the Triton paths, then `tokenmill bench suite` on the llama-1b shape in bf16
 #   (tokenmill against transformers on the same GPU). Results go to $OUT (or ./gpu-results).
 # That machine has torch with CUDA, Triton and transformers, and no network: run with PYTHONPATH=.
-set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH=. TOKENMILL_LOG_LEVEL=WARNING
-out="${OUT:-gpu-results}"
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 if python3 -c "import pytest" 2>/dev/null; then
   timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/unit/test_triton_kernels.py \

@@ -3,12 +3,7 @@
 # parity tests on CUDA (Triton backend; every dense and mixture-of-experts architecture), the Triton
 # kernel tests, and tensor x pipeline parallelism with all four ranks on the one GPU (gloo through
 # host memory) against one process. Results go to $OUT (or ./gpu-results).
-set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH=. TOKENMILL_LOG_LEVEL=WARNING
-out="${OUT:-gpu-results}"
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/models/test_parity.py -k "triton" 2>&1 | tail -15 \

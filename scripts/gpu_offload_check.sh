@@ -2,12 +2,7 @@
 # Weight offloading on a lent GPU (the device tool), from the repository root: the CUDA tests of
 # cpu_offload_gb, the pinned host-to-GPU bandwidth, and batch-1 decode of the llama-1b shape in bf16
 # with 0, 1 and 2 GiB of its 2.5 GB of weights in pinned CPU memory (with and without prefetch).
-set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH=. TOKENMILL_LOG_LEVEL=WARNING
-out="${OUT:-gpu-results}"
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/e2e/test_weight_offload.py -k "cuda or gpu" 2>&1 | tail -8 \
   | tee "$out/tests.txt"
 timeout 60 python3 - <<'PY' 2>&1 | tee "$out/bandwidth.txt"
