@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.config import MoEConfig
+from tokenmill.moe_config import MoEConfig
 from tokenmill.distributed.parallel_state import partition, tensor_parallel_group
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.activation import silu_and_mul
