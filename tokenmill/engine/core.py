@@ -134,7 +134,7 @@ class EngineCore:
         self.max_concurrent_batches = getattr(self.runner, "max_concurrent_batches", 1)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache_manager, self.max_concurrent_batches)
         self._in_flight: deque[tuple[SchedulerOutput, object]] = deque()  # (step, its PendingResult)
-        self.max_batches_in_flight = 0  # the most seen at once (pipeline overlap, for tests and metrics)
+        self.max_batches_in_flight = 0  # the most seen at once (the pipeline overlap, for tests and benchmarks)
         self._seeds = itertools.count()
 
     @staticmethod
