@@ -261,7 +261,7 @@ def weight_bytes(model: nn.Module) -> int:
     from tokenmill.layers.quantization.quantized_matrix import QuantizedMatrix
 
     streamer = getattr(model, "weight_streamer", None)
-    total = 0 if streamer is None else streamer.stats.offloaded_bytes
+    total = 0 if streamer is None else streamer.stats.offloaded_bytes  # (a mapped embedding is a parameter)
     total += sum(p.numel() * p.element_size() for p in model.parameters())
     for module in model.modules():
         packed = getattr(module, "packed_weight", None)

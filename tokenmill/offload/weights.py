@@ -145,6 +145,14 @@ class DiskTier:
     def ready(self, fetched: Future) -> dict[str, torch.Tensor]:
         return fetched.result()
 
+    def map_rows(self, name: str, table: torch.Tensor) -> torch.Tensor:
+        """``table`` (V, H) written to a raw file and mapped back: a lookup reads only its rows' pages
+        (file-backed memory the system can drop again), never the whole table."""
+        path = self.folder / f"{name}.bin"
+        plain = table.detach().cpu().contiguous()
+        plain.view(torch.uint8).numpy().tofile(path)
+        return torch.from_file(str(path), shared=True, size=plain.numel(), dtype=plain.dtype).view(plain.shape)
+
 
 @dataclass
 class OffloadStats:
@@ -152,6 +160,9 @@ class OffloadStats:
 
     num_units: int = 0
     offloaded_bytes: int = 0
+    """Bytes of the streamed units: what a step brings back."""
+    mapped_bytes: int = 0
+    """An embedding table left in its file on disk, read by rows (not streamed)."""
     peak_streamed_bytes: int = 0
     """The most bytes of offloaded units on the device at once (arriving ones counted in full)."""
     fetches: int = 0
@@ -257,13 +268,24 @@ def offload_weights(model: nn.Module, tier, *, offload_bytes: int | None = None,
             back = tensor_bytes([t for i in chosen - partners for t in unit_tensors(units[i][1]).values()])
             if partners == {index} and total - back <= resident_bytes:
                 chosen.discard(index)
-    streamed = [units[i] for i in sorted(chosen)]
+    mapped = [i for i in chosen if units[i][0] == "embedding" and isinstance(tier, DiskTier)
+              and tier.device.type == "cpu" and list(unit_tensors(units[i][1])) == ["weight"]
+              and not any(storages[j] & storages[i] for j in chosen - {i})]  # not tied to a streamed head
+    mapped_bytes = 0
+    for index in mapped:  # a step reads a few rows of an embedding table: leave it in its file
+        module = units[index][1]
+        mapped_bytes += tensor_bytes(unit_tensors(module))
+        _put(module, "weight", tier.map_rows("embedding", module.weight))
+    streamed = [units[i] for i in sorted(chosen - set(mapped))]
     streamer = WeightStreamer(streamed, tier, prefetch)
+    streamer.stats.mapped_bytes = mapped_bytes
     _return_freed_memory()
-    resident = tensor_bytes(unit_tensors(model))
-    logger.info("weight offload: %d of %d units (%.1f MiB) in %s, streamed back %s; %.1f MiB stay resident%s",
+    resident = tensor_bytes(unit_tensors(model)) - mapped_bytes
+    logger.info("weight offload: %d of %d units (%.1f MiB) in %s, streamed back %s%s; %.1f MiB stay resident%s",
                 len(streamed), len(units), streamer.stats.offloaded_bytes / 2**20, tier.name,
-                "one unit ahead" if prefetch else "when needed (no prefetch)", resident / 2**20,
+                "one unit ahead" if prefetch else "when needed (no prefetch)",
+                f", the embedding ({mapped_bytes / 2**20:.1f} MiB) read by rows from its file" if mapped else "",
+                resident / 2**20,
                 f" (max_weight_memory {resident_bytes / 2**20:.1f} MiB)" if resident_bytes is not None else "")
     if resident_bytes is not None and resident > resident_bytes:
         logger.warning("resident weights (%.1f MiB: norms, position tables and what cannot be streamed) exceed "
