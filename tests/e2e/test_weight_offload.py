@@ -40,7 +40,7 @@ def test_a_quarter_of_the_weights_resident_gives_the_same_tokens(arch, dtype, qu
     assert streamer.stats.num_units >= 2 and _weight_bytes(llm) - streamer.stats.mapped_bytes <= budget
     assert len(list(tmp_path.glob("*/unit-*.safetensors"))) == streamer.stats.num_units
     assert tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
-    largest = max(streamer._bytes)
+    largest = max(streamer.unit_bytes)
     assert streamer.stats.fetches > 0 and streamer.stats.peak_streamed_bytes <= 2 * largest
 
 
@@ -79,7 +79,7 @@ def test_prefetch_on_or_off_and_over_two_pipeline_stages(prefetch, checkpoint, m
     assert len(list(tmp_path.glob("*/unit-*.safetensors"))) == 4 and len(list(tmp_path.glob("*/embedding.bin"))) == 1
     streamer = llm.engine.core.runner.model.weight_streamer  # rank 0's: with prefetch, layer 1 arrives while
     assert streamer.names == ["layer 0", "layer 1"] and streamer.stats.mapped_bytes > 0  # layer 0 computes
-    assert (streamer.stats.peak_streamed_bytes == sum(streamer._bytes)) == prefetch
+    assert (streamer.stats.peak_streamed_bytes == sum(streamer.unit_bytes)) == prefetch
     llm.shutdown()
     assert not list(tmp_path.glob("*/*"))  # each rank removes its files when it stops
 
@@ -122,7 +122,7 @@ _MEASURE = textwrap.dedent("""
     watcher.join()
     streamer = llm.engine.core.runner.model.weight_streamer
     print(json.dumps({"growth": peak[0] - before, "offloaded": streamer.stats.offloaded_bytes,
-                      "largest": max(streamer._bytes)}))
+                      "largest": max(streamer.unit_bytes)}))
 """)
 
 
@@ -159,4 +159,4 @@ def test_cpu_offload_gb_streams_from_pinned_memory_to_the_gpu(prefetch, checkpoi
     before = torch.cuda.memory_allocated()
     assert tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
     growth = torch.cuda.max_memory_allocated() - before
-    assert growth <= 2 * max(streamer._bytes) + 16 * 2**20, growth  # + activations of this tiny model
+    assert growth <= 2 * max(streamer.unit_bytes) + 16 * 2**20, growth  # + activations of this tiny model

@@ -176,12 +176,13 @@ class WeightStreamer:
         self.names = [name for name, _ in units]
         self._modules = [module for _, module in units]
         self.stats = OffloadStats(num_units=len(units))
-        self._bytes, self._empty = [], []
+        self.unit_bytes: list[int] = []  # each streamed unit's bytes, in ``names`` order
+        self._empty = []
         self._pending: dict[int, object] = {}  # unit -> its fetch in progress
         self._resident: set[int] = set()
         everything = [unit_tensors(module) for module in self._modules]
         for index, tensors in enumerate(everything):  # all stored before any unit empties a tensor it shares
-            self._bytes.append(tensor_bytes(tensors))
+            self.unit_bytes.append(tensor_bytes(tensors))
             tier.store(index, tensors)
         for index, (module, tensors) in enumerate(zip(self._modules, everything)):
             # Away from the device: empty tensors in place of the weights (a prepacked weight becomes None).
@@ -192,7 +193,7 @@ class WeightStreamer:
                 _put(module, name, placeholder)  # the unit's own copy is freed
             module.register_forward_pre_hook(lambda _m, _args, i=index: self._arrive(i))
             module.register_forward_hook(lambda _m, _args, _out, i=index: self._leave(i))
-        self.stats.offloaded_bytes = sum(self._bytes)
+        self.stats.offloaded_bytes = sum(self.unit_bytes)
 
     def _start(self, index: int) -> None:
         if index not in self._pending and index not in self._resident:
@@ -208,7 +209,7 @@ class WeightStreamer:
         following = (index + 1) % len(self._modules)
         if self.prefetch and following != index:
             self._start(following)  # overlaps this unit's compute
-        streamed = sum(self._bytes[i] for i in self._resident | set(self._pending))
+        streamed = sum(self.unit_bytes[i] for i in self._resident | set(self._pending))
         self.stats.peak_streamed_bytes = max(self.stats.peak_streamed_bytes, streamed)
 
     def close(self) -> None:
