@@ -12,6 +12,7 @@ import torch
 from helpers.checkpoints import load_reference
 from helpers.parity import greedy_steps_match
 from tokenmill import SamplingParams
+from tokenmill.kernels import cpu_kernels
 from tokenmill.layers.linear import Linear
 
 ARCH = "llama3"  # hidden 64, intermediate 96: every layer fits int4 groups of 32; tied embeddings
@@ -63,19 +64,23 @@ def _tokens(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_invariants_hold_with_quantized_weights(scheme, checkpoint, make_llm):
+@pytest.mark.parametrize("scheme, dtype", [("int8", "float32"), ("int4", "float32"), ("int8", "bfloat16")])
+def test_invariants_hold_with_quantized_weights(scheme, dtype, checkpoint, make_llm):
+    """bf16 + int8: 8-bit panels with int8 activations (on CPUs with AVX512-VNNI), every batch size."""
     folder = checkpoint(ARCH)
-    alone = make_llm(folder, dtype="float32", **SCHEMES[scheme])
+    alone = make_llm(folder, dtype=dtype, **SCHEMES[scheme])
+    if dtype == "bfloat16" and cpu_kernels() is not None and cpu_kernels().quant_panels_available():
+        assert alone.engine.core.runner.model.model.layers[0].mlp.gate_up_proj.qmatrix.panels
     expected = [_tokens(alone.generate(p, GREEDY, use_tqdm=False))[0] for p in _prompts()]
 
-    together = make_llm(folder, dtype="float32", **SCHEMES[scheme])
+    together = make_llm(folder, dtype=dtype, **SCHEMES[scheme])
     assert _tokens(together.generate(_prompts(), GREEDY, use_tqdm=False)) == expected
 
     # Room for about one request at a time: requests are preempted and recomputed.
     cfg = together.engine.model_config
-    bytes_per_block = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * 4
-    tight = make_llm(folder, dtype="float32", block_size=4, kv_cache_memory=18 * bytes_per_block,
+    element = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    bytes_per_block = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element * 4
+    tight = make_llm(folder, dtype=dtype, block_size=4, kv_cache_memory=18 * bytes_per_block,
                      **SCHEMES[scheme])
     assert _tokens(tight.generate(_prompts(), GREEDY, use_tqdm=False)) == expected
     assert tight.engine.core.scheduler.num_preemptions > 0

@@ -8,7 +8,8 @@ import torch
 
 from tokenmill.kernels import cpu_kernels
 from tokenmill.layers.quantization.config import QuantizationConfig
-from tokenmill.layers.quantization.packing import pack_int32, pack_nibbles, unpack_int32, unpack_nibbles
+from tokenmill.layers.quantization.packing import (pack_int32, pack_nibbles, pack_panels, unpack_int32,
+                                                    unpack_nibbles, unpack_panels)
 from tokenmill.layers.quantization.quantized_matrix import QuantizedMatrix
 from tokenmill.layers.quantization.rtn import quantize_rtn
 
@@ -135,3 +136,68 @@ def test_triton_kernel_equals_the_reference_formula(bits, group_size, in_feature
     reference = x.float() @ matrix.dequantize().T + bias.float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(matrix(x, bias).float(), reference, atol=tol, rtol=tol)
+
+
+def test_panel_layout_round_trips_and_holds_16_outputs_by_4_inputs():
+    codes = torch.randint(-128, 128, (32, 128), dtype=torch.int8)
+    panels = pack_panels(codes)
+    assert panels.shape == (2, 32, 16, 4) and panels.dtype == torch.uint8
+    assert torch.equal(unpack_panels(panels), codes)
+    # Output 16 p + j, input 4 k4 + i at [p, k4, j, i], stored as code + 128.
+    assert panels[1, 5, 3, 2].item() == codes[19, 22].item() + 128
+
+
+def _panels_or_skip():
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.quant_panels_available():
+        pytest.skip("the C++ CPU kernels have no AVX512-VNNI panel path here")
+
+
+def _int8_activation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 per block of 64 inputs (scale max|x_b| / 127, round half to even), times the
+    float weight: what the panel kernel computes, up to float32 summation order."""
+    rows, in_features = x.shape
+    blocks = x.float().view(rows, in_features // 64, 64)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    rounded = torch.round(blocks * inverse) * (amax / 127.0)
+    return rounded.view(rows, in_features) @ weight.T
+
+
+@pytest.mark.parametrize("group_size, sym, out_features", [(-1, True, 48), (64, True, 80), (128, False, 64),
+                                                           (-1, False, 16)])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 7, 64, 200])  # 4-panel tiles, 6-row tiles and their tails, row chunks
+def test_panel_kernel_equals_int8_rounded_activations_times_the_weight(group_size, sym, out_features, num_rows):
+    """8-bit codes of a bf16 model in the panel layout: every batch size multiplies int8 activations
+    (blocks of 64) by the codes, and equals that rounding applied in float, zero points included."""
+    _panels_or_skip()
+    torch.manual_seed(5)
+    codes, scales, zeros = quantize_rtn(torch.randn(out_features, 256) * 0.05, 8, group_size, sym=sym)
+    matrix = QuantizedMatrix(codes, scales, zeros, 8, group_size, int8_activations=True)
+    row_layout = QuantizedMatrix(codes, scales, zeros, 8, group_size)
+    assert matrix.panels and not row_layout.panels
+    torch.testing.assert_close(matrix.dequantize(), row_layout.dequantize(), atol=0, rtol=0)
+    # float32 in: no bf16 rounding of the output, and no ties (x * 127 / max exactly k + 0.5, common
+    # with bf16 inputs), which the kernel's fast reciprocal may round the other way.
+    x = torch.randn(num_rows, 256)
+    expected = _int8_activation_reference(x, matrix.dequantize())
+    got = matrix(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    for half in (torch.bfloat16, torch.float16):  # read and written in 16 bits: rounded as Tensor.to rounds
+        x16 = x.to(half)
+        assert torch.equal(matrix(x16), matrix(x16.float()).to(half))
+    # Each row's result is independent of the others in the batch, bit for bit.
+    torch.testing.assert_close(matrix(x[-1:]), got[-1:], atol=0, rtol=0)
+
+
+def test_panels_only_where_they_fit():
+    """float32 models, 4-bit codes, and shapes the panels cannot hold keep the row layout."""
+    _panels_or_skip()
+    codes8, scales, zeros = quantize_rtn(torch.randn(40, 128), 8, -1, sym=True)  # 40 outputs: not 16s
+    assert not QuantizedMatrix(codes8, scales, zeros, 8, -1, int8_activations=True).panels
+    codes8, scales, zeros = quantize_rtn(torch.randn(32, 96), 8, 32, sym=True)  # groups of 32
+    assert not QuantizedMatrix(codes8, scales, zeros, 8, 32, int8_activations=True).panels
+    codes4, scales, zeros = quantize_rtn(torch.randn(32, 128), 4, 64, sym=False)
+    assert not QuantizedMatrix(codes4, scales, zeros, 4, 64, int8_activations=True).panels
+    codes8, scales, zeros = quantize_rtn(torch.randn(32, 128), 8, -1, sym=True)
+    assert not QuantizedMatrix(codes8, scales, zeros, 8, -1).panels

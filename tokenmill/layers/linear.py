@@ -68,6 +68,7 @@ class Linear(nn.Module):
             self.in_start, in_features = partition(in_features, self.tp, "input columns")
         self.in_features, self.out_features = in_features, out_features
         self.weight = new_parameter(out_features, in_features)
+        self.params_dtype = self.weight.dtype  # the model's dtype: its activations' too
         # Row-parallel: the bias is added once, by rank 0 (the others hold zeros).
         self.bias = new_parameter(out_features) if bias else None
         self.packed_weight: torch.Tensor | None = None  # oneDNN-prepacked bf16 (CPU)

@@ -12,6 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_inplace", &rotary_inplace, "rotary embedding, in place");
   m.def("quant_linear", &quant_linear, "weight-only 8/4-bit linear");
+  m.def("quant_panels_available", &quant_panels_available, "whether 8-bit panels (AVX512-VNNI) can be multiplied");
   m.def("quant_dequantize", &quant_dequantize, "8/4-bit codes -> float weight");
   bind_decode_step(m);
 }

@@ -20,5 +20,6 @@ void rotary_inplace(torch::Tensor qkv, torch::Tensor positions, torch::Tensor co
                     int64_t num_rot_heads, int64_t head_dim);
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
                            int64_t group_size, int64_t bits, c10::optional<torch::Tensor> bias);
+bool quant_panels_available();
 torch::Tensor quant_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
                                int64_t in_features, int64_t group_size, int64_t bits);

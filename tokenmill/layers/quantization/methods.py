@@ -104,6 +104,12 @@ class _QuantizedMethod(UnquantizedLinearMethod):
         return spec
 
 
+def _int8_activations(layer: nn.Module) -> bool:
+    """16-bit models may round activations to int8 for integer dot products (their activations carry
+    8 significant bits already); float32 models keep exact float products."""
+    return layer.params_dtype in (torch.bfloat16, torch.float16)
+
+
 def _fits(in_features: int, group_size: int, pack: int, what: str) -> bool:
     """Whether a layer with ``in_features`` inputs can be quantized; warns (naming the layer) if not."""
     if group_size != -1 and in_features % group_size:
@@ -130,7 +136,8 @@ class RTNLinearMethod(_QuantizedMethod):
             super().process_weights_after_loading(layer)
             return
         codes, scales, zeros = quantize_rtn(weight.detach(), self.bits, self.group_size, self.sym)
-        layer.qmatrix = QuantizedMatrix(codes, scales, zeros, self.bits, self.group_size).to(weight.device)
+        layer.qmatrix = QuantizedMatrix(codes, scales, zeros, self.bits, self.group_size,
+                                        int8_activations=_int8_activations(layer)).to(weight.device)
         layer.weight = None  # a tied LM head keeps the embedding's parameter alive for the embedding only
 
 
@@ -208,4 +215,5 @@ class GPTQLinearMethod(_QuantizedMethod):
         device = layer.qweight.device
         for name in ("qweight", "qzeros", "scales", "g_idx"):
             delattr(layer, name)
-        layer.qmatrix = QuantizedMatrix(codes, scales.t(), zeros.t().float(), cfg.bits, group_size, perm).to(device)
+        layer.qmatrix = QuantizedMatrix(codes, scales.t(), zeros.t().float(), cfg.bits, group_size, perm,
+                                        int8_activations=_int8_activations(layer)).to(device)

@@ -8,6 +8,10 @@ GPTQ (AutoGPTQ, GPTQModel, transformers) packs 32 // bits codes into each int32,
 tokenmill's 4-bit layout (what ``kernels/csrc/quant_linear.cpp`` reads): (N, K / 2) uint8 in
 chunks of 32 inputs; byte ``16 c + j`` of a row holds input ``32 c + j`` in its low nibble and
 input ``32 c + 16 + j`` in its high nibble.
+
+tokenmill's 8-bit panel layout (``kernels/csrc/quant_gemm_vnni.cpp``): (N / 16, K / 4, 16, 4) uint8,
+code + 128 of output ``16 p + j``, input ``4 k4 + i`` at ``[p, k4, j, i]``: 16 outputs x 4 inputs per
+64 bytes, what one AVX512-VNNI instruction multiplies.
 """
 
 from __future__ import annotations
@@ -58,3 +62,19 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     chunks = packed.view(rows, half // 16, 1, 16)
     both = torch.cat([chunks & 0xF, chunks >> 4], dim=2)  # (N, K / 32, 2, 16)
     return both.reshape(rows, half * 2).contiguous()
+
+
+def pack_panels(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 codes (centred, -128..127) -> (N / 16, K / 4, 16, 4) uint8 panels of code + 128."""
+    rows, in_features = codes.shape
+    if rows % 16 or in_features % 4:
+        raise ValueError(f"8-bit panels need outputs divisible by 16 and inputs by 4, got ({rows}, {in_features})")
+    unsigned = (codes.to(torch.int16) + 128).to(torch.uint8)
+    return unsigned.view(rows // 16, 16, in_features // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_panels(panels: torch.Tensor) -> torch.Tensor:
+    """(N / 16, K / 4, 16, 4) uint8 panels -> (N, K) int8 centred codes, the inverse of :func:`pack_panels`."""
+    blocks, quads = panels.shape[:2]
+    rows = panels.permute(0, 2, 1, 3).reshape(blocks * 16, quads * 4)
+    return (rows.to(torch.int16) - 128).to(torch.int8)

@@ -6,6 +6,11 @@ serves them all: ``W[n, k] = scale[n, g] * (code[n, k] - zero[n, g])`` with ``g 
 group's inputs are contiguous). CUDA: the Triton kernel in ``kernels/triton_quant_linear.py``.
 CPU: the C++ kernel in ``kernels/csrc/quant_linear.cpp``. Without either: dequantize and
 ``F.linear`` (correct, not fast).
+
+8-bit codes of a bf16/fp16 model (``int8_activations``) are held in the VNNI panel layout where the
+CPU kernels can multiply it (AVX512-VNNI): activations are then rounded to int8 per block of 64
+inputs, as llama.cpp rounds them for its q8_0 dot products, and every batch size runs on integer dot
+products. Float32 models keep the row layout and its exact float path.
 """
 
 from __future__ import annotations
@@ -16,16 +21,19 @@ from torch import nn
 
 from tokenmill.kernels import cpu_kernels
 from tokenmill.kernels.triton_ops import triton_ops
-from tokenmill.layers.quantization.packing import pack_nibbles, unpack_nibbles
+from tokenmill.layers.quantization.packing import (pack_nibbles, pack_panels, unpack_nibbles,
+                                                    unpack_panels)
 
 
 class QuantizedMatrix(nn.Module):
     """Codes, scales and zeros of one (N, K) weight, as buffers (they move with ``.to``)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
-                 perm: torch.Tensor | None = None):
+                 perm: torch.Tensor | None = None, int8_activations: bool = False):
         """codes (N, K) unsigned in [0, 2**bits); scales and zeros (N, G) with G = ceil(K / group_size),
-        group_size -1 meaning K; perm (K,): input ``perm[i]`` of the checkpoint is input ``i`` here."""
+        group_size -1 meaning K; perm (K,): input ``perm[i]`` of the checkpoint is input ``i`` here.
+        ``int8_activations``: the model's activations are bf16/fp16, so 8-bit codes may take the panel
+        layout (on CPUs whose kernels support it, for shapes it holds)."""
         super().__init__()
         out_features, in_features = codes.shape
         self.bits, self.in_features, self.out_features = bits, in_features, out_features
@@ -37,19 +45,23 @@ class QuantizedMatrix(nn.Module):
         center = 2 ** (bits - 1)  # codes and zeros are stored centred on 0 (see the kernel's header)
         # The 4-bit layout packs 32 inputs per 16 bytes; other shapes keep 4-bit codes one per byte.
         self.storage_bits = 4 if bits == 4 and in_features % 32 == 0 and self.group_size % 32 == 0 else 8
+        scaled_zeros = scales.float() * (zeros.float() - center)  # (N, G)
+        self.panels = int8_activations and self.storage_bits == 8 and _panels_fit(codes, self.group_size)
         if self.storage_bits == 4:
             stored = pack_nibbles(codes)  # (N, K / 2) uint8
         else:
             stored = (codes.to(torch.int32) - center).to(torch.int8).contiguous()  # (N, K)
+        if self.panels:  # (N / 16, K / 4, 16, 4) uint8; scales (G, N): 16 outputs' scales in one load
+            stored, scales, scaled_zeros = pack_panels(stored), scales.t(), scaled_zeros.t()
         self.register_buffer("codes", stored)
-        self.register_buffer("scales", scales.float().contiguous())  # (N, G)
-        self.register_buffer("scaled_zeros", (scales.float() * (zeros.float() - center)).contiguous())  # (N, G)
+        self.register_buffer("scales", scales.float().contiguous())  # (N, G); panels: (G, N)
+        self.register_buffer("scaled_zeros", scaled_zeros.contiguous())  # (N, G); panels: (G, N)
         self.register_buffer("perm", None if perm is None else perm.to(torch.int64))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # (..., K) -> (..., N)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if triton_ops(x.device) is not None:  # CUDA (or CPU under the Triton interpreter, for tests)
+        if triton_ops(x.device) is not None and not self.panels:  # CUDA (or CPU under the Triton interpreter, for tests)
             from tokenmill.kernels.triton_quant_linear import quant_linear
 
             return quant_linear(x, self.codes, self.scales, self.scaled_zeros, self.group_size, self.storage_bits,
@@ -64,11 +76,16 @@ class QuantizedMatrix(nn.Module):
         """(N, K) float32 in the stored (permuted) input order."""
         if self.storage_bits == 4:
             centred = unpack_nibbles(self.codes).float() - 8
+        elif self.panels:
+            centred = unpack_panels(self.codes).float()
         else:
             centred = self.codes.float()
+        scales, scaled_zeros = self.scales, self.scaled_zeros
+        if self.panels:  # stored (G, N)
+            scales, scaled_zeros = scales.t(), scaled_zeros.t()
         size, in_features = self.group_size, self.in_features
         expand = lambda t: t.repeat_interleave(size, dim=1)[:, :in_features]  # noqa: E731  (N, G) -> (N, K)
-        return expand(self.scales) * centred - expand(self.scaled_zeros)
+        return expand(scales) * centred - expand(scaled_zeros)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight these codes stand for, inputs in the checkpoint's order."""
@@ -85,4 +102,17 @@ class QuantizedMatrix(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_features} -> {self.out_features}, {self.bits}-bit, group {self.group_size}"
-                f"{', act-order' if self.perm is not None else ''}")
+                f"{', act-order' if self.perm is not None else ''}{', panels' if self.panels else ''}")
+
+
+def _panels_fit(codes: torch.Tensor, group_size: int) -> bool:
+    """Whether (N, K) codes on this device can take the 8-bit panel layout: CPU kernels with
+    AVX512-VNNI (and no Triton interpreter, which runs the row layout), N a multiple of 16, K and
+    the group size of 64."""
+    out_features, in_features = codes.shape
+    if codes.device.type != "cpu" or out_features % 16 or in_features % 64 or min(group_size, in_features) % 64:
+        return False
+    if triton_ops(codes.device) is not None:
+        return False
+    kernels = cpu_kernels()
+    return kernels is not None and kernels.quant_panels_available()

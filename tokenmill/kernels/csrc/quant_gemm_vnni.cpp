@@ -1,0 +1,209 @@
+// 8-bit weights in a VNNI panel layout, multiplied by int8 activations: one kernel for every batch
+// size, from decode (1 row) to prompts (thousands).
+//
+// Layout ("panels"): codes (N / 16, K / 4, 16, 4) uint8 holding code + 128, so that byte
+// [p, k4, j, i] is the weight of output 16 p + j, input 4 k4 + i. One 64-byte load is 16 outputs x 4
+// inputs, which is exactly what vpdpbusd multiplies with 4 activation bytes broadcast to every lane:
+// 64 multiply-adds per instruction, accumulated in 16 int32 lanes, one lane per output. A block of 64
+// inputs takes 16 of them; then the block's int32 sums become float and are scaled by the
+// activation's block scale, so the conversion costs 2 instructions per 16 products (the row layout of
+// quant_linear_vnni.cpp pays 2 per product, and reduces across lanes at the end).
+//
+// x is quantized per block of 64 inputs: x[m, k] ~ xs[m, b] * xq[m, k]. With u = code + 128,
+//   y[m, n] = sum_g s[g, n] * sum_{b in g} xs[m, b] * dot_b(u[n], xq[m])  -  sum_g off[g, n] * xc[m, g]
+//   off[g, n] = 128 * s[g, n] + sz[g, n],   xc[m, g] = sum_{b in g} xs[m, b] * sum(xq[m, b])
+// where s and sz (scale * zero) are stored (G, N), outputs contiguous, so 16 outputs' scales are one
+// load.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
+#include "quant_weight.h"
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define TOKENMILL_VNNI_GEMM 1
+#endif
+
+namespace tokenmill_quant {
+
+namespace {
+constexpr int64_t kBlock = 64;      // inputs per activation scale
+constexpr int64_t kLanes = 16;      // outputs per panel
+constexpr int64_t kRowChunk = 96;   // rows of x per task at large batches (a multiple of every MR used)
+}  // namespace
+
+bool panel_gemm_available() {
+#if defined(TOKENMILL_VNNI_GEMM)
+  return true;
+#else
+  return false;
+#endif
+}
+
+#if defined(TOKENMILL_VNNI_GEMM)
+namespace {
+
+// 16 activations as float32, from float32, bf16 or fp16.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+// 16 results stored as float32, bf16 or fp16, rounded to nearest even (as Tensor.to rounds).
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
+inline void store16(at::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+struct QuantizedRows {  // x quantized per block of 64 inputs
+  std::vector<int8_t> xq;  // (M, K)
+  std::vector<float> xs;   // (M, B): block scales
+  std::vector<float> xc;   // (M, G): sum over the group's blocks of xs * sum(xq)
+};
+
+template <typename in_t>
+QuantizedRows quantize_rows(const in_t* x, int64_t M, int64_t K, int64_t blocks_per_group) {
+  const int64_t B = K / kBlock, G = B / blocks_per_group;
+  QuantizedRows q{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * G, 0.f)};
+  at::parallel_for(0, M, 16, [&](int64_t m_begin, int64_t m_end) {
+    for (int64_t m = m_begin; m < m_end; ++m)
+      for (int64_t b = 0; b < B; ++b) {
+        const in_t* xb = x + m * K + b * kBlock;
+        __m512 v[4], amax = _mm512_setzero_ps();
+        for (int i = 0; i < 4; ++i) {
+          v[i] = load16(xb + 16 * i);
+          amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+        }
+        const float a = _mm512_reduce_max_ps(amax);
+        const __m512 inv = _mm512_set1_ps(a > 0.f ? 127.f / a : 0.f);
+        __m512i sum = _mm512_setzero_si512();
+        for (int i = 0; i < 4; ++i) {
+          const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));  // round to nearest even
+          sum = _mm512_add_epi32(sum, codes);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q.xq.data() + m * K + b * kBlock + 16 * i),
+                           _mm512_cvtsepi32_epi8(codes));
+        }
+        const float scale = a / 127.f;
+        q.xs[m * B + b] = scale;
+        q.xc[m * G + b / blocks_per_group] += scale * static_cast<float>(_mm512_reduce_add_epi32(sum));
+      }
+  });
+  return q;
+}
+
+// MR rows of x times NP panels (16 NP outputs) into out (MR rows, ld apart).
+template <int MR, int NP, typename out_t>
+void tile(const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, out_t* out, int64_t ld) {
+  const int64_t K = w.in_features, N = w.out_features, B = K / kBlock;
+  const int64_t blocks_per_group = std::min(w.group_size, K) / kBlock, G = w.num_groups;
+  const int64_t panel_bytes = K * kLanes;
+  const uint8_t* panels = w.codes + p0 * panel_bytes;
+  const int8_t* xq = q.xq.data() + m0 * K;
+  const float* xs = q.xs.data() + m0 * B;
+  __m512 total[MR][NP];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NP; ++j) total[m][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 group_acc[MR][NP];
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NP; ++j) group_acc[m][j] = _mm512_setzero_ps();
+    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
+      __m512i acc[MR][NP];
+      for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_setzero_si512();
+      const uint8_t* block = panels + b * kBlock * kLanes;
+#pragma GCC unroll 4
+      for (int k4 = 0; k4 < kBlock / 4; ++k4) {
+        __m512i wv[NP];
+        for (int j = 0; j < NP; ++j) wv[j] = _mm512_loadu_si512(block + j * panel_bytes + k4 * 64);
+        for (int m = 0; m < MR; ++m) {
+          const __m512i xv = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xq + m * K + b * kBlock + k4 * 4));
+          for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], wv[j], xv);
+        }
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m512 scale = _mm512_set1_ps(xs[m * B + b]);
+        for (int j = 0; j < NP; ++j)
+          group_acc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][j]), scale, group_acc[m][j]);
+      }
+    }
+    for (int j = 0; j < NP; ++j) {
+      const int64_t n = (p0 + j) * kLanes;
+      const __m512 s = _mm512_loadu_ps(w.scales + g * N + n);
+      const __m512 off = _mm512_fmadd_ps(s, _mm512_set1_ps(128.f), _mm512_loadu_ps(w.scaled_zeros + g * N + n));
+      for (int m = 0; m < MR; ++m) {
+        const __m512 xc = _mm512_set1_ps(q.xc[(m0 + m) * G + g]);
+        total[m][j] = _mm512_fnmadd_ps(off, xc, _mm512_fmadd_ps(s, group_acc[m][j], total[m][j]));
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NP; ++j) store16(out + m * ld + j * kLanes, total[m][j]);
+}
+
+template <int NP, typename out_t>
+void tile_rows(int mr, const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, out_t* out, int64_t ld) {
+  switch (mr) {
+    case 6: return tile<6, NP, out_t>(q, m0, w, p0, out, ld);
+    case 5: return tile<5, NP, out_t>(q, m0, w, p0, out, ld);
+    case 4: return tile<4, NP, out_t>(q, m0, w, p0, out, ld);
+    case 3: return tile<3, NP, out_t>(q, m0, w, p0, out, ld);
+    case 2: return tile<2, NP, out_t>(q, m0, w, p0, out, ld);
+    default: return tile<1, NP, out_t>(q, m0, w, p0, out, ld);
+  }
+}
+
+template <typename scalar_t>
+void panel_gemm_typed(const scalar_t* x, int64_t M, const QuantWeight& w, scalar_t* out) {
+  const int64_t K = w.in_features, N = w.out_features, panels = N / kLanes;
+  const QuantizedRows q = quantize_rows(x, M, K, std::min(w.group_size, K) / kBlock);
+  // One or two rows: 4 panels per tile, for 4 independent streams of codes. More rows: 2 panels x up
+  // to 6 rows, 12 accumulators (plus 12 float sums) of the 32 vector registers.
+  const int panels_per_tile = M <= 2 ? 4 : 2, rows_per_tile = M <= 2 ? static_cast<int>(M) : 6;
+  const int64_t tiles_n = (panels + panels_per_tile - 1) / panels_per_tile;
+  const int64_t chunks_m = (M + kRowChunk - 1) / kRowChunk;
+  at::parallel_for(0, chunks_m * tiles_n, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t m_begin = (t / tiles_n) * kRowChunk, m_end = std::min(M, m_begin + kRowChunk);
+      const int64_t p0 = (t % tiles_n) * panels_per_tile, np = std::min<int64_t>(panels_per_tile, panels - p0);
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += rows_per_tile) {
+        const int mr = static_cast<int>(std::min<int64_t>(rows_per_tile, m_end - m0));
+        scalar_t* o = out + m0 * N + p0 * kLanes;
+        if (np == 4) {
+          tile_rows<4>(mr, q, m0, w, p0, o, N);
+        } else if (np == 2) {
+          tile_rows<2>(mr, q, m0, w, p0, o, N);
+        } else {
+          for (int64_t j = 0; j < np; ++j) tile_rows<1>(mr, q, m0, w, p0 + j, o + j * kLanes, N);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void panel_gemm(const torch::Tensor& x, const QuantWeight& w, torch::Tensor& out) {
+  const int64_t M = x.size(0);
+  switch (x.scalar_type()) {
+    case at::kFloat: return panel_gemm_typed(x.data_ptr<float>(), M, w, out.data_ptr<float>());
+    case at::kBFloat16: return panel_gemm_typed(x.data_ptr<at::BFloat16>(), M, w, out.data_ptr<at::BFloat16>());
+    case at::kHalf: return panel_gemm_typed(x.data_ptr<at::Half>(), M, w, out.data_ptr<at::Half>());
+    default: TORCH_CHECK(false, "8-bit panels multiply float32, bf16 or fp16 activations, got ", x.scalar_type());
+  }
+}
+#else
+void panel_gemm(const torch::Tensor&, const QuantWeight&, torch::Tensor&) {
+  TORCH_CHECK(false, "this build of the kernels has no AVX512-VNNI: 8-bit panels cannot be multiplied");
+}
+#endif
+
+}  // namespace tokenmill_quant
