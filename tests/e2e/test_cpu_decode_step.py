@@ -1,7 +1,7 @@
 """The C++ decode step (``runner/cpu_decode_step.py``) gives the Python forward's hidden states bit
-for bit, on every decode step of real batched generations, for each weight form (oneDNN-prepacked
-float32/bf16, dense float16, int8, int4) and KV cache (float, int8); models and caches it cannot
-run fall back to the Python forward."""
+for bit, on every decode step of real batched generations, for each weight form (float32/bf16 panels,
+oneDNN-prepacked float32, dense float16, int8 panels, int4) and KV cache (float, int8); models and
+caches it cannot run fall back to the Python forward."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import torch
 
 from tokenmill import SamplingParams
 from tokenmill.attention.layer import forward_context
+from tokenmill.kernels import cpu_kernels
 
 CASES = {
     "llama-fp32": ("llama", dict(dtype="float32")),
+    "llama-fp32-onednn": ("llama", dict(dtype="float32", env={"TOKENMILL_NO_DENSE_PANELS": "1"})),
     "bias-fp32": ("llama_linear", dict(dtype="float32")),
     "llama-fp16-dense": ("llama", dict(dtype="float16")),
     "qwen2-bf16": ("qwen2", dict(dtype="bfloat16")),
@@ -22,6 +24,8 @@ CASES = {
     "llama3-int4": ("llama3", dict(dtype="float32", quantization="int4", quantization_group_size=32)),
     "llama3-bf16-int8-int8kv": ("llama3", dict(dtype="bfloat16", quantization="int8", kv_cache_dtype="int8")),
 }
+
+FLOAT_FORMS = {"llama-fp32": "panels", "bias-fp32": "panels", "qwen2-bf16": "panels", "llama-fp32-onednn": "packed"}
 
 
 class _Checked:
@@ -44,10 +48,18 @@ def _prompts(n: int = 5, seed: int = 11) -> list[dict]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_cpu_decode_step_equals_the_python_forward(case, checkpoint, make_llm):
+def test_cpu_decode_step_equals_the_python_forward(case, checkpoint, make_llm, monkeypatch):
     arch, kwargs = CASES[case]
+    kwargs = dict(kwargs)
+    for name, value in kwargs.pop("env", {}).items():
+        monkeypatch.setenv(name, value)
     llm = make_llm(checkpoint(arch), block_size=4, **kwargs)
     runner = llm.engine.core.runner
+    if case in FLOAT_FORMS:  # the weight form under test
+        panels = cpu_kernels().dense_panels_available(getattr(torch, kwargs["dtype"]))
+        expected = FLOAT_FORMS[case] if panels else "packed"
+        gate_up = runner.model.model.layers[0].mlp.gate_up_proj
+        assert gate_up.quant_method.decode_spec(gate_up, cpu_kernels()).kind == expected
     assert runner.decode_step is not None, f"{case}: the C++ decode step should have been built"
     checked = _Checked(runner)
     runner.decode_step = checked

@@ -16,7 +16,8 @@ from tokenmill.logger import get_logger
 logger = get_logger(__name__)
 _SOURCES = [Path(__file__).parent / "csrc" / name
             for name in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp", "quant_linear.cpp",
-                         "quant_linear_vnni.cpp", "quant_gemm_vnni.cpp", "decode_step.cpp")]
+                         "quant_linear_vnni.cpp", "quant_gemm_vnni.cpp", "dense_panels.cpp",
+                         "decode_step.cpp")]
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,5 +21,7 @@ void rotary_inplace(torch::Tensor qkv, torch::Tensor positions, torch::Tensor co
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
                            int64_t group_size, int64_t bits, c10::optional<torch::Tensor> bias);
 bool quant_panels_available();
+bool dense_panels_available(at::ScalarType dtype);
+torch::Tensor dense_panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias);
 torch::Tensor quant_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
                                int64_t in_features, int64_t group_size, int64_t bits);

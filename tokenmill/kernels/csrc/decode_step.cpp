@@ -27,12 +27,13 @@ torch::Tensor linear(const LinearSpec& spec, const torch::Tensor& x) {
     return quant_linear(x.contiguous(), spec.codes, spec.scales, spec.scaled_zeros, spec.group_size, spec.bits,
                         spec.bias);
   if (spec.kind == "packed") return packed_linear(x, spec.weight, spec.bias);
+  if (spec.kind == "panels") return dense_panel_linear(x, spec.weight, spec.bias);
   return at::linear(x, spec.weight, spec.bias);
 }
 
 void check_linear(const LinearSpec& spec, const char* name) {
-  TORCH_CHECK(spec.kind == "quantized" || spec.kind == "packed" || spec.kind == "dense",
-              name, ": linear kind must be quantized, packed or dense, got ", spec.kind);
+  TORCH_CHECK(spec.kind == "quantized" || spec.kind == "packed" || spec.kind == "panels" || spec.kind == "dense",
+              name, ": linear kind must be quantized, packed, panels or dense, got ", spec.kind);
   TORCH_CHECK(spec.kind == "quantized" ? spec.codes.defined() : spec.weight.defined(), name, ": weights missing");
 }
 

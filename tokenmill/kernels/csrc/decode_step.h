@@ -5,7 +5,8 @@
 #include <vector>
 
 // One linear layer as its linear method holds it: "dense" (weight (N, K)), "packed" (a oneDNN-prepacked
-// weight) or "quantized" (codes, scales, scaled_zeros as QuantizedMatrix stores them).
+// weight), "panels" (weight in dense_panels.cpp's layout) or "quantized" (codes, scales, scaled_zeros as
+// QuantizedMatrix stores them).
 struct LinearSpec {
   std::string kind;
   torch::Tensor weight;

@@ -18,18 +18,16 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <vector>
+#include "panel_io.h"
 #include "quant_weight.h"
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#include <immintrin.h>
+#if defined(__AVX512VNNI__) && defined(TOKENMILL_PANEL_IO)
 #define TOKENMILL_VNNI_GEMM 1
 #endif
 
 namespace tokenmill_quant {
 
 namespace {
-constexpr int64_t kBlock = 64;      // inputs per activation scale
-constexpr int64_t kLanes = 16;      // outputs per panel
-constexpr int64_t kRowChunk = 96;   // rows of x per task at large batches (a multiple of every MR used)
+constexpr int64_t kBlock = 64;  // inputs per activation scale
 }  // namespace
 
 bool panel_gemm_available() {
@@ -43,25 +41,10 @@ bool panel_gemm_available() {
 #if defined(TOKENMILL_VNNI_GEMM)
 namespace {
 
-// 16 activations as float32, from float32, bf16 or fp16.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-
-// 16 results stored as float32, bf16 or fp16, rounded to nearest even (as Tensor.to rounds).
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(at::BFloat16* p, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
-}
-inline void store16(at::Half* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
+using tokenmill_panels::kLanes;
+using tokenmill_panels::kRowChunk;
+using tokenmill_panels::load16;
+using tokenmill_panels::store16;
 
 struct QuantizedRows {  // x quantized per block of 64 inputs
   std::vector<int8_t> xq;  // (M, K)
@@ -165,9 +148,10 @@ template <typename scalar_t>
 void panel_gemm_typed(const scalar_t* x, int64_t M, const QuantWeight& w, scalar_t* out) {
   const int64_t K = w.in_features, N = w.out_features, panels = N / kLanes;
   const QuantizedRows q = quantize_rows(x, M, K, std::min(w.group_size, K) / kBlock);
-  // One or two rows: 4 panels per tile, for 4 independent streams of codes. More rows: 2 panels x up
+  // One or two rows: 3-4 panels per tile, for independent streams of codes. More rows: 2 panels x up
   // to 6 rows, 12 accumulators (plus 12 float sums) of the 32 vector registers.
-  const int panels_per_tile = M <= 2 ? 4 : 2, rows_per_tile = M <= 2 ? static_cast<int>(M) : 6;
+  const int panels_per_tile = M <= 2 ? tokenmill_panels::narrow_tile_panels(panels) : 2;
+  const int rows_per_tile = M <= 2 ? static_cast<int>(M) : 6;
   const int64_t tiles_n = (panels + panels_per_tile - 1) / panels_per_tile;
   const int64_t chunks_m = (M + kRowChunk - 1) / kRowChunk;
   at::parallel_for(0, chunks_m * tiles_n, 1, [&](int64_t t_begin, int64_t t_end) {
@@ -179,6 +163,8 @@ void panel_gemm_typed(const scalar_t* x, int64_t M, const QuantWeight& w, scalar
         scalar_t* o = out + m0 * N + p0 * kLanes;
         if (np == 4) {
           tile_rows<4>(mr, q, m0, w, p0, o, N);
+        } else if (np == 3) {
+          tile_rows<3>(mr, q, m0, w, p0, o, N);
         } else if (np == 2) {
           tile_rows<2>(mr, q, m0, w, p0, o, N);
         } else {

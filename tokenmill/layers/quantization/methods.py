@@ -1,6 +1,7 @@
 """Linear methods: how a linear layer holds, loads and applies its weight.
 
-- ``UnquantizedLinearMethod``: a float ``weight``; bf16 weights are prepacked for oneDNN on CPU.
+- ``UnquantizedLinearMethod``: a float ``weight``; on CPU, float32 and bf16 weights are held as
+  panels (``kernels/csrc/dense_panels.cpp``) or prepacked for oneDNN.
 - ``RTNLinearMethod``: loads a float ``weight``, then rounds it to int8 (per channel, symmetric)
   or int4 (groups, asymmetric).
 - ``GPTQLinearMethod``: loads a GPTQ checkpoint's ``qweight``/``qzeros``/``scales``/``g_idx`` as
@@ -12,13 +13,16 @@ not a multiple of the group size, or of the packing) keeps its float weight, wit
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.quantization.config import QuantizationConfig
-from tokenmill.layers.quantization.packing import unpack_int32
+from tokenmill.kernels import cpu_kernels
+from tokenmill.layers.quantization.packing import pack_dense_panels, unpack_dense_panels, unpack_int32
 from tokenmill.layers.quantization.quantized_matrix import QuantizedMatrix
 from tokenmill.layers.quantization.rtn import quantize_rtn
 from tokenmill.logger import get_logger
@@ -27,10 +31,10 @@ logger = get_logger(__name__)
 
 
 def _can_prepack(weight: torch.Tensor) -> bool:
-    """oneDNN-prepacked weights on CPU. bf16 (on CPUs with AMX or AVX512-BF16): ~2x faster than plain
-    F.linear at batch 1 and several times faster at larger batches. float32: F.linear's one-row
-    product (MKL's GEMV) runs on one thread whatever the thread count, leaving the other cores idle;
-    oneDNN's uses them all (2x on 2 cores) and is also faster at larger batches."""
+    """oneDNN-prepacked weights on CPU, where panels do not fit. bf16 (on CPUs with AMX or
+    AVX512-BF16): ~2x faster than plain F.linear at batch 1 and several times faster at larger
+    batches. float32: F.linear's one-row product (MKL's GEMV) runs on one thread whatever the thread
+    count, leaving the other cores idle; oneDNN's uses them all (2x on 2 cores)."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if weight.dtype == torch.float32:
@@ -38,10 +42,28 @@ def _can_prepack(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _panels_fit(weight: torch.Tensor) -> bool:
+    """Whether a float weight can take the panel layout of ``kernels/csrc/dense_panels.cpp``: on CPU,
+    float32 (AVX-512) or bf16 (AVX512-BF16), outputs a multiple of 16 (bf16: inputs even). Panels
+    stream a row of x through the weights at ~31 GB/s where oneDNN's prepacked GEMV reaches ~18-21,
+    and match oneDNN within ~10% at hundreds of rows."""
+    rows, in_features = weight.shape
+    if weight.device.type != "cpu" or rows % 16 or (weight.dtype == torch.bfloat16 and in_features % 2):
+        return False
+    if os.environ.get("TOKENMILL_NO_DENSE_PANELS") == "1":  # oneDNN's layout instead (A/B timing)
+        return False
+    kernels = cpu_kernels()
+    return kernels is not None and kernels.dense_panels_available(weight.dtype)
+
+
 def prepack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     """oneDNN's blocked copy of a plain (N, K) weight, for ``torch.ops.mkldnn._linear_pointwise``;
     ``.to_dense()`` gives the plain weight back."""
     return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+
+
+def _is_onednn(packed: torch.Tensor) -> bool:
+    return packed.layout == torch._mkldnn
 
 
 class UnquantizedLinearMethod:
@@ -53,16 +75,30 @@ class UnquantizedLinearMethod:
         """Nothing to add: the layer was built with its float ``weight``."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Prepacks bf16 weights on CPU. The packed copy replaces the plain one, so the memory is not
-        doubled; the layer then cannot load a checkpoint again."""
-        if layer.weight is not None and _can_prepack(layer.weight):
-            layer.packed_weight = prepack_linear_weight(layer.weight.detach())
-            layer.weight = None
+        """On CPU, float32 and bf16 weights take the panel layout, or else oneDNN's prepacked one. The
+        packed copy (``packed_weight``) replaces the plain one, so the memory is not doubled; the layer
+        then cannot load a checkpoint again."""
+        weight = layer.weight
+        if weight is None:
+            return
+        if _panels_fit(weight):
+            layer.packed_weight = pack_dense_panels(weight.detach())
+        elif _can_prepack(weight):
+            layer.packed_weight = prepack_linear_weight(weight.detach())
+        else:
+            return
+        layer.weight = None
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if layer.packed_weight is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, layer.bias, "none", [], "")
-        return F.linear(x, layer.weight, layer.bias)
+        packed = layer.packed_weight
+        if packed is None:
+            return F.linear(x, layer.weight, layer.bias)
+        if _is_onednn(packed):
+            return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+        kernels = cpu_kernels()
+        if kernels is None:  # switched off after loading (TOKENMILL_NO_CPU_KERNELS=1)
+            return F.linear(x, unpack_dense_panels(packed), layer.bias)
+        return kernels.dense_panel_linear(x, packed, layer.bias)
 
     def read_bytes(self, layer: nn.Module) -> int:
         weight = layer.packed_weight if layer.packed_weight is not None else layer.weight
@@ -72,8 +108,9 @@ class UnquantizedLinearMethod:
         """The layer as the C++ decode step runs it (a ``kernels.LinearSpec`` calling what ``apply``
         calls), or None where that step cannot run it."""
         spec = kernels.LinearSpec()
-        if layer.packed_weight is not None:
-            spec.kind, spec.weight = "packed", layer.packed_weight
+        packed = layer.packed_weight
+        if packed is not None:
+            spec.kind, spec.weight = ("packed" if _is_onednn(packed) else "panels"), packed
         else:
             spec.kind, spec.weight = "dense", layer.weight
         spec.bias = layer.bias

@@ -12,6 +12,9 @@ input ``32 c + 16 + j`` in its high nibble.
 tokenmill's 8-bit panel layout (``kernels/csrc/quant_gemm_vnni.cpp``): (N / 16, K / 4, 16, 4) uint8,
 code + 128 of output ``16 p + j``, input ``4 k4 + i`` at ``[p, k4, j, i]``: 16 outputs x 4 inputs per
 64 bytes, what one AVX512-VNNI instruction multiplies.
+
+Float weights' panel layout (``kernels/csrc/dense_panels.cpp``): float32 (N / 16, K, 16) and bf16
+(N / 16, K / 2, 16, 2), W[16 p + j, k] at [p, k, j] (bf16: [p, k // 2, j, k % 2]).
 """
 
 from __future__ import annotations
@@ -78,3 +81,21 @@ def unpack_panels(panels: torch.Tensor) -> torch.Tensor:
     blocks, quads = panels.shape[:2]
     rows = panels.permute(0, 2, 1, 3).reshape(blocks * 16, quads * 4)
     return (rows.to(torch.int16) - 128).to(torch.int8)
+
+
+def pack_dense_panels(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) float32 -> (N / 16, K, 16); bf16 -> (N / 16, K / 2, 16, 2). N % 16 == 0 (bf16: K even)."""
+    rows, in_features = weight.shape
+    pair = 2 if weight.dtype == torch.bfloat16 else 1
+    if rows % 16 or in_features % pair:
+        raise ValueError(f"{weight.dtype} panels need outputs divisible by 16 and inputs by {pair}, "
+                         f"got ({rows}, {in_features})")
+    blocks = weight.reshape(rows // 16, 16, in_features // pair, pair).permute(0, 2, 1, 3).contiguous()
+    return blocks if pair == 2 else blocks.squeeze(-1)
+
+
+def unpack_dense_panels(panels: torch.Tensor) -> torch.Tensor:
+    """The (N, K) weight back from :func:`pack_dense_panels`."""
+    blocks = panels if panels.dim() == 4 else panels.unsqueeze(-1)  # (N / 16, K / pair, 16, pair)
+    count, steps, lanes, pair = blocks.shape
+    return blocks.permute(0, 2, 1, 3).reshape(count * lanes, steps * pair)

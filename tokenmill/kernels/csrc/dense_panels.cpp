@@ -1,0 +1,173 @@
+// Float weights (float32, bf16) in a panel layout, for every batch size on CPU.
+//
+// Layout: float32 (N / 16, K, 16): [p, k, j] is W[16 p + j, k]; bf16 (N / 16, K / 2, 16, 2): [p, k2, j, i]
+// is W[16 p + j, 2 k2 + i]. Each 64-byte load is 16 outputs (x 2 inputs in bf16), which one FMA (bf16:
+// one vdpbf16ps, 2 products per lane) applies to one broadcast activation (bf16: a pair). A panel is one
+// contiguous stream, so a row of x reads the weights front to back at the memory's speed: oneDNN's
+// prepacked GEMV reached ~18-21 GB/s on this model's small matrices, these panels ~31 GB/s.
+//
+// Sums run over k in order for every output, whatever the tile, so a row's result does not depend
+// on the other rows in the batch.
+#include <torch/extension.h>
+#include <algorithm>
+#include "panel_io.h"
+
+#if defined(TOKENMILL_PANEL_IO)
+namespace {
+
+using tokenmill_panels::kLanes;
+using tokenmill_panels::kRowChunk;
+using tokenmill_panels::load16;
+using tokenmill_panels::store16;
+
+// Inputs per partial sum: each output sums blocks of kSumBlock products, then the blocks, so float32
+// rounding grows with K / kSumBlock + kSumBlock rather than with K (as oneDNN's blocked sums do).
+constexpr int64_t kSumBlock = 64;
+
+// acc[m][j] += x[m] . W over inputs [k0, k1) of the panel tile: float32 weights, one input per step.
+template <int MR, int NP>
+inline void accumulate(const float* x, int64_t K, int64_t k0, int64_t k1, const float* w, int64_t panel_elems,
+                       __m512 (&acc)[MR][NP]) {
+#pragma GCC unroll 4
+  for (int64_t k = k0; k < k1; ++k) {
+    __m512 wv[NP];
+    for (int j = 0; j < NP; ++j) wv[j] = _mm512_loadu_ps(w + j * panel_elems + k * kLanes);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[m * K + k]);
+      for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_fmadd_ps(wv[j], xv, acc[m][j]);
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+// bf16 weights: a pair of inputs per step.
+template <int MR, int NP>
+inline void accumulate(const at::BFloat16* x, int64_t K, int64_t k0, int64_t k1, const at::BFloat16* w,
+                       int64_t panel_elems, __m512 (&acc)[MR][NP]) {
+  const int32_t* pairs = reinterpret_cast<const int32_t*>(x);
+#pragma GCC unroll 4
+  for (int64_t k2 = k0 / 2; k2 < k1 / 2; ++k2) {
+    __m512bh wv[NP];
+    for (int j = 0; j < NP; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + j * panel_elems + k2 * 2 * kLanes);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pairs[m * K / 2 + k2]);
+      for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
+    }
+  }
+}
+#endif
+
+template <int MR, int NP, typename scalar_t>
+void tile(const scalar_t* x, int64_t K, const scalar_t* w, const scalar_t* bias, scalar_t* out, int64_t ld) {
+  __m512 total[MR][NP], acc[MR][NP];
+  for (int j = 0; j < NP; ++j) {
+    const __m512 b = bias == nullptr ? _mm512_setzero_ps() : load16(bias + j * kLanes);
+    for (int m = 0; m < MR; ++m) total[m][j] = b;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kSumBlock) {
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_setzero_ps();
+    accumulate<MR, NP>(x, K, k0, std::min(K, k0 + kSumBlock), w, K * kLanes, acc);
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NP; ++j) total[m][j] = _mm512_add_ps(total[m][j], acc[m][j]);
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NP; ++j) store16(out + m * ld + j * kLanes, total[m][j]);
+}
+
+template <int NP, typename scalar_t>
+void tile_rows(int mr, const scalar_t* x, int64_t K, const scalar_t* w, const scalar_t* bias, scalar_t* out,
+               int64_t ld) {
+  switch (mr) {
+    case 6: return tile<6, NP>(x, K, w, bias, out, ld);
+    case 5: return tile<5, NP>(x, K, w, bias, out, ld);
+    case 4: return tile<4, NP>(x, K, w, bias, out, ld);
+    case 3: return tile<3, NP>(x, K, w, bias, out, ld);
+    case 2: return tile<2, NP>(x, K, w, bias, out, ld);
+    default: return tile<1, NP>(x, K, w, bias, out, ld);
+  }
+}
+
+template <typename scalar_t>
+void panel_linear(const scalar_t* x, int64_t M, int64_t K, const scalar_t* w, int64_t N, const scalar_t* bias,
+                  scalar_t* out) {
+  const int64_t panels = N / kLanes, panel_elems = K * kLanes;
+  // One or two rows: 3-4 panels per tile (independent weight streams). More rows: 2 panels x up to 6
+  // rows, 12 accumulators of the 32 vector registers.
+  const int panels_per_tile = M <= 2 ? tokenmill_panels::narrow_tile_panels(panels) : 2;
+  const int rows_per_tile = M <= 2 ? static_cast<int>(M) : 6;
+  const int64_t tiles_n = (panels + panels_per_tile - 1) / panels_per_tile;
+  const int64_t chunks_m = (M + kRowChunk - 1) / kRowChunk;
+  at::parallel_for(0, chunks_m * tiles_n, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t m_begin = (t / tiles_n) * kRowChunk, m_end = std::min(M, m_begin + kRowChunk);
+      const int64_t p0 = (t % tiles_n) * panels_per_tile, np = std::min<int64_t>(panels_per_tile, panels - p0);
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += rows_per_tile) {
+        const int mr = static_cast<int>(std::min<int64_t>(rows_per_tile, m_end - m0));
+        const scalar_t* xm = x + m0 * K;
+        for (int64_t j = 0; j < np;) {  // the widest tile that fits what is left
+          const int64_t p = p0 + j, width = np - j >= 4 ? 4 : np - j >= 3 ? 3 : np - j >= 2 ? 2 : 1;
+          const scalar_t* b = bias == nullptr ? nullptr : bias + p * kLanes;
+          scalar_t* o = out + m0 * N + p * kLanes;
+          const scalar_t* wp = w + p * panel_elems;
+          if (width == 4) tile_rows<4>(mr, xm, K, wp, b, o, N);
+          else if (width == 3) tile_rows<3>(mr, xm, K, wp, b, o, N);
+          else if (width == 2) tile_rows<2>(mr, xm, K, wp, b, o, N);
+          else tile_rows<1>(mr, xm, K, wp, b, o, N);
+          j += width;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+#endif
+
+bool dense_panels_available(at::ScalarType dtype) {
+#if defined(TOKENMILL_PANEL_IO)
+  if (dtype == at::kFloat) return true;
+#if defined(__AVX512BF16__)
+  if (dtype == at::kBFloat16) return true;
+#endif
+#endif
+  (void)dtype;
+  return false;
+}
+
+// x (..., K) -> (..., N) in x's dtype; panels as packed by packing.pack_dense_panels, in x's dtype.
+torch::Tensor dense_panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dense_panels_available(dtype), "dense panels: no kernel for ", dtype, " in this build");
+  TORCH_CHECK(panels.scalar_type() == dtype && panels.is_contiguous(), "dense panels must be contiguous ", dtype);
+  const bool bf16 = dtype == at::kBFloat16;
+  TORCH_CHECK(panels.dim() == (bf16 ? 4 : 3) && panels.size(2) == 16 && (!bf16 || panels.size(3) == 2),
+              "dense panels must be (N / 16, K, 16) float32 or (N / 16, K / 2, 16, 2) bf16");
+  const int64_t K = x.size(-1), N = panels.size(0) * 16;
+  TORCH_CHECK(panels.size(1) * (bf16 ? 2 : 1) == K, "dense panels hold ", panels.size(1) * (bf16 ? 2 : 1),
+              " inputs; x has ", K);
+  const int64_t M = x.numel() / K;
+  const auto x2 = x.reshape({M, K}).contiguous();
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  auto out = torch::empty({M, N}, x.options());
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(dtype).contiguous();
+    TORCH_CHECK(b.numel() == N, "bias has ", b.numel(), " values for ", N, " outputs");
+  }
+#if defined(TOKENMILL_PANEL_IO)
+  if (!bf16) {
+    panel_linear(x2.data_ptr<float>(), M, K, panels.data_ptr<float>(), N, b.defined() ? b.data_ptr<float>() : nullptr,
+                 out.data_ptr<float>());
+  }
+#if defined(__AVX512BF16__)
+  if (bf16) {
+    using bf = at::BFloat16;
+    panel_linear(x2.data_ptr<bf>(), M, K, panels.data_ptr<bf>(), N, b.defined() ? b.data_ptr<bf>() : nullptr,
+                 out.data_ptr<bf>());
+  }
+#endif
+#endif
+  return out.view(out_sizes);
+}
