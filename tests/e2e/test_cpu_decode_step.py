@@ -22,6 +22,7 @@ CASES = {
     "qwen2-bf16": ("qwen2", dict(dtype="bfloat16")),
     "mistral-int8kv": ("mistral", dict(dtype="float32", kv_cache_dtype="int8")),
     "llama3-int4": ("llama3", dict(dtype="float32", quantization="int4", quantization_group_size=32)),
+    "llama3-bf16-int4-panels": ("llama3", dict(dtype="bfloat16", quantization="int4", quantization_group_size=64)),
     "llama3-bf16-int8-int8kv": ("llama3", dict(dtype="bfloat16", quantization="int8", kv_cache_dtype="int8")),
 }
 

@@ -139,12 +139,22 @@ def test_triton_kernel_equals_the_reference_formula(bits, group_size, in_feature
 
 
 def test_panel_layout_round_trips_and_holds_16_outputs_by_4_inputs():
-    codes = torch.randint(-128, 128, (32, 128), dtype=torch.int8)
-    panels = pack_panels(codes)
+    codes = torch.randint(0, 256, (32, 128), dtype=torch.int16)
+    panels = pack_panels(codes, 8)
     assert panels.shape == (2, 32, 16, 4) and panels.dtype == torch.uint8
-    assert torch.equal(unpack_panels(panels), codes)
-    # Output 16 p + j, input 4 k4 + i at [p, k4, j, i], stored as code + 128.
-    assert panels[1, 5, 3, 2].item() == codes[19, 22].item() + 128
+    assert torch.equal(unpack_panels(panels, 8), codes)
+    # Output 16 p + j, input 4 k4 + i at [p, k4, j, i].
+    assert panels[1, 5, 3, 2].item() == codes[19, 22].item()
+
+
+def test_4_bit_panels_hold_8_inputs_per_byte_pair_of_nibbles():
+    codes = torch.randint(0, 16, (32, 128), dtype=torch.int16)
+    panels = pack_panels(codes, 4)
+    assert panels.shape == (2, 16, 16, 4)
+    assert torch.equal(unpack_panels(panels, 4), codes)
+    # Output 16 p + j: input 8 k8 + i in the low nibble of [p, k8, j, i], 8 k8 + 4 + i in the high one.
+    byte = panels[1, 2, 3, 1].item()
+    assert byte & 0xF == codes[19, 17].item() and byte >> 4 == codes[19, 21].item()
 
 
 def _panels_or_skip():
@@ -164,17 +174,19 @@ def _int8_activation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.T
     return rounded.view(rows, in_features) @ weight.T
 
 
-@pytest.mark.parametrize("group_size, sym, out_features", [(-1, True, 48), (64, True, 80), (128, False, 64),
-                                                           (-1, False, 16)])
-@pytest.mark.parametrize("num_rows", [1, 2, 3, 7, 64, 200])  # 4-panel tiles, 6-row tiles and their tails, row chunks
-def test_panel_kernel_equals_int8_rounded_activations_times_the_weight(group_size, sym, out_features, num_rows):
-    """8-bit codes of a bf16 model in the panel layout: every batch size multiplies int8 activations
-    (blocks of 64) by the codes, and equals that rounding applied in float, zero points included."""
+@pytest.mark.parametrize("bits, group_size, sym, out_features", [
+    (8, -1, True, 48), (8, 64, True, 80), (8, 128, False, 64), (8, -1, False, 16), (4, 64, False, 48), (4, 128, False, 80),
+    (4, -1, True, 16)])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 7, 64, 200])  # 3-4-panel tiles, 6-row tiles and their tails, row chunks
+def test_panel_kernel_equals_int8_rounded_activations_times_the_weight(bits, group_size, sym, out_features, num_rows):
+    """8- and 4-bit codes of a bf16 model in the panel layout: every batch size multiplies int8
+    activations (blocks of 64) by the codes, and equals that rounding applied in float, zero points
+    included."""
     _panels_or_skip()
     torch.manual_seed(5)
-    codes, scales, zeros = quantize_rtn(torch.randn(out_features, 256) * 0.05, 8, group_size, sym=sym)
-    matrix = QuantizedMatrix(codes, scales, zeros, 8, group_size, int8_activations=True)
-    row_layout = QuantizedMatrix(codes, scales, zeros, 8, group_size)
+    codes, scales, zeros = quantize_rtn(torch.randn(out_features, 256) * 0.05, bits, group_size, sym=sym)
+    matrix = QuantizedMatrix(codes, scales, zeros, bits, group_size, int8_activations=True)
+    row_layout = QuantizedMatrix(codes, scales, zeros, bits, group_size)
     assert matrix.panels and not row_layout.panels
     torch.testing.assert_close(matrix.dequantize(), row_layout.dequantize(), atol=0, rtol=0)
     # float32 in: no bf16 rounding of the output, and no ties (x * 127 / max exactly k + 0.5, common
@@ -191,13 +203,13 @@ def test_panel_kernel_equals_int8_rounded_activations_times_the_weight(group_siz
 
 
 def test_panels_only_where_they_fit():
-    """float32 models, 4-bit codes, and shapes the panels cannot hold keep the row layout."""
+    """float32 models, and shapes or groups the panels cannot hold keep the row layout."""
     _panels_or_skip()
     codes8, scales, zeros = quantize_rtn(torch.randn(40, 128), 8, -1, sym=True)  # 40 outputs: not 16s
     assert not QuantizedMatrix(codes8, scales, zeros, 8, -1, int8_activations=True).panels
     codes8, scales, zeros = quantize_rtn(torch.randn(32, 96), 8, 32, sym=True)  # groups of 32
     assert not QuantizedMatrix(codes8, scales, zeros, 8, 32, int8_activations=True).panels
-    codes4, scales, zeros = quantize_rtn(torch.randn(32, 128), 4, 64, sym=False)
-    assert not QuantizedMatrix(codes4, scales, zeros, 4, 64, int8_activations=True).panels
+    codes4, scales, zeros = quantize_rtn(torch.randn(32, 128), 4, 32, sym=False)  # 4-bit groups of 32
+    assert not QuantizedMatrix(codes4, scales, zeros, 4, 32, int8_activations=True).panels
     codes8, scales, zeros = quantize_rtn(torch.randn(32, 128), 8, -1, sym=True)
     assert not QuantizedMatrix(codes8, scales, zeros, 8, -1).panels

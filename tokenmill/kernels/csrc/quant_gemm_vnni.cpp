@@ -1,19 +1,23 @@
-// 8-bit weights in a VNNI panel layout, multiplied by int8 activations: one kernel for every batch
-// size, from decode (1 row) to prompts (thousands).
+// 8- and 4-bit weights in a VNNI panel layout, multiplied by int8 activations: one kernel for every
+// batch size, from decode (1 row) to prompts (thousands).
 //
-// Layout ("panels"): codes (N / 16, K / 4, 16, 4) uint8 holding code + 128, so that byte
+// Layout ("panels"), 8-bit: codes (N / 16, K / 4, 16, 4) uint8 holding code + 128, so that byte
 // [p, k4, j, i] is the weight of output 16 p + j, input 4 k4 + i. One 64-byte load is 16 outputs x 4
 // inputs, which is exactly what vpdpbusd multiplies with 4 activation bytes broadcast to every lane:
-// 64 multiply-adds per instruction, accumulated in 16 int32 lanes, one lane per output. A block of 64
+// 64 multiply-adds per instruction, accumulated in 16 int32 lanes, one lane per output.
+// 4-bit: (N / 16, K / 8, 16, 4) uint8 holding code + 8 (the stored nibble); byte [p, k8, j, i] has input
+// 8 k8 + i in its low nibble and 8 k8 + 4 + i in its high one, so one 64-byte load masked and shifted
+// gives two vpdpbusd operands (16 outputs x 4 inputs each). A block of 64
 // inputs takes 16 of them; then the block's int32 sums become float and are scaled by the
 // activation's block scale, so the conversion costs 2 instructions per 16 products (the row layout of
 // quant_linear_vnni.cpp pays 2 per product, and reduces across lanes at the end).
 //
-// x is quantized per block of 64 inputs: x[m, k] ~ xs[m, b] * xq[m, k]. With u = code + 128,
+// x is quantized per block of 64 inputs: x[m, k] ~ xs[m, b] * xq[m, k]. With u = code + c (c = 128 for
+// 8 bits, 8 for 4 bits),
 //   y[m, n] = sum_g s[g, n] * sum_{b in g} xs[m, b] * dot_b(u[n], xq[m])  -  sum_g off[g, n] * xc[m, g]
-//   off[g, n] = 128 * s[g, n] + sz[g, n],   xc[m, g] = sum_{b in g} xs[m, b] * sum(xq[m, b])
-// where s and sz (scale * zero) are stored (G, N), outputs contiguous, so 16 outputs' scales are one
-// load.
+//   off[g, n] = c * s[g, n] + sz[g, n],   xc[m, g] = sum_{b in g} xs[m, b] * sum(xq[m, b])
+// where s and sz (scale * zero) are stored in panel order (N / 16, G, 16): 16 outputs' scales are one
+// load, and a panel's groups follow each other, so a row of x reads them as one stream too.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -83,11 +87,44 @@ QuantizedRows quantize_rows(const in_t* x, int64_t M, int64_t K, int64_t blocks_
 }
 
 // MR rows of x times NP panels (16 NP outputs) into out (MR rows, ld apart).
-template <int MR, int NP, typename out_t>
+// acc[m][j] += dot(u, xq[m]) over one block of 64 inputs; block: the panel tile's codes of the block.
+template <int MR, int NP, int BITS>
+inline void block_dot(const int8_t* xq, int64_t K, const uint8_t* block, int64_t panel_bytes, __m512i (&acc)[MR][NP]) {
+  if constexpr (BITS == 8) {
+#pragma GCC unroll 4
+    for (int k4 = 0; k4 < kBlock / 4; ++k4) {
+      __m512i wv[NP];
+      for (int j = 0; j < NP; ++j) wv[j] = _mm512_loadu_si512(block + j * panel_bytes + k4 * 64);
+      for (int m = 0; m < MR; ++m) {
+        const __m512i xv = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xq + m * K + k4 * 4));
+        for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], wv[j], xv);
+      }
+    }
+  } else {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 2
+    for (int k8 = 0; k8 < kBlock / 8; ++k8) {
+      __m512i lo[NP], hi[NP];
+      for (int j = 0; j < NP; ++j) {
+        const __m512i bytes = _mm512_loadu_si512(block + j * panel_bytes + k8 * 64);
+        lo[j] = _mm512_and_si512(bytes, low);
+        hi[j] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const int32_t* pairs = reinterpret_cast<const int32_t*>(xq + m * K + k8 * 8);
+        const __m512i x_lo = _mm512_set1_epi32(pairs[0]), x_hi = _mm512_set1_epi32(pairs[1]);
+        for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[m][j], lo[j], x_lo), hi[j], x_hi);
+      }
+    }
+  }
+}
+
+template <int MR, int NP, int BITS, typename out_t>
 void tile(const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, out_t* out, int64_t ld) {
   const int64_t K = w.in_features, N = w.out_features, B = K / kBlock;
   const int64_t blocks_per_group = std::min(w.group_size, K) / kBlock, G = w.num_groups;
-  const int64_t panel_bytes = K * kLanes;
+  const int64_t panel_bytes = K * kLanes * BITS / 8;
+  const float offset = BITS == 8 ? 128.f : 8.f;
   const uint8_t* panels = w.codes + p0 * panel_bytes;
   const int8_t* xq = q.xq.data() + m0 * K;
   const float* xs = q.xs.data() + m0 * B;
@@ -102,16 +139,7 @@ void tile(const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, 
       __m512i acc[MR][NP];
       for (int m = 0; m < MR; ++m)
         for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_setzero_si512();
-      const uint8_t* block = panels + b * kBlock * kLanes;
-#pragma GCC unroll 4
-      for (int k4 = 0; k4 < kBlock / 4; ++k4) {
-        __m512i wv[NP];
-        for (int j = 0; j < NP; ++j) wv[j] = _mm512_loadu_si512(block + j * panel_bytes + k4 * 64);
-        for (int m = 0; m < MR; ++m) {
-          const __m512i xv = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xq + m * K + b * kBlock + k4 * 4));
-          for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], wv[j], xv);
-        }
-      }
+      block_dot<MR, NP, BITS>(xq + b * kBlock, K, panels + b * kBlock * kLanes * BITS / 8, panel_bytes, acc);
       for (int m = 0; m < MR; ++m) {
         const __m512 scale = _mm512_set1_ps(xs[m * B + b]);
         for (int j = 0; j < NP; ++j)
@@ -120,8 +148,9 @@ void tile(const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, 
     }
     for (int j = 0; j < NP; ++j) {
       const int64_t n = (p0 + j) * kLanes;
-      const __m512 s = _mm512_loadu_ps(w.scales + g * N + n);
-      const __m512 off = _mm512_fmadd_ps(s, _mm512_set1_ps(128.f), _mm512_loadu_ps(w.scaled_zeros + g * N + n));
+      const int64_t at = ((p0 + j) * G + g) * kLanes;  // scales in panel order: a panel's groups in a row
+      const __m512 s = _mm512_loadu_ps(w.scales + at);
+      const __m512 off = _mm512_fmadd_ps(s, _mm512_set1_ps(offset), _mm512_loadu_ps(w.scaled_zeros + at));
       for (int m = 0; m < MR; ++m) {
         const __m512 xc = _mm512_set1_ps(q.xc[(m0 + m) * G + g]);
         total[m][j] = _mm512_fnmadd_ps(off, xc, _mm512_fmadd_ps(s, group_acc[m][j], total[m][j]));
@@ -132,19 +161,19 @@ void tile(const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, 
     for (int j = 0; j < NP; ++j) store16(out + m * ld + j * kLanes, total[m][j]);
 }
 
-template <int NP, typename out_t>
+template <int NP, int BITS, typename out_t>
 void tile_rows(int mr, const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, out_t* out, int64_t ld) {
   switch (mr) {
-    case 6: return tile<6, NP, out_t>(q, m0, w, p0, out, ld);
-    case 5: return tile<5, NP, out_t>(q, m0, w, p0, out, ld);
-    case 4: return tile<4, NP, out_t>(q, m0, w, p0, out, ld);
-    case 3: return tile<3, NP, out_t>(q, m0, w, p0, out, ld);
-    case 2: return tile<2, NP, out_t>(q, m0, w, p0, out, ld);
-    default: return tile<1, NP, out_t>(q, m0, w, p0, out, ld);
+    case 6: return tile<6, NP, BITS, out_t>(q, m0, w, p0, out, ld);
+    case 5: return tile<5, NP, BITS, out_t>(q, m0, w, p0, out, ld);
+    case 4: return tile<4, NP, BITS, out_t>(q, m0, w, p0, out, ld);
+    case 3: return tile<3, NP, BITS, out_t>(q, m0, w, p0, out, ld);
+    case 2: return tile<2, NP, BITS, out_t>(q, m0, w, p0, out, ld);
+    default: return tile<1, NP, BITS, out_t>(q, m0, w, p0, out, ld);
   }
 }
 
-template <typename scalar_t>
+template <int BITS, typename scalar_t>
 void panel_gemm_typed(const scalar_t* x, int64_t M, const QuantWeight& w, scalar_t* out) {
   const int64_t K = w.in_features, N = w.out_features, panels = N / kLanes;
   const QuantizedRows q = quantize_rows(x, M, K, std::min(w.group_size, K) / kBlock);
@@ -162,13 +191,13 @@ void panel_gemm_typed(const scalar_t* x, int64_t M, const QuantWeight& w, scalar
         const int mr = static_cast<int>(std::min<int64_t>(rows_per_tile, m_end - m0));
         scalar_t* o = out + m0 * N + p0 * kLanes;
         if (np == 4) {
-          tile_rows<4>(mr, q, m0, w, p0, o, N);
+          tile_rows<4, BITS>(mr, q, m0, w, p0, o, N);
         } else if (np == 3) {
-          tile_rows<3>(mr, q, m0, w, p0, o, N);
+          tile_rows<3, BITS>(mr, q, m0, w, p0, o, N);
         } else if (np == 2) {
-          tile_rows<2>(mr, q, m0, w, p0, o, N);
+          tile_rows<2, BITS>(mr, q, m0, w, p0, o, N);
         } else {
-          for (int64_t j = 0; j < np; ++j) tile_rows<1>(mr, q, m0, w, p0 + j, o + j * kLanes, N);
+          for (int64_t j = 0; j < np; ++j) tile_rows<1, BITS>(mr, q, m0, w, p0 + j, o + j * kLanes, N);
         }
       }
     }
@@ -177,18 +206,24 @@ void panel_gemm_typed(const scalar_t* x, int64_t M, const QuantWeight& w, scalar
 
 }  // namespace
 
+template <typename scalar_t>
+void panel_gemm_bits(const scalar_t* x, int64_t M, const QuantWeight& w, scalar_t* out) {
+  if (w.bits == 8) return panel_gemm_typed<8>(x, M, w, out);
+  return panel_gemm_typed<4>(x, M, w, out);
+}
+
 void panel_gemm(const torch::Tensor& x, const QuantWeight& w, torch::Tensor& out) {
   const int64_t M = x.size(0);
   switch (x.scalar_type()) {
-    case at::kFloat: return panel_gemm_typed(x.data_ptr<float>(), M, w, out.data_ptr<float>());
-    case at::kBFloat16: return panel_gemm_typed(x.data_ptr<at::BFloat16>(), M, w, out.data_ptr<at::BFloat16>());
-    case at::kHalf: return panel_gemm_typed(x.data_ptr<at::Half>(), M, w, out.data_ptr<at::Half>());
-    default: TORCH_CHECK(false, "8-bit panels multiply float32, bf16 or fp16 activations, got ", x.scalar_type());
+    case at::kFloat: return panel_gemm_bits(x.data_ptr<float>(), M, w, out.data_ptr<float>());
+    case at::kBFloat16: return panel_gemm_bits(x.data_ptr<at::BFloat16>(), M, w, out.data_ptr<at::BFloat16>());
+    case at::kHalf: return panel_gemm_bits(x.data_ptr<at::Half>(), M, w, out.data_ptr<at::Half>());
+    default: TORCH_CHECK(false, "quantized panels multiply float32, bf16 or fp16 activations, got ", x.scalar_type());
   }
 }
 #else
 void panel_gemm(const torch::Tensor&, const QuantWeight&, torch::Tensor&) {
-  TORCH_CHECK(false, "this build of the kernels has no AVX512-VNNI: 8-bit panels cannot be multiplied");
+  TORCH_CHECK(false, "this build of the kernels has no AVX512-VNNI: quantized panels cannot be multiplied");
 }
 #endif
 

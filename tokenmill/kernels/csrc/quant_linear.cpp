@@ -16,7 +16,7 @@
 // Small batches (decode) stream the codes once and keep up to 4 rows of x in registers; larger
 // batches (prompts) dequantize a panel of rows at a time into the activation dtype and hand it to
 // the BLAS GEMM, which is compute-bound there anyway. Small batches of bf16/fp16 activations take
-// the int8-activation path of quant_linear_vnni.cpp instead, on CPUs with AVX512-VNNI. 8-bit codes of
+// the int8-activation path of quant_linear_vnni.cpp instead, on CPUs with AVX512-VNNI. Codes of
 // bf16/fp16 models held in the panel layout (codes 4-D) take quant_gemm_vnni.cpp at every batch size.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -202,11 +202,12 @@ QuantWeight view_weight(const torch::Tensor& codes, const torch::Tensor& scales,
   const bool panels = codes.dim() == 4;
   const int64_t N = panels ? codes.size(0) * codes.size(2) : codes.size(0), G = (in_features + group_size - 1) / group_size;
   if (panels) {
-    TORCH_CHECK(bits == 8 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(1) * 4 == in_features &&
+    const int64_t inputs_per_step = bits == 8 ? 4 : 8;
+    TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(1) * inputs_per_step == in_features &&
                     codes.size(2) == 16 && codes.size(3) == 4,
-                "8-bit panels must be contiguous (N / 16, K / 4, 16, 4) uint8 with K = ", in_features);
+                bits, "-bit panels must be contiguous (N / 16, K / ", inputs_per_step, ", 16, 4) uint8 with K = ", in_features);
     TORCH_CHECK(in_features % 64 == 0 && std::min(group_size, in_features) % 64 == 0,
-                "8-bit panels need inputs and groups in multiples of 64, got ", in_features, " and ", group_size);
+                "panels need inputs and groups in multiples of 64, got ", in_features, " and ", group_size);
   } else {
     TORCH_CHECK(codes.scalar_type() == (bits == 8 ? at::kChar : at::kByte) && codes.is_contiguous() && codes.dim() == 2,
                 "codes must be contiguous: (N, K) int8 for 8 bits, (N, K/2) uint8 for 4 bits");
@@ -214,10 +215,10 @@ QuantWeight view_weight(const torch::Tensor& codes, const torch::Tensor& scales,
     TORCH_CHECK(bits == 8 || group_size % 32 == 0 || group_size >= in_features, "4-bit group_size must be a multiple of 32");
     TORCH_CHECK(codes.size(1) == (bits == 8 ? in_features : in_features / 2), "codes have ", codes.size(1), " bytes per row");
   }
-  const int64_t rows = panels ? G : N, cols = panels ? N : G;  // panels keep scales (G, N)
+  const std::vector<int64_t> shape = panels ? std::vector<int64_t>{N / 16, G, 16} : std::vector<int64_t>{N, G};
   for (const auto* t : {&scales, &scaled_zeros})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == rows && t->size(1) == cols,
-                "scales and scaled_zeros must be contiguous float32 ", panels ? "(num_groups, N)" : "(N, num_groups)");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->sizes() == shape,
+                "scales and scaled_zeros must be contiguous float32 ", panels ? "(N / 16, num_groups, 16)" : "(N, num_groups)");
   return {static_cast<const uint8_t*>(codes.data_ptr()), scales.data_ptr<float>(), scaled_zeros.data_ptr<float>(), N, in_features,
           group_size, G, bits};
 }
@@ -233,7 +234,7 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = N;
   torch::Tensor out;
-  if (codes.dim() == 4) {  // 8-bit panels: int8 activations at every batch size
+  if (codes.dim() == 4) {  // panels: int8 activations at every batch size
     const auto x2 = x.reshape({M, K}).contiguous();  // (M, K)
     out = torch::empty({M, N}, x.options());
     tokenmill_quant::panel_gemm(x2, w, out);

@@ -7,9 +7,9 @@
 namespace tokenmill_quant {
 
 struct QuantWeight {
-  const uint8_t* codes;      // int8 for 8-bit, viewed as bytes; panels: (N / 16, K / 4, 16, 4) code + 128
-  const float* scales;       // (N, G); panels: (G, N)
-  const float* scaled_zeros; // (N, G): scale * zero; panels: (G, N)
+  const uint8_t* codes;      // int8 for 8-bit, viewed as bytes; panels: see quant_gemm_vnni.cpp
+  const float* scales;       // (N, G); panels: (N / 16, G, 16)
+  const float* scaled_zeros; // (N, G): scale * zero; panels: (N / 16, G, 16)
   int64_t out_features, in_features, group_size, num_groups, bits;
   int64_t row_bytes() const { return bits == 8 ? in_features : in_features / 2; }
 };
@@ -29,10 +29,10 @@ bool vnni_supported(const QuantWeight& w);
 // out (M, N) float32 = x (M, K) W^T with x quantized to int8 per block of 64 inputs.
 void vnni_linear(const float* x, int64_t M, const QuantWeight& w, float* out);
 
-// Whether this build can multiply 8-bit codes in the panel layout (quant_gemm_vnni.cpp).
+// Whether this build can multiply codes in the panel layout (quant_gemm_vnni.cpp).
 bool panel_gemm_available();
 
-// out (M, N) = x (M, K) W^T for 8-bit codes in the panel layout, x quantized to int8 per block of 64
+// out (M, N) = x (M, K) W^T for 8- or 4-bit codes in the panel layout, x quantized to int8 per block of 64
 // inputs (K and the group size multiples of 64, N of 16). x and out: contiguous, one dtype (float32,
 // bf16 or fp16).
 void panel_gemm(const torch::Tensor& x, const QuantWeight& w, torch::Tensor& out);

@@ -9,9 +9,10 @@ tokenmill's 4-bit layout (what ``kernels/csrc/quant_linear.cpp`` reads): (N, K /
 chunks of 32 inputs; byte ``16 c + j`` of a row holds input ``32 c + j`` in its low nibble and
 input ``32 c + 16 + j`` in its high nibble.
 
-tokenmill's 8-bit panel layout (``kernels/csrc/quant_gemm_vnni.cpp``): (N / 16, K / 4, 16, 4) uint8,
-code + 128 of output ``16 p + j``, input ``4 k4 + i`` at ``[p, k4, j, i]``: 16 outputs x 4 inputs per
-64 bytes, what one AVX512-VNNI instruction multiplies.
+tokenmill's quantized panel layout (``kernels/csrc/quant_gemm_vnni.cpp``): 8-bit (N / 16, K / 4, 16, 4)
+uint8, the unsigned code of output ``16 p + j``, input ``4 k4 + i`` at ``[p, k4, j, i]``: 16 outputs x 4
+inputs per 64 bytes, what one AVX512-VNNI instruction multiplies; 4-bit (N / 16, K / 8, 16, 4), two
+such groups of 4 inputs per byte (low nibble, high nibble).
 
 Float weights' panel layout (``kernels/csrc/dense_panels.cpp``): float32 (N / 16, K, 16) and bf16
 (N / 16, K / 2, 16, 2), W[16 p + j, k] at [p, k, j] (bf16: [p, k // 2, j, k % 2]).
@@ -67,20 +68,30 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return both.reshape(rows, half * 2).contiguous()
 
 
-def pack_panels(codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) int8 codes (centred, -128..127) -> (N / 16, K / 4, 16, 4) uint8 panels of code + 128."""
+def pack_panels(codes: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """(N, K) unsigned codes (0..2**bits - 1) -> (N / 16, K / 4, 16, 4) uint8 8-bit panels of the codes,
+    or (N / 16, K / 8, 16, 4) 4-bit panels: byte [p, k8, j, i] holds input 8 k8 + i in its low nibble and
+    8 k8 + 4 + i in its high one."""
     rows, in_features = codes.shape
-    if rows % 16 or in_features % 4:
-        raise ValueError(f"8-bit panels need outputs divisible by 16 and inputs by 4, got ({rows}, {in_features})")
-    unsigned = (codes.to(torch.int16) + 128).to(torch.uint8)
-    return unsigned.view(rows // 16, 16, in_features // 4, 4).permute(0, 2, 1, 3).contiguous()
+    step = 4 if bits == 8 else 8
+    if rows % 16 or in_features % step:
+        raise ValueError(f"{bits}-bit panels need outputs divisible by 16 and inputs by {step}, "
+                         f"got ({rows}, {in_features})")
+    unsigned = codes.to(torch.uint8)
+    if bits == 4:
+        quads = unsigned.view(rows, in_features // 8, 2, 4)
+        unsigned = (quads[:, :, 0] | (quads[:, :, 1] << 4)).reshape(rows, in_features // 2)
+    return unsigned.view(rows // 16, 16, -1, 4).permute(0, 2, 1, 3).contiguous()
 
 
-def unpack_panels(panels: torch.Tensor) -> torch.Tensor:
-    """(N / 16, K / 4, 16, 4) uint8 panels -> (N, K) int8 centred codes, the inverse of :func:`pack_panels`."""
-    blocks, quads = panels.shape[:2]
-    rows = panels.permute(0, 2, 1, 3).reshape(blocks * 16, quads * 4)
-    return (rows.to(torch.int16) - 128).to(torch.int8)
+def unpack_panels(panels: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """The (N, K) unsigned codes (int16) back from :func:`pack_panels`."""
+    blocks, steps = panels.shape[:2]
+    rows = panels.permute(0, 2, 1, 3).reshape(blocks * 16, steps * 4).to(torch.int16)
+    if bits == 8:
+        return rows
+    quads = rows.view(blocks * 16, steps, 1, 4)
+    return torch.cat([quads & 0xF, quads >> 4], dim=2).reshape(blocks * 16, steps * 8)
 
 
 def pack_dense_panels(weight: torch.Tensor) -> torch.Tensor:

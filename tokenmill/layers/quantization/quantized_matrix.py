@@ -7,8 +7,8 @@ group's inputs are contiguous). CUDA: the Triton kernel in ``kernels/triton_quan
 CPU: the C++ kernel in ``kernels/csrc/quant_linear.cpp``. Without either: dequantize and
 ``F.linear`` (correct, not fast).
 
-8-bit codes of a bf16/fp16 model (``int8_activations``) are held in the VNNI panel layout where the
-CPU kernels can multiply it (AVX512-VNNI): activations are then rounded to int8 per block of 64
+8- and 4-bit codes of a bf16/fp16 model (``int8_activations``) are held in the VNNI panel layout
+where the CPU kernels can multiply it (AVX512-VNNI): activations are then rounded to int8 per block of 64
 inputs, as llama.cpp rounds them for its q8_0 dot products, and every batch size runs on integer dot
 products. Float32 models keep the row layout and its exact float path.
 """
@@ -32,7 +32,7 @@ class QuantizedMatrix(nn.Module):
                  perm: torch.Tensor | None = None, int8_activations: bool = False):
         """codes (N, K) unsigned in [0, 2**bits); scales and zeros (N, G) with G = ceil(K / group_size),
         group_size -1 meaning K; perm (K,): input ``perm[i]`` of the checkpoint is input ``i`` here.
-        ``int8_activations``: the model's activations are bf16/fp16, so 8-bit codes may take the panel
+        ``int8_activations``: the model's activations are bf16/fp16, so the codes may take the panel
         layout (on CPUs whose kernels support it, for shapes it holds)."""
         super().__init__()
         out_features, in_features = codes.shape
@@ -46,16 +46,17 @@ class QuantizedMatrix(nn.Module):
         # The 4-bit layout packs 32 inputs per 16 bytes; other shapes keep 4-bit codes one per byte.
         self.storage_bits = 4 if bits == 4 and in_features % 32 == 0 and self.group_size % 32 == 0 else 8
         scaled_zeros = scales.float() * (zeros.float() - center)  # (N, G)
-        self.panels = int8_activations and self.storage_bits == 8 and _panels_fit(codes, self.group_size)
-        if self.storage_bits == 4:
+        self.panels = int8_activations and _panels_fit(codes, self.group_size)
+        if self.panels:  # (N / 16, K / 4 or 8, 16, 4) uint8; scales (N / 16, G, 16): 16 outputs' in one load
+            stored = pack_panels(codes, self.storage_bits)
+            scales, scaled_zeros = _panel_order(scales.float()), _panel_order(scaled_zeros)
+        elif self.storage_bits == 4:
             stored = pack_nibbles(codes)  # (N, K / 2) uint8
         else:
             stored = (codes.to(torch.int32) - center).to(torch.int8).contiguous()  # (N, K)
-        if self.panels:  # (N / 16, K / 4, 16, 4) uint8; scales (G, N): 16 outputs' scales in one load
-            stored, scales, scaled_zeros = pack_panels(stored), scales.t(), scaled_zeros.t()
         self.register_buffer("codes", stored)
-        self.register_buffer("scales", scales.float().contiguous())  # (N, G); panels: (G, N)
-        self.register_buffer("scaled_zeros", scaled_zeros.contiguous())  # (N, G); panels: (G, N)
+        self.register_buffer("scales", scales.float().contiguous())  # (N, G); panels: (N / 16, G, 16)
+        self.register_buffer("scaled_zeros", scaled_zeros.contiguous())  # (N, G); panels: (N / 16, G, 16)
         self.register_buffer("perm", None if perm is None else perm.to(torch.int64))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # (..., K) -> (..., N)
@@ -74,15 +75,15 @@ class QuantizedMatrix(nn.Module):
 
     def _dequantize_stored(self) -> torch.Tensor:
         """(N, K) float32 in the stored (permuted) input order."""
-        if self.storage_bits == 4:
+        if self.panels:
+            centred = unpack_panels(self.codes, self.storage_bits).float() - 2 ** (self.storage_bits - 1)
+        elif self.storage_bits == 4:
             centred = unpack_nibbles(self.codes).float() - 8
-        elif self.panels:
-            centred = unpack_panels(self.codes).float()
         else:
             centred = self.codes.float()
         scales, scaled_zeros = self.scales, self.scaled_zeros
-        if self.panels:  # stored (G, N)
-            scales, scaled_zeros = scales.t(), scaled_zeros.t()
+        if self.panels:  # stored (N / 16, G, 16)
+            scales, scaled_zeros = _row_order(scales), _row_order(scaled_zeros)
         size, in_features = self.group_size, self.in_features
         expand = lambda t: t.repeat_interleave(size, dim=1)[:, :in_features]  # noqa: E731  (N, G) -> (N, K)
         return expand(scales) * centred - expand(scaled_zeros)
@@ -105,8 +106,20 @@ class QuantizedMatrix(nn.Module):
                 f"{', act-order' if self.perm is not None else ''}{', panels' if self.panels else ''}")
 
 
+def _panel_order(per_group: torch.Tensor) -> torch.Tensor:
+    """(N, G) -> (N / 16, G, 16): each panel's 16 outputs side by side, its groups one after another."""
+    out_features, num_groups = per_group.shape
+    return per_group.view(out_features // 16, 16, num_groups).transpose(1, 2).contiguous()
+
+
+def _row_order(panelled: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_panel_order`."""
+    count, num_groups, lanes = panelled.shape
+    return panelled.transpose(1, 2).reshape(count * lanes, num_groups)
+
+
 def _panels_fit(codes: torch.Tensor, group_size: int) -> bool:
-    """Whether (N, K) codes on this device can take the 8-bit panel layout: CPU kernels with
+    """Whether (N, K) codes on this device can take the panel layout: CPU kernels with
     AVX512-VNNI (and no Triton interpreter, which runs the row layout), N a multiple of 16, K and
     the group size of 64."""
     out_features, in_features = codes.shape
