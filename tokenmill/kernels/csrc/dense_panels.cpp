@@ -16,7 +16,6 @@
 namespace {
 
 using tokenmill_panels::kLanes;
-using tokenmill_panels::kRowChunk;
 using tokenmill_panels::load16;
 using tokenmill_panels::store16;
 
@@ -91,32 +90,17 @@ void tile_rows(int mr, const scalar_t* x, int64_t K, const scalar_t* w, const sc
 template <typename scalar_t>
 void panel_linear(const scalar_t* x, int64_t M, int64_t K, const scalar_t* w, int64_t N, const scalar_t* bias,
                   scalar_t* out) {
-  const int64_t panels = N / kLanes, panel_elems = K * kLanes;
-  // One or two rows: 3-4 panels per tile (independent weight streams). More rows: 2 panels x up to 6
-  // rows, 12 accumulators of the 32 vector registers.
-  const int panels_per_tile = M <= 2 ? tokenmill_panels::narrow_tile_panels(panels) : 2;
-  const int rows_per_tile = M <= 2 ? static_cast<int>(M) : 6;
-  const int64_t tiles_n = (panels + panels_per_tile - 1) / panels_per_tile;
-  const int64_t chunks_m = (M + kRowChunk - 1) / kRowChunk;
-  at::parallel_for(0, chunks_m * tiles_n, 1, [&](int64_t t_begin, int64_t t_end) {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t m_begin = (t / tiles_n) * kRowChunk, m_end = std::min(M, m_begin + kRowChunk);
-      const int64_t p0 = (t % tiles_n) * panels_per_tile, np = std::min<int64_t>(panels_per_tile, panels - p0);
-      for (int64_t m0 = m_begin; m0 < m_end; m0 += rows_per_tile) {
-        const int mr = static_cast<int>(std::min<int64_t>(rows_per_tile, m_end - m0));
-        const scalar_t* xm = x + m0 * K;
-        for (int64_t j = 0; j < np;) {  // the widest tile that fits what is left
-          const int64_t p = p0 + j, width = np - j >= 4 ? 4 : np - j >= 3 ? 3 : np - j >= 2 ? 2 : 1;
-          const scalar_t* b = bias == nullptr ? nullptr : bias + p * kLanes;
-          scalar_t* o = out + m0 * N + p * kLanes;
-          const scalar_t* wp = w + p * panel_elems;
-          if (width == 4) tile_rows<4>(mr, xm, K, wp, b, o, N);
-          else if (width == 3) tile_rows<3>(mr, xm, K, wp, b, o, N);
-          else if (width == 2) tile_rows<2>(mr, xm, K, wp, b, o, N);
-          else tile_rows<1>(mr, xm, K, wp, b, o, N);
-          j += width;
-        }
-      }
+  const int64_t panel_elems = K * kLanes;
+  tokenmill_panels::for_each_tile(M, N / kLanes, [&](int64_t m0, int rows, int64_t p, int width) {
+    const scalar_t* xm = x + m0 * K;
+    const scalar_t* b = bias == nullptr ? nullptr : bias + p * kLanes;
+    scalar_t* o = out + m0 * N + p * kLanes;
+    const scalar_t* wp = w + p * panel_elems;
+    switch (width) {
+      case 4: return tile_rows<4>(rows, xm, K, wp, b, o, N);
+      case 3: return tile_rows<3>(rows, xm, K, wp, b, o, N);
+      case 2: return tile_rows<2>(rows, xm, K, wp, b, o, N);
+      default: return tile_rows<1>(rows, xm, K, wp, b, o, N);
     }
   });
 }

@@ -2,6 +2,7 @@
 // results out as float32 vectors, and how a weight's panels are cut into tiles for the threads.
 #pragma once
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cstdint>
@@ -40,6 +41,32 @@ inline int narrow_tile_panels(int64_t panels) {
   for (int per_tile : {4, 3, 2})
     if (panels % (per_tile * threads) == 0) return per_tile;
   return 4;
+}
+
+// Calls tile(m0, rows, p, width) for every tile of an (M rows of x) x (panels) product, split over the
+// threads: rows in chunks of kRowChunk; at one or two rows, tiles 3-4 panels wide (independent weight
+// streams); at more, 2 panels x up to 6 rows (12 accumulators of the 32 vector registers). The tile
+// shape never changes the order of any output's sum, so a row's result does not depend on the batch.
+template <typename TileFn>
+void for_each_tile(int64_t M, int64_t panels, const TileFn& tile) {
+  const int panels_per_tile = M <= 2 ? narrow_tile_panels(panels) : 2;
+  const int rows_per_tile = M <= 2 ? static_cast<int>(M) : 6;
+  const int64_t tiles_n = (panels + panels_per_tile - 1) / panels_per_tile;
+  const int64_t chunks_m = (M + kRowChunk - 1) / kRowChunk;
+  at::parallel_for(0, chunks_m * tiles_n, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t m_begin = (t / tiles_n) * kRowChunk, m_end = std::min(M, m_begin + kRowChunk);
+      const int64_t p0 = (t % tiles_n) * panels_per_tile, np = std::min<int64_t>(panels_per_tile, panels - p0);
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += rows_per_tile) {
+        const int rows = static_cast<int>(std::min<int64_t>(rows_per_tile, m_end - m0));
+        for (int64_t j = 0; j < np;) {  // the widest tile that fits what is left
+          const int width = static_cast<int>(std::min<int64_t>(4, np - j));
+          tile(m0, rows, p0 + j, width);
+          j += width;
+        }
+      }
+    }
+  });
 }
 
 }  // namespace tokenmill_panels

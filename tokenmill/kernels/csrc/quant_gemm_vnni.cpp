@@ -46,7 +46,6 @@ bool panel_gemm_available() {
 namespace {
 
 using tokenmill_panels::kLanes;
-using tokenmill_panels::kRowChunk;
 using tokenmill_panels::load16;
 using tokenmill_panels::store16;
 
@@ -177,29 +176,13 @@ template <int BITS, typename scalar_t>
 void panel_gemm_typed(const scalar_t* x, int64_t M, const QuantWeight& w, scalar_t* out) {
   const int64_t K = w.in_features, N = w.out_features, panels = N / kLanes;
   const QuantizedRows q = quantize_rows(x, M, K, std::min(w.group_size, K) / kBlock);
-  // One or two rows: 3-4 panels per tile, for independent streams of codes. More rows: 2 panels x up
-  // to 6 rows, 12 accumulators (plus 12 float sums) of the 32 vector registers.
-  const int panels_per_tile = M <= 2 ? tokenmill_panels::narrow_tile_panels(panels) : 2;
-  const int rows_per_tile = M <= 2 ? static_cast<int>(M) : 6;
-  const int64_t tiles_n = (panels + panels_per_tile - 1) / panels_per_tile;
-  const int64_t chunks_m = (M + kRowChunk - 1) / kRowChunk;
-  at::parallel_for(0, chunks_m * tiles_n, 1, [&](int64_t t_begin, int64_t t_end) {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t m_begin = (t / tiles_n) * kRowChunk, m_end = std::min(M, m_begin + kRowChunk);
-      const int64_t p0 = (t % tiles_n) * panels_per_tile, np = std::min<int64_t>(panels_per_tile, panels - p0);
-      for (int64_t m0 = m_begin; m0 < m_end; m0 += rows_per_tile) {
-        const int mr = static_cast<int>(std::min<int64_t>(rows_per_tile, m_end - m0));
-        scalar_t* o = out + m0 * N + p0 * kLanes;
-        if (np == 4) {
-          tile_rows<4, BITS>(mr, q, m0, w, p0, o, N);
-        } else if (np == 3) {
-          tile_rows<3, BITS>(mr, q, m0, w, p0, o, N);
-        } else if (np == 2) {
-          tile_rows<2, BITS>(mr, q, m0, w, p0, o, N);
-        } else {
-          for (int64_t j = 0; j < np; ++j) tile_rows<1, BITS>(mr, q, m0, w, p0 + j, o + j * kLanes, N);
-        }
-      }
+  tokenmill_panels::for_each_tile(M, panels, [&](int64_t m0, int rows, int64_t p, int width) {
+    scalar_t* o = out + m0 * N + p * kLanes;
+    switch (width) {
+      case 4: return tile_rows<4, BITS>(rows, q, m0, w, p, o, N);
+      case 3: return tile_rows<3, BITS>(rows, q, m0, w, p, o, N);
+      case 2: return tile_rows<2, BITS>(rows, q, m0, w, p, o, N);
+      default: return tile_rows<1, BITS>(rows, q, m0, w, p, o, N);
     }
   });
 }
