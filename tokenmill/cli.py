@@ -47,6 +47,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                                                "e.g. 32MiB")
     p.add_argument("--no-offload-prefetch", action="store_true",
                    help="move an offloaded unit only when it is needed (not while the one before computes)")
+    p.add_argument("--kv-offload-memory", help="a KV tier in CPU memory (pinned on CUDA), e.g. 4GiB: prefix blocks "
+                                               "the device pool evicts are kept there and loaded back on a hit")
+    p.add_argument("--kv-offload-folder", help="a KV tier on disk (after the memory tier): one checksummed file per "
+                                               "evicted prefix block")
+    p.add_argument("--kv-offload-disk-space", default="4GiB", help="the most the --kv-offload-folder files take")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --tensor-parallel-size: place whole experts of MoE layers on the ranks")
 
@@ -61,7 +66,8 @@ def _engine_kwargs(args) -> dict:
                 tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
                 pipeline_parallel_size=args.pipeline_parallel_size, cpu_offload_gb=args.cpu_offload_gb,
                 offload_folder=args.offload_folder, max_weight_memory=args.max_weight_memory,
-                offload_prefetch=not args.no_offload_prefetch)
+                offload_prefetch=not args.no_offload_prefetch, kv_offload_memory=args.kv_offload_memory,
+                kv_offload_folder=args.kv_offload_folder, kv_offload_disk_space=args.kv_offload_disk_space)
 
 
 def _make_llm(args, skip_tokenizer_init: bool = False):

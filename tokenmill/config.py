@@ -233,6 +233,15 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"
     """``auto`` (the model's dtype), ``int8`` (a float16 scale per token and head: ~2x the tokens of
     a 16-bit cache in the same memory) or ``fp8_e4m3`` (a per-tensor scale: 2x)."""
+    kv_offload_memory: int | None = None
+    """Bytes of CPU memory (pinned on CUDA) for a second KV tier: full prefix-cache blocks that the
+    device pool evicts are kept here (least recently used out first) and loaded back on a later
+    prefix hit instead of being recomputed. None: no memory tier."""
+    kv_offload_folder: str | None = None
+    """A folder for a disk KV tier (after the memory tier, if any): evicted prefix blocks are written
+    here, one checksummed file each, and read back on a prefix hit. None: no disk tier."""
+    kv_offload_disk_space: int = 4 * 2**30
+    """With ``kv_offload_folder``: the most bytes its files take (least recently used out first)."""
 
     def __post_init__(self) -> None:
         from tokenmill.attention.kv_quant import KV_CACHE_DTYPES
@@ -244,6 +253,18 @@ class CacheConfig:
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        for name in ("kv_offload_memory", "kv_offload_disk_space"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
+        if self.has_kv_offload and not self.enable_prefix_caching:
+            raise ValueError("KV offloading (kv_offload_memory / kv_offload_folder) keeps prefix-cache blocks: "
+                             "it needs enable_prefix_caching")
+
+    @property
+    def has_kv_offload(self) -> bool:
+        """Whether a KV tier beyond the device pool is configured."""
+        return self.kv_offload_memory is not None or self.kv_offload_folder is not None
 
 
 @dataclass(frozen=True)
@@ -337,6 +358,10 @@ class EngineConfig:
         if self.cpu_offload_gb and self.offload_folder is not None:
             raise ValueError("choose one weight offload: cpu_offload_gb (CUDA, pinned CPU memory) or offload_folder "
                              "with max_weight_memory (disk)")
+        if self.cache.has_kv_offload and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ValueError("KV offloading (kv_offload_memory / kv_offload_folder) runs in one process; got "
+                             f"tensor_parallel_size {self.tensor_parallel_size} x pipeline_parallel_size "
+                             f"{self.pipeline_parallel_size}")
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}")
         if self.quantization not in (None, "gptq", *LOAD_TIME_METHODS):

@@ -28,7 +28,9 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
                   quantize_lm_head: bool = True, kv_cache_dtype: str = "auto",
                   tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
                   pipeline_parallel_size: int = 1, cpu_offload_gb: float = 0.0, offload_folder: str | None = None,
-                  max_weight_memory: int | float | str | None = None, offload_prefetch: bool = True) -> EngineConfig:
+                  max_weight_memory: int | float | str | None = None, offload_prefetch: bool = True,
+                  kv_offload_memory: int | float | str | None = None, kv_offload_folder: str | None = None,
+                  kv_offload_disk_space: int | float | str = 4 * 2**30) -> EngineConfig:
     """An EngineConfig from the flat options of ``LLM`` (and the CLI); see ``LLM`` for their meaning.
     A known model name (``smollm2-135m-instruct``) becomes its local file, fetched on first use."""
     from tokenmill.models.fetch import resolve_model
@@ -38,7 +40,10 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
         model=resolve_model(str(model)), tokenizer=None if tokenizer is None else str(tokenizer), dtype=dtype, device=device,
         seed=seed, attention_backend=attention_backend, skip_tokenizer_init=skip_tokenizer_init,
         quantization=quantization, quantization_group_size=quantization_group_size, quantize_lm_head=quantize_lm_head,
-        cache=CacheConfig(block_size, memory, enable_prefix_caching, kv_cache_dtype),
+        cache=CacheConfig(block_size, memory, enable_prefix_caching, kv_cache_dtype,
+                          None if kv_offload_memory is None else parse_memory(kv_offload_memory, "kv_offload_memory"),
+                          None if kv_offload_folder is None else str(kv_offload_folder),
+                          parse_memory(kv_offload_disk_space, "kv_offload_disk_space")),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill),
         tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel,
         pipeline_parallel_size=pipeline_parallel_size, cpu_offload_gb=cpu_offload_gb,
@@ -80,6 +85,10 @@ class LLM:
         offload_folder, max_weight_memory: any device: weights past the budget (bytes, GiB as a
             float, or a string like ``"32MiB"``) are written to the folder and read back a unit at a time.
         offload_prefetch: move the next offloaded unit while the current one computes.
+        kv_offload_memory: a KV tier in CPU memory (pinned on CUDA), this size: prefix-cache blocks
+            the device pool evicts wait there and are loaded back on a later prefix hit.
+        kv_offload_folder, kv_offload_disk_space: a KV tier on disk (after the memory tier), one
+            checksummed file per block, within that many bytes (default 4 GiB).
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",
@@ -91,13 +100,15 @@ class LLM:
                  quantize_lm_head: bool = True, kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
                  enable_expert_parallel: bool = False, pipeline_parallel_size: int = 1, cpu_offload_gb: float = 0.0,
                  offload_folder: str | None = None, max_weight_memory: int | float | str | None = None,
-                 offload_prefetch: bool = True):
+                 offload_prefetch: bool = True, kv_offload_memory: int | float | str | None = None,
+                 kv_offload_folder: str | None = None, kv_offload_disk_space: int | float | str = 4 * 2**30):
         config = engine_config(model, tokenizer, dtype, kv_cache_memory, block_size, max_num_seqs,
                                max_num_batched_tokens, max_model_len, enable_prefix_caching, enable_chunked_prefill,
                                seed, attention_backend, skip_tokenizer_init, device, quantization,
                                quantization_group_size, quantize_lm_head, kv_cache_dtype, tensor_parallel_size,
                                enable_expert_parallel, pipeline_parallel_size, cpu_offload_gb, offload_folder,
-                               max_weight_memory, offload_prefetch)
+                               max_weight_memory, offload_prefetch, kv_offload_memory, kv_offload_folder,
+                               kv_offload_disk_space)
         self.engine = LLMEngine(config)
 
     @classmethod
@@ -112,7 +123,7 @@ class LLM:
         return self.engine.tokenizer
 
     def shutdown(self) -> None:
-        """Stops the worker processes of tensor or pipeline parallelism (nothing to do in one process)."""
+        """Stops the worker processes of tensor or pipeline parallelism and removes offload files."""
         self.engine.core.shutdown()
 
     def generate(self, prompts: PromptType | Sequence[PromptType],

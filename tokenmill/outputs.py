@@ -54,6 +54,10 @@ class SchedulerOutput:
     """Requests that ended (or were preempted) since the last step: the runner drops their state."""
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     """(source, destination) KV blocks to copy before the forward (copy-on-write of forked beams)."""
+    kv_saves: list[tuple[int, bytes]] = field(default_factory=list)
+    """(block id, prefix hash) of evicted cached blocks to save to the KV tiers, first of all."""
+    kv_loads: list[tuple[int, object]] = field(default_factory=list)
+    """(block id, the block's bytes from a KV tier) to write into the cache after the saves, before the forward."""
 
     @property
     def is_empty(self) -> bool:

@@ -341,3 +341,33 @@ def _descendants(pid: int) -> list[int]:
             found += children
             todo += children
     return found
+
+
+def test_kv_tiers_show_in_usage_metrics_and_the_start_up_line(start_server):
+    """A prefix pushed out of a 20-block pool comes back from the CPU tier: the usage counts its tokens as
+    cached (OpenAI's prompt_tokens_details) and /metrics counts the tier's blocks and hits."""
+    import random
+
+    srv = start_server("--kv-cache-memory", "80KiB", "--kv-offload-memory", "256KiB")  # 4 KiB blocks of 16 tokens
+    rng = random.Random(1)
+    prefix = [1] + [rng.randrange(3, 380) for _ in range(99)]
+    fillers = [[1] + [rng.randrange(3, 380) for _ in range(99)] for _ in range(3)]
+
+    def complete(prompt: list[int]) -> dict:
+        body = {"model": srv.name, "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = complete(prefix + [5])
+    for filler in fillers:
+        complete(filler)
+    again = complete(prefix + [5])
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 96  # 6 of the 7 blocks; the last is computed
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    assert srv.metric("kv_offload_hits_total") == 6 and srv.metric("kv_offload_failures_total") == 0
+    assert srv.metric("kv_offload_capacity_blocks") == 64 and 0 < srv.metric("kv_offload_blocks") <= 64
+    assert srv.metric("kv_offload_stores_total") >= 6
+    assert 'tier="cpu"' in httpx.get(srv.url + "/metrics", timeout=10).text
+    assert "KV offload tiers: cpu (CPU memory): 0.2 MiB = 64 blocks of 4 KiB" in srv.output()

@@ -49,6 +49,13 @@ def add_bench_commands(sub, engine_args: Callable[[argparse.ArgumentParser], Non
     sui.add_argument("--no-hf", action="store_true", help="skip the transformers runs")
     sui.add_argument("--output-json")
     sui.set_defaults(func=lambda args: _bench(args, make_llm))
+    kvo = bench_sub.add_parser("kv-offload", help="time to first token after a long prefix: recomputed, from the "
+                                                  "device prefix cache, from the KV tiers (give their options)")
+    engine_args(kvo)
+    kvo.add_argument("--prefix-len", type=int, default=2048)
+    kvo.add_argument("--num-iters", type=int, default=3)
+    kvo.add_argument("--output-json")
+    kvo.set_defaults(func=lambda args: _bench(args, make_llm))
     ppl = bench_sub.add_parser("perplexity", help="perplexity on a held-out text (built in, or --text FILE)")
     engine_args(ppl)
     ppl.add_argument("--text", help="a UTF-8 text file (default: the built-in held-out text)")
@@ -99,6 +106,10 @@ def _bench(args, make_llm) -> None:
         from tokenmill.bench.suite import run_suite
 
         run_suite(llm, args)
+    elif args.bench_command == "kv-offload":
+        from tokenmill.bench.kv_offload import run_kv_offload
+
+        run_kv_offload(llm, args)
     elif args.bench_command == "perplexity":
         from tokenmill.bench.perplexity import run_perplexity
 

@@ -15,6 +15,8 @@ from tokenmill.distributed.parallel_state import WHOLE_MODEL
 from tokenmill.engine.memory import default_kv_cache_memory, kv_bytes_per_token
 from tokenmill.errors import RequestError
 from tokenmill.logger import get_logger
+from tokenmill.offload.block_store import KVTierStats
+from tokenmill.offload.kv_tiers import build_block_store
 from tokenmill.outputs import EngineCoreOutput, SchedulerOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.runner.model_runner import ModelRunner
@@ -80,6 +82,8 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    kv_tiers: tuple[KVTierStats, ...] = ()
+    """Each KV offload tier's contents and counts (none without offloading)."""
 
 
 class EngineCore:
@@ -129,7 +133,15 @@ class EngineCore:
         self.executor = executor
         if executor is not None:
             self.runner = executor.runner(self.runner, self.num_blocks, dtype, list(eos_token_ids))
-        self.kv_cache_manager = KVCacheManager(self.num_blocks, block_size, config.cache.enable_prefix_caching)
+        cache = config.cache
+        self.block_store = None
+        if cache.has_kv_offload:
+            self.block_store = build_block_store(cache.kv_offload_memory, cache.kv_offload_folder,
+                                                 cache.kv_offload_disk_space, self.runner.kv_transfer.bytes_per_block,
+                                                 device)
+            self.runner.attach_block_store(self.block_store)
+        self.kv_cache_manager = KVCacheManager(self.num_blocks, block_size, cache.enable_prefix_caching,
+                                               self.block_store)
         scheduler_config = replace(config.scheduler, max_model_len=self.max_model_len)
         self.max_concurrent_batches = getattr(self.runner, "max_concurrent_batches", 1)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache_manager, self.max_concurrent_batches)
@@ -208,18 +220,21 @@ class EngineCore:
     def stats(self) -> EngineStats:
         kv = self.kv_cache_manager
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), kv.usage, kv.num_free_blocks,
-                           kv.num_queried_tokens, kv.num_hit_tokens, self.scheduler.num_preemptions)
+                           kv.num_queried_tokens, kv.num_hit_tokens, self.scheduler.num_preemptions,
+                           self.block_store.stats() if self.block_store is not None else ())
 
     def all_blocks_free(self) -> bool:
         return self.kv_cache_manager.num_free_blocks == self.num_blocks
 
     def shutdown(self) -> None:
-        """Stops the worker ranks, if any, and removes offloaded weights' files."""
+        """Stops the worker ranks, if any, and removes offloaded weights' and KV blocks' files."""
         if self.executor is not None:
             self.executor.shutdown()
         streamer = getattr(self.runner.model, "weight_streamer", None)
         if streamer is not None:
             streamer.close()
+        if self.block_store is not None:
+            self.block_store.close()
 
 
 def load_engine_model(config: EngineConfig, device: torch.device):

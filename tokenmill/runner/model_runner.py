@@ -13,6 +13,7 @@ from tokenmill.models.pipeline import StageTensors
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.runner.cpu_decode_step import CpuDecodeStep
 from tokenmill.runner.input_batch import RunnerRequestState, build_step_inputs
+from tokenmill.runner.kv_transfer import KVBlockTransfer
 from tokenmill.sample.sampler import Sampler
 
 
@@ -36,6 +37,12 @@ class ModelRunner:
             layer.bind_kv_cache(backend, cache)
             self.kv_caches.append(cache)
         self.decode_step = CpuDecodeStep.build(model, backend.name, self.kv_caches)  # None: Python forward only
+        self.kv_transfer = KVBlockTransfer(self.kv_caches, device)
+        self.block_store = None  # the KV tiers, once attached
+
+    def attach_block_store(self, store) -> None:
+        """Saves evicted blocks to ``store`` (a TieredBlockStore) from now on, as SchedulerOutputs ask."""
+        self.block_store = store
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for request_id in so.finished_req_ids:
@@ -53,6 +60,8 @@ class ModelRunner:
             else:
                 state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+        if so.kv_saves or so.kv_loads:  # before the copies: a copy's destination may be a block just evicted
+            self.kv_transfer.apply(so.kv_saves, so.kv_loads, self.block_store)
         if so.block_copies:
             self._copy_blocks(so.block_copies)
 

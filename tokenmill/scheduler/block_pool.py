@@ -12,7 +12,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 
 def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
@@ -31,11 +31,15 @@ class KVBlock:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool):
+    def __init__(self, num_blocks: int, enable_caching: bool,
+                 on_evict: Callable[[KVBlock, bytes], None] | None = None):
+        """``on_evict(block, block_hash)`` is called when a cached block is handed out again (its contents
+        are about to be overwritten): a KV tier saves them first."""
         if num_blocks <= 0:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
+        self.on_evict = on_evict
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, KVBlock] = {}
@@ -53,6 +57,8 @@ class BlockPool:
             block = self.blocks[self.free_queue.popitem(last=False)[0]]
             if block.block_hash is not None:
                 del self.cached[block.block_hash]
+                if self.on_evict is not None:
+                    self.on_evict(block, block.block_hash)
                 block.block_hash = None
             block.ref_cnt = 1
             out.append(block)
@@ -80,6 +86,17 @@ class BlockPool:
         if self.enable_caching and block.block_hash is None and block_hash not in self.cached:
             block.block_hash = block_hash
             self.cached[block_hash] = block
+
+    def evict_cached_free_blocks(self) -> int:
+        """Evicts every cached block that no request holds, as reuse would (``on_evict`` first); returns how
+        many. The blocks stay free, no longer findable by hash."""
+        evicted = [block for block in self.cached.values() if block.ref_cnt == 0]
+        for block in evicted:
+            del self.cached[block.block_hash]
+            if self.on_evict is not None:
+                self.on_evict(block, block.block_hash)
+            block.block_hash = None
+        return len(evicted)
 
     def reset_prefix_cache(self) -> None:
         for block in self.cached.values():

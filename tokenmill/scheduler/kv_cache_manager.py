@@ -3,18 +3,36 @@
 Block i of a request holds the K/V of its tokens [i*block_size, (i+1)*block_size). Once all of
 those tokens are computed the block is *full*: it is hashed (chained on the previous block's
 hash) so that a later request whose tokens start the same way can reuse it.
+
+With a block store (KV tiers, ``offload/kv_tiers.py``), a cached block that the pool evicts is saved
+there first, and a prefix that runs past the pool's hits continues into the store: those blocks get
+fresh device blocks and their bytes are loaded in before the step's forward. The manager only decides;
+the moves are queued for the runner (``take_kv_transfers``), saves before loads before the forward.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tokenmill.request import Request
 from tokenmill.scheduler.block_pool import BlockPool, KVBlock, hash_block
 
+if TYPE_CHECKING:
+    from tokenmill.offload.kv_tiers import TieredBlockStore
+
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 block_store: TieredBlockStore | None = None):
+        """``block_store``: the KV tiers behind the pool (its ``contains`` and ``get`` are used here)."""
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.block_store = block_store if enable_caching else None
+        self.pool = BlockPool(num_blocks, enable_caching, self._on_evict if self.block_store else None)
+        self.pending_saves: list[tuple[int, bytes]] = []
+        """(block id, hash) of evicted blocks whose contents the runner saves to the store before the forward."""
+        self.pending_loads: dict[int, tuple[bytes, object]] = {}
+        """Block id -> (hash, bytes from the store) that the runner writes into the block before the forward."""
+        self.num_restored_tokens = 0
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self.req_hashes: dict[str, list[bytes]] = {}
         self.pending_copies: list[tuple[int, int]] = []
@@ -63,11 +81,54 @@ class KVCacheManager:
             hits.append(block)
         return hits, len(hits) * self.block_size
 
-    def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
-        """Counts one admitted request's prefix-cache lookup (not the attempts that found no room)."""
+    def find_in_tiers(self, request: Request, num_computed_blocks: int) -> list[bytes]:
+        """Hashes of the blocks after the request's ``num_computed_blocks`` pool hits that the block store
+        holds, in order (to restore once the request has blocks); the last token is always left to compute."""
+        if self.block_store is None or request.sampling_params.prompt_logprobs is not None:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        found = []
+        for block_hash in self._hashes(request, max_blocks)[num_computed_blocks:]:
+            if not self.block_store.contains(block_hash):
+                break
+            found.append(block_hash)
+        return found
+
+    def restore_from_tiers(self, request: Request, num_computed_blocks: int, block_hashes: list[bytes]) -> int:
+        """Queues loads of ``block_hashes`` (from ``find_in_tiers``) into the request's blocks after its
+        ``num_computed_blocks`` pool hits, stopping at the first block the store cannot give back intact;
+        registers the loaded blocks in the prefix cache. Returns the number of tokens restored."""
+        blocks = self.req_blocks[request.request_id][num_computed_blocks:]
+        num_restored = 0
+        for block, block_hash in zip(blocks, block_hashes):
+            data = self.block_store.get(block_hash)
+            if data is None:
+                break  # missing or corrupt: recomputed from here
+            self.pending_loads[block.block_id] = (block_hash, data)
+            self.pool.cache_block(block, block_hash)
+            num_restored += 1
+        return num_restored * self.block_size
+
+    def _on_evict(self, block: KVBlock, block_hash: bytes) -> None:
+        if self.pending_loads.pop(block.block_id, None) is not None:
+            return  # restored and evicted again before the load: the store still holds it
+        if not self.block_store.contains(block_hash):
+            self.pending_saves.append((block.block_id, block_hash))
+
+    def take_kv_transfers(self) -> tuple[list[tuple[int, bytes]], list[tuple[int, object]]]:
+        """(saves: (block id, hash), loads: (block id, bytes)) queued since the last call (then forgotten)."""
+        saves, self.pending_saves = self.pending_saves, []
+        loads = [(block_id, data) for block_id, (_, data) in self.pending_loads.items()]
+        self.pending_loads = {}
+        return saves, loads
+
+    def record_prefix_query(self, num_tokens: int, num_hit_tokens: int, num_restored_tokens: int = 0) -> None:
+        """Counts one admitted request's prefix lookup (not the attempts that found no room): tokens found
+        in the device pool, and those restored from the KV tiers."""
         if self.pool.enable_caching:
             self.num_queried_tokens += num_tokens
             self.num_hit_tokens += num_hit_tokens
+            self.num_restored_tokens += num_restored_tokens
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        computed_blocks: list[KVBlock] | None = None) -> bool:

@@ -119,9 +119,10 @@ class Scheduler:
             admitted = self._admit(unit, budget)
             if admitted is None:
                 break
-            for request, num_new, num_cached in admitted:
+            for request, num_new, num_hit, num_restored in admitted:
                 self.waiting.popleft()
-                self.kv.record_prefix_query(request.num_tokens, num_cached)
+                self.kv.record_prefix_query(request.num_tokens, num_hit, num_restored)
+                num_cached = num_hit + num_restored
                 self.running.append(request)
                 if request.status == RequestStatus.WAITING:
                     request.num_cached_tokens = num_cached
@@ -136,8 +137,9 @@ class Scheduler:
             self.num_computed_prompt_tokens += max(0, min(request.num_prompt_tokens - request.num_computed_tokens, n))
         self._in_flight.update(num_scheduled)
         finished, self._finished_req_ids = self._finished_req_ids, set()
+        kv_saves, kv_loads = self.kv.take_kv_transfers()
         return SchedulerOutput(list(new_reqs.values()), list(cached_reqs.values()), num_scheduled,
-                               sum(num_scheduled.values()), finished, self.kv.take_copies())
+                               sum(num_scheduled.values()), finished, self.kv.take_copies(), kv_saves, kv_loads)
 
     def _max_seqs_per_batch(self) -> int:
         """With several batches in flight, each takes its share of the live sequences (so that the
@@ -152,21 +154,27 @@ class Scheduler:
         """What is admitted and preempted together: a beam group's live beams, else the request."""
         return list(request.group.beams) if request.group is not None else [request]
 
-    def _admit(self, unit: list[Request], budget: int) -> list[tuple[Request, int, int]] | None:
-        """Allocates blocks for every request of ``unit`` (all or none): (request, tokens to compute, cached)."""
+    def _admit(self, unit: list[Request], budget: int) -> list[tuple[Request, int, int, int]] | None:
+        """Allocates blocks for every request of ``unit`` (all or none): (request, tokens to compute, tokens
+        found in the device pool, tokens restored from the KV tiers)."""
         share = budget // len(unit)  # beams split the budget so that the whole group starts this step
         if share == 0:
             return None
         admitted = []
         for request in unit:
             computed_blocks, num_cached = self.kv.get_computed_blocks(request)
-            num_new = request.num_tokens - num_cached
+            in_tiers = self.kv.find_in_tiers(request, len(computed_blocks))  # then restored into new blocks
+            num_restorable = len(in_tiers) * self.kv.block_size
+            num_new = request.num_tokens - num_cached - num_restorable
             fits = self.config.enable_chunked_prefill or request.group is not None or num_new <= share
-            if not fits or not self.kv.allocate_slots(request, min(num_new, share), computed_blocks):
-                for done, _, _ in admitted:  # roll back: the unit waits as a whole
+            if not fits or not self.kv.allocate_slots(request, num_restorable + min(num_new, share), computed_blocks):
+                for done, *_ in admitted:  # roll back: the unit waits as a whole
                     self.kv.free(done)
                 return None
-            admitted.append((request, min(num_new, share), num_cached))
+            # A block that fails its check is recomputed, with the rest after it (the blocks allocated suffice).
+            num_restored = self.kv.restore_from_tiers(request, len(computed_blocks), in_tiers) if in_tiers else 0
+            num_new = min(request.num_tokens - num_cached - num_restored, share)
+            admitted.append((request, num_new, num_cached, num_restored))
         return admitted
 
     def _new_data(self, request: Request) -> NewRequestData:

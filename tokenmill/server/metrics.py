@@ -42,6 +42,16 @@ class ServerMetrics:
         self.tpot = histogram("time_per_output_token_seconds", "Mean time per output token after the first.")
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.")
         self.healthy = gauge("engine_healthy", "1 while the engine core runs, 0 once it has failed.")
+        tier = labels + ["tier"]
+        self.tier_blocks = Gauge("tokenmill:kv_offload_blocks", "KV blocks held by each offload tier.", tier,
+                                 registry=r)
+        self.tier_capacity = Gauge("tokenmill:kv_offload_capacity_blocks", "KV blocks each offload tier can hold.",
+                                   tier, registry=r)
+        self.tier_counters = {field: Counter(f"tokenmill:kv_offload_{field}", doc, tier, registry=r) for field, doc in (
+            ("hits", "KV blocks loaded back from each offload tier instead of recomputed."),
+            ("stores", "KV blocks written into each offload tier."),
+            ("evictions", "KV blocks each offload tier pushed out (to the next tier, if any) to make room."),
+            ("failures", "KV blocks found missing or corrupt in each offload tier (recomputed)."))}
         self.healthy.set(1)
         self._last = EngineStats(0, 0, 0.0, 0, 0, 0, 0)
 
@@ -80,6 +90,13 @@ class ServerMetrics:
         self.prefix_queries.inc(stats.prefix_cache_queries - self._last.prefix_cache_queries)
         self.prefix_hits.inc(stats.prefix_cache_hits - self._last.prefix_cache_hits)
         self.preemptions.inc(stats.num_preemptions - self._last.num_preemptions)
+        last_tiers = {t.name: t for t in self._last.kv_tiers}
+        for tier in stats.kv_tiers:
+            self.tier_blocks.labels(self.model_name, tier.name).set(tier.num_blocks)
+            self.tier_capacity.labels(self.model_name, tier.name).set(tier.capacity_blocks)
+            last = last_tiers.get(tier.name)
+            for field, counter in self.tier_counters.items():
+                counter.labels(self.model_name, tier.name).inc(getattr(tier, field) - (getattr(last, field) if last else 0))
         self._last = stats
 
     def on_finished(self, output: RequestOutput) -> None:

@@ -41,6 +41,8 @@ class _StreamState:
         self.started: set[int] = set()
         """Choices whose first chunk went out (the chat role, the echoed prompt)."""
         self.prompt_tokens: dict[str, int] = {}
+        self.cached_tokens: dict[str, int] = {}
+        """Per request: prompt tokens found already computed (prefix cache or KV tiers)."""
         self.completion_tokens: dict[tuple[str, int], int] = {}
         self.offsets: dict[int, _TextOffsets] = {}
         """Per choice: the text offsets of its tokens so far (legacy completions' logprobs)."""
@@ -66,15 +68,22 @@ class BaseAPI(ABC):
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
 
+    @staticmethod
+    def _usage_body(prompt: int, completion: int, cached: int) -> dict:
+        """OpenAI's usage object; ``cached_tokens``: prompt tokens that were not computed again."""
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
     def _usage(self, outputs: list[RequestOutput]) -> dict:
         prompt = sum(len(o.prompt_token_ids) for o in outputs)
         completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return self._usage_body(prompt, completion, sum(o.num_cached_tokens for o in outputs))
 
     def chunks(self, output: RequestOutput) -> list[dict]:
         """The stream chunks that this (cumulative) output adds."""
         s = self.state
         s.prompt_tokens[output.request_id] = len(output.prompt_token_ids)
+        s.cached_tokens[output.request_id] = output.num_cached_tokens
         chunks = []
         for completion in output.outputs:
             index = self._choice_index(output, completion)
@@ -106,8 +115,7 @@ class BaseAPI(ABC):
         prompt = sum(self.state.prompt_tokens.values())
         completion = sum(self.state.completion_tokens.values())
         return {"id": self.job.id, "object": self.chunk_object, "created": self.job.created, "model": self.model_name,
-                "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                         "total_tokens": prompt + completion}}
+                "choices": [], "usage": self._usage_body(prompt, completion, sum(self.state.cached_tokens.values()))}
 
 
 class CompletionAPI(BaseAPI):

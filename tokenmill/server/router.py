@@ -29,6 +29,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineLimits, EngineStats
 from tokenmill.engine.core_proc import CoreClient, EngineDeadError
 from tokenmill.logger import get_logger
+from tokenmill.offload.block_store import merge_tier_stats
 from tokenmill.sampling_params import SamplingParams
 
 logger = get_logger(__name__)
@@ -171,7 +172,8 @@ class ReplicaRouter:
             num_free_blocks=sum(s.num_free_blocks for s in live),
             prefix_cache_queries=sum(s.prefix_cache_queries for _, s in seen),
             prefix_cache_hits=sum(s.prefix_cache_hits for _, s in seen),
-            num_preemptions=sum(s.num_preemptions for _, s in seen))
+            num_preemptions=sum(s.num_preemptions for _, s in seen),
+            kv_tiers=merge_tier_stats([s.kv_tiers for _, s in seen]))
 
     def reap(self, timeout: float = 5.0) -> None:
         for replica in self.replicas:
