@@ -32,6 +32,8 @@ class Hardware:
     bus_width_bits: int | None = None
     l2_bandwidth: float | None = None
     """On-chip L2 bandwidth, bytes/s, where published."""
+    host_link_bandwidth: float | None = None
+    """Host-to-device copies, bytes/s: what a x16 link of the card's PCIe generation reaches in practice."""
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -63,7 +65,7 @@ class Hardware:
 
 
 def _gpu(name, memory_gb, cores, clock_ghz, mem_clock_mhz, bus_bits, fp16_tflops, int8_tops, int4_tops=None,
-         l2_tb_s=None, notes=""):
+         l2_tb_s=None, pcie=4, notes=""):
     fp32 = 2 * cores * clock_ghz * 1e9
     bandwidth = mem_clock_mhz * 1e6 * bus_bits * 2 / 8
     peaks = {"fp32": fp32, "fp16": fp16_tflops * 1e12, "int8": int8_tops * 1e12}
@@ -72,18 +74,23 @@ def _gpu(name, memory_gb, cores, clock_ghz, mem_clock_mhz, bus_bits, fp16_tflops
     return Hardware(name=name, memory_bytes=int(memory_gb * 1e9), bandwidth=bandwidth, peak_flops=peaks,
                     cuda_cores=cores, boost_clock_hz=clock_ghz * 1e9, ops_per_core_per_cycle=2,
                     memory_clock_hz=mem_clock_mhz * 1e6, bus_width_bits=bus_bits,
-                    l2_bandwidth=l2_tb_s * 1e12 if l2_tb_s else None, notes=notes)
+                    l2_bandwidth=l2_tb_s * 1e12 if l2_tb_s else None, host_link_bandwidth=_PCIE_X16[pcie],
+                    notes=notes)
+
+
+_PCIE_X16 = {3: 12e9, 4: 25e9, 5: 50e9}
+"""Achievable host-to-device bytes/s over x16 links (of 15.8, 31.5 and 63 GB/s per direction on paper)."""
 
 
 HARDWARE: dict[str, Hardware] = {h.name: h for h in [
     _gpu("a10", 24, 9216, 1.695, 6251, 384, 125, 250, 500, notes="GDDR6"),
-    _gpu("t4", 16, 2560, 1.59, 5001, 256, 65, 130, 260, notes="GDDR6"),
+    _gpu("t4", 16, 2560, 1.59, 5001, 256, 65, 130, 260, pcie=3, notes="GDDR6"),
     _gpu("l4", 24, 7424, 2.04, 6251, 192, 121, 242.5, notes="GDDR6"),
-    _gpu("v100", 32, 5120, 1.53, 877, 4096, 125, 62, l2_tb_s=3.1, notes="SXM2, HBM2; L2 3.1 TB/s"),
+    _gpu("v100", 32, 5120, 1.53, 877, 4096, 125, 62, l2_tb_s=3.1, pcie=3, notes="SXM2, HBM2; L2 3.1 TB/s"),
     _gpu("a100-40gb", 40, 6912, 1.41, 1215, 5120, 312, 624, 1248, notes="HBM2"),
     _gpu("a100-80gb", 80, 6912, 1.41, 1593, 5120, 312, 624, 1248, notes="SXM, HBM2e"),
-    _gpu("h100-sxm", 80, 16896, 1.98, 2619, 5120, 989.4, 1979, notes="HBM3"),
-    _gpu("h200", 141, 16896, 1.98, 3125, 6144, 989.4, 1979, notes="HBM3e"),
+    _gpu("h100-sxm", 80, 16896, 1.98, 2619, 5120, 989.4, 1979, pcie=5, notes="HBM3"),
+    _gpu("h200", 141, 16896, 1.98, 3125, 6144, 989.4, 1979, pcie=5, notes="HBM3e"),
     _gpu("rtx-4090", 24, 16384, 2.52, 10501, 384, 165.2, 660.6, 1321.2, notes="GDDR6X; fp16 with fp32 accumulate"),
 ]}
 
