@@ -167,3 +167,20 @@ def test_bad_tier_settings_are_refused_clearly(options, message, checkpoint, tmp
     with pytest.raises(ValueError, match=message):
         LLM(str(checkpoint("llama")), device="cpu", dtype="float32", block_size=BLOCK, kv_cache_memory="64KiB",
             **options)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_on_cuda_a_prefix_comes_back_through_pinned_memory_and_disk(kv_cache_dtype, checkpoint, make_llm, tmp_path):
+    folder = checkpoint("llama")
+    options = dict(dtype="float32", block_size=BLOCK, device="cuda", kv_cache_dtype=kv_cache_dtype)
+    reference = make_llm(folder, **options)
+    expected = _evict_and_ask_again(reference)[0]
+    block_bytes = reference.engine.core.runner.kv_transfer.bytes_per_block
+    llm = make_llm(folder, kv_cache_memory=POOL_BLOCKS * block_bytes, kv_offload_memory=8 * block_bytes,
+                   kv_offload_folder=tmp_path, **options)
+    memory, disk = _tiers(llm)
+    assert memory.slab.is_pinned()
+    got, num_cached = _evict_and_ask_again(llm)
+    assert got == expected and num_cached == 64
+    assert memory.hits + disk.hits == 16

@@ -77,15 +77,23 @@ class KVBlockTransfer:
     def apply(self, saves: list[tuple[int, bytes]], loads: list[tuple[int, torch.Tensor]], store) -> None:
         """A step's moves: the evicted blocks' contents read (before anything overwrites them), the restored
         blocks' bytes written into their device blocks, then the saved contents put into ``store`` (after
-        the loads: a memory tier's ``get`` gives views that a ``put`` may reuse)."""
+        the loads: a memory tier's ``get`` gives views of its slots, which a ``put`` may reuse)."""
         saved = self.read([block_id for block_id, _ in saves]) if saves else None
+        if self._load_done is not None:  # the last loads' copies out of host memory have finished
+            self._load_done.synchronize()
+            self._load_done = None
         if loads:
-            if self._load_done is not None:
-                self._load_done.synchronize()  # the last step's copy from this buffer has finished
-            rows = torch.stack([data for _, data in loads], out=self._host_rows("load", len(loads)))
-            self.write([block_id for block_id, _ in loads], rows)
-            if self.device.type == "cuda":
+            block_ids = [block_id for block_id, _ in loads]
+            if self.device.type == "cuda":  # each row straight from the tier's (pinned) memory to the GPU
+                rows = torch.empty(len(loads), self.bytes_per_block, dtype=torch.uint8, device=self.device)
+                for row, (_, data) in zip(rows, loads):
+                    row.copy_(data, non_blocking=True)
+                self.write(block_ids, rows)
                 self._load_done = torch.cuda.Event()
                 self._load_done.record()
+                if saves:  # the puts below may reuse the slots those copies read
+                    self._load_done.synchronize()
+            else:
+                self.write(block_ids, torch.stack([data for _, data in loads], out=self._host_rows("load", len(loads))))
         for row, (_, block_hash) in enumerate(saves):
             store.put(block_hash, saved[row])
