@@ -76,12 +76,41 @@ def test_prefetch_on_or_off_and_over_two_pipeline_stages(prefetch, checkpoint, m
     llm = make_llm(folder, dtype="float32", offload_folder=tmp_path, max_weight_memory=1, offload_prefetch=prefetch,
                    pipeline_parallel_size=2)
     assert tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
-    assert len(list(tmp_path.glob("*/unit-*.safetensors"))) == 4 and len(list(tmp_path.glob("*/embedding.bin"))) == 1
+    # The embedding is read by rows straight from the checkpoint's own file: no copy in the folder.
+    assert len(list(tmp_path.glob("*/unit-*.safetensors"))) == 4 and not list(tmp_path.glob("*/embedding.bin"))
     streamer = llm.engine.core.runner.model.weight_streamer  # rank 0's: with prefetch, layer 1 arrives while
     assert streamer.names == ["layer 0", "layer 1"] and streamer.stats.mapped_bytes > 0  # layer 0 computes
+    assert streamer.stats.mapped_from == "the checkpoint's own model.safetensors"
     assert (streamer.stats.peak_streamed_bytes == sum(streamer.unit_bytes)) == prefetch
     llm.shutdown()
     assert not list(tmp_path.glob("*/*"))  # each rank removes its files when it stops
+
+
+@pytest.mark.parametrize("source", ["llama2.c", "gguf", "gptq act-order"])
+def test_every_checkpoint_kind_loads_unit_by_unit_into_the_offload(source, checkpoint, make_llm, tmp_path):
+    """The weights stream into the disk tier as they load (``offload/streamed_load.py``) from each kind of
+    source, in its own order: llama2.c keeps each matrix type for all layers together, GGUF and GPTQ
+    safetensors group them by layer. The same greedy tokens as without offload."""
+    from helpers.gptq_checkpoints import GPTQSpec, gptq_test_config, make_gptq_checkpoint
+    from helpers.shared_models import smollm2_gguf, stories_dir
+
+    options = {}
+    if source == "llama2.c":
+        model = stories_dir() / "stories260K.bin"
+        options["tokenizer"] = str(stories_dir() / "tok512.bin")
+    elif source == "gguf":
+        model = smollm2_gguf()
+    else:
+        model = tmp_path / "gptq"
+        make_gptq_checkpoint(model, gptq_test_config("llama"), GPTQSpec(bits=4, group_size=32, sym=False,
+                                                                          desc_act=True))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = [{"prompt_token_ids": [1, 45, 99, 3, 250]}]
+    expected = tokens(make_llm(model, dtype="float32", **options).generate(prompt, params, use_tqdm=False))
+    llm = make_llm(model, dtype="float32", offload_folder=tmp_path / "offload", max_weight_memory=1, **options)
+    streamer = llm.engine.core.runner.model.weight_streamer
+    assert streamer.stats.num_units >= 2 and len(list((tmp_path / "offload").glob("*/unit-*"))) == streamer.stats.num_units
+    assert tokens(llm.generate(prompt, params, use_tqdm=False)) == expected
 
 
 def test_offload_options_are_checked_naming_them(tmp_path):
@@ -108,8 +137,6 @@ _MEASURE = textwrap.dedent("""
     torch.set_num_threads(1)
     LLM("tiny-llama", dtype="bfloat16", device="cpu", kv_cache_memory="1MiB")  # libraries and kernels loaded
     before = anonymous()
-    llm = LLM(sys.argv[1], dtype="bfloat16", device="cpu", kv_cache_memory="4MiB", skip_tokenizer_init=True,
-              offload_folder=sys.argv[2], max_weight_memory="32MiB", max_model_len=64)
     peak, running = [0], [True]
     def sample():
         while running[0]:
@@ -117,19 +144,24 @@ _MEASURE = textwrap.dedent("""
             time.sleep(0.002)
     watcher = threading.Thread(target=sample)
     watcher.start()
+    llm = LLM(sys.argv[1], dtype="bfloat16", device="cpu", kv_cache_memory="4MiB", skip_tokenizer_init=True,
+              offload_folder=sys.argv[2], max_weight_memory="32MiB", max_model_len=64)
+    loading = peak[0] - before
     llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     running[0] = False
     watcher.join()
     streamer = llm.engine.core.runner.model.weight_streamer
-    print(json.dumps({"growth": peak[0] - before, "offloaded": streamer.stats.offloaded_bytes,
+    print(json.dumps({"loading": loading, "growth": peak[0] - before, "offloaded": streamer.stats.offloaded_bytes,
                       "largest": max(streamer.unit_bytes)}))
 """)
 
 
-def test_a_model_larger_than_the_budget_runs_within_it(tmp_path):
-    """The smollm2-135m shape in bf16 (~270 MB of weights) with a 32 MiB budget: while it generates, the
-    process's anonymous memory grows by at most the budget, the two units in flight (the 57 MB tied
-    embedding and a layer) and 64 MiB of activations, KV cache and allocator slack."""
+def test_a_model_larger_than_the_budget_loads_and_runs_within_it(tmp_path):
+    """The smollm2-135m shape in bf16 (~270 MB of weights, 330 MB with the tied head's panels) with a
+    32 MiB budget: from before loading to the end of generating, the process's anonymous memory grows by
+    at most the budget, the two units in flight (the 57 MB tied embedding and a layer) and 64 MiB of
+    activations, KV cache and allocator slack. Loading offloads each unit as it completes; the
+    whole model is never in memory."""
     script = tmp_path / "measure.py"
     script.write_text(_MEASURE)
     done = subprocess.run([sys.executable, str(script), "smollm2-135m", str(tmp_path / "offload")],

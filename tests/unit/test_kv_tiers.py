@@ -129,7 +129,8 @@ def test_a_block_row_is_every_layers_cache_slice_and_writes_back_exactly(kv_cach
             t.view(torch.uint8).random_(0, 256) if t.dtype != torch.float16 else t.uniform_(0.5, 2.0)
     transfer = KVBlockTransfer(caches, torch.device("cpu"))
     rows = transfer.read([4, 1])
-    expected_width = 3 * {"auto": 2 * 4 * 2 * 8 * 4, "int8": 2 * 4 * 2 * (8 + 2), "fp8_e4m3": 2 * 4 * 2 * 8}[kv_cache_dtype]
+    per_layer = {"auto": 2 * 4 * 2 * 8 * 4, "int8": 2 * 4 * 2 * (8 + 2), "fp8_e4m3": 2 * 4 * 2 * 8}
+    expected_width = 3 * per_layer[kv_cache_dtype]
     assert rows.shape == (2, expected_width) == (2, transfer.bytes_per_block)
 
     def block_bytes(block: int) -> bytes:  # an independent packing: layer by layer, K then V, codes then scales

@@ -36,7 +36,8 @@ def offload_text(plan: OffloadPlan) -> str:
     else:
         tiers = (f"{plan.hardware.name} memory {_size(b.device_memory)}; CPU tier "
                  + (f"{_size(b.cpu_memory)}" if b.cpu_memory else "none (give --cpu-memory)")
-                 + f" over the host link at {b.link_bandwidth / 1e9:.1f} GB/s; disk at {b.disk_bandwidth / 1e9:.2f} GB/s")
+                 + f" over the host link at {b.link_bandwidth / 1e9:.1f} GB/s; disk at "
+                 f"{b.disk_bandwidth / 1e9:.2f} GB/s")
     total = sum(u.bytes for u in units)
     unit, size = ("GiB", GiB) if total >= 4 * GiB else ("MiB", MiB)  # sizes in the table
     out = [f"offload plan: {plan.model.name}, weights {plan.dtype} ({_size(total)}), "
@@ -63,7 +64,8 @@ def offload_text(plan: OffloadPlan) -> str:
         where = "pinned CPU memory" if best.tier == "cpu" else "disk"
         out.append(f"  {best.num_offloaded_units} of {len(units)} units ({_size(best.offloaded_bytes)}) live in "
                    f"{where}; every step moves them once, {1e3 * best.transfer_s:.1f} ms, shared by the batch's "
-                   f"{best.batch_size} sequences; the device's own step takes {1e3 * best.decode_compute_s:.1f} ms, so it is "
+                   f"{best.batch_size} sequences; the device's own step takes {1e3 * best.decode_compute_s:.1f} ms, "
+                   f"so it is "
                    f"{best.bound}-bound")
     following = [p for p in plan.sweep if p.batch_size > best.batch_size]
     if following:
@@ -93,7 +95,8 @@ def offload_explain(plan: OffloadPlan) -> str:
         lines.append(f"  transfer per step = streamed bytes / bandwidth = {_size(p.transfer_s * bandwidth)} / "
                      f"{bandwidth / 1e9:.2f} GB/s = {1e3 * p.transfer_s:.1f} ms")
     lines += [f"  decode step = {'max' if b.prefetch else 'sum'}(device step {1e3 * p.decode_compute_s:.2f} ms (the "
-              f"roofline at batch {p.batch_size}), transfer {1e3 * p.transfer_s:.2f} ms) = {1e3 * p.decode_step_s:.2f} ms",
+              f"roofline at batch {p.batch_size}), transfer {1e3 * p.transfer_s:.2f} ms) = "
+              f"{1e3 * p.decode_step_s:.2f} ms",
               f"  prefill = {'max' if b.prefetch else 'sum'}(roofline prefill, {steps} step(s) of "
               f"max_num_batched_tokens {b.max_num_batched_tokens} x transfer) = {p.prefill_s:.3f} s",
               f"  tokens/s = batch x output / (prefill + output x step) = {p.batch_size} x {plan.output_len} / "

@@ -25,7 +25,7 @@ def worker_main(rank: int, size: int, port: int, config, num_threads: int, host:
     from tokenmill.distributed.channel import RESULT_TAGS, Channel
     from tokenmill.distributed.parallel_state import (ParallelLayout, PipelineStage, TensorParallelGroup,
                                                       building_for, join_gloo)
-    from tokenmill.models.loader import load_for_engine
+    from tokenmill.engine.model_loading import load_for_engine
     from tokenmill.models.pipeline import StageTensors
     from tokenmill.runner.model_runner import ModelRunner
 

@@ -242,7 +242,7 @@ def load_engine_model(config: EngineConfig, device: torch.device):
     ``pipeline_parallel_size`` > 1) rank 0's part after starting the worker ranks (each loads its own;
     ``executor`` drives them, None in one process)."""
     from tokenmill.distributed.parallel_state import SINGLE, building_for
-    from tokenmill.models.loader import load_for_engine
+    from tokenmill.engine.model_loading import load_for_engine
 
     executor = None
     if config.tensor_parallel_size * config.pipeline_parallel_size > 1:

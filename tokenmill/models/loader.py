@@ -9,10 +9,11 @@ checks that nothing is missing.
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -65,7 +66,12 @@ def parameter_name(model: nn.Module, ckpt_name: str) -> tuple[str | None, object
     return name, None
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+LoadedHook = Callable[[nn.Parameter, object, "str | None", "torch.Tensor | None"], None]
+"""Called after each weight lands: (parameter, shard id, checkpoint tensor name or None, that tensor or None)."""
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                 on_loaded: LoadedHook | None = None) -> None:
     """Copies checkpoint tensors into ``model``; ModelLoadError on an unknown, misshapen or missing one
     (parameters marked ``optional`` may be missing: they keep their initial value)."""
     params = dict(model.named_parameters())
@@ -84,6 +90,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         except ModelLoadError as e:
             raise ModelLoadError(f"checkpoint tensor {ckpt_name!r}: {e}") from None
         loaded.add((name, shard_id))
+        if on_loaded is not None:
+            on_loaded(param, shard_id, ckpt_name, tensor)
     missing = [f"{name}[{shard}]" if shard is not None else name
                for name, param in params.items()
                for shard in getattr(param, "shard_ids", (None,))
@@ -133,7 +141,7 @@ def safetensors_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelLoadError(f"{file}: cannot read safetensors file ({e}); is it truncated?") from None
 
 
-def random_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
+def random_weights(model: nn.Module, seed: int, std: float = 0.02, on_loaded: LoadedHook | None = None) -> None:
     """Seeded random init for named shapes and the demo: N(0, std) matrices, unit norms, zero biases."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -143,7 +151,40 @@ def random_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
             elif param.dim() == 1:
                 param.fill_(1.0)
             else:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
+                # In slices of rows (a multiple of 16 values each: the same numbers as one call), so that a
+                # large table never has a float32 copy of itself beside it.
+                rows = 16 * max(1, 2**20 // (16 * param[0].numel()))
+                for start in range(0, param.shape[0], rows):
+                    part = param[start:start + rows]
+                    part.copy_(torch.randn(part.shape, generator=generator).mul_(std))
+            if on_loaded is not None:
+                for shard in getattr(param, "shard_ids", (None,)):
+                    on_loaded(param, shard, None, None)
+
+
+def safetensors_tensor_files(model_dir: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file that holds it (headers only)."""
+    files = {}
+    for file in _safetensors_files(Path(model_dir)):
+        with safe_open(str(file), framework="pt") as f:
+            files.update((name, file) for name in f.keys())
+    return files
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def map_checkpoint_tensor(file: Path, name: str) -> torch.Tensor:
+    """Tensor ``name`` of safetensors ``file`` mapped from the file, not read: its pages load when touched
+    and the system may drop them again (a private, copy-on-write mapping that is never written)."""
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(header_len))[name]
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    begin, end = entry["data_offsets"]
+    dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+    count = (end - begin) // torch.tensor([], dtype=dtype).element_size()
+    return torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + header_len + begin).view(entry["shape"])
 
 
 def load_model(model: str, dtype: str, device: torch.device, seed: int = 0,
@@ -155,6 +196,17 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int = 0,
 
     ``dtype="auto"`` keeps the checkpoint's dtype, except float16 on CPU, which runs as float32.
     """
+    module, config, weights, _ = open_model(model, dtype, device, quantization, load_time_quantization)
+    fill_weights(module, weights, seed)
+    process_weights_after_loading(module, prepack)
+    return module, config
+
+
+def open_model(model: str, dtype: str, device: torch.device, quantization: str | None = None,
+               load_time_quantization: QuantizationConfig | None = None
+               ) -> tuple[nn.Module, ModelConfig, Iterable[tuple[str, torch.Tensor]] | None, Path]:
+    """``load_model``'s first half: (the model built with uninitialised weights and its quantized layers
+    assigned, its config, the checkpoint's tensors to load (None: a named random shape), the path)."""
     from tokenmill.config import parse_dtype
     from tokenmill.models.gguf import is_gguf_file, read_gguf
     from tokenmill.models.llama2c import is_llama2c_checkpoint, read_llama2c
@@ -182,25 +234,16 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int = 0,
         torch_dtype = parse_dtype(dtype)
     module = build_model(config, torch_dtype, device)
     _quantize_layers(module, config, path, quantization, load_time_quantization)
+    return module, config, weights, path
+
+
+def fill_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]] | None, seed: int,
+                 on_loaded: LoadedHook | None = None) -> None:
+    """The checkpoint's tensors into ``module``, or seeded random ones for a named shape (``weights`` None)."""
     if weights is None:
-        random_weights(module, seed)
+        random_weights(module, seed, on_loaded=on_loaded)
     else:
-        load_weights(module, weights)
-    process_weights_after_loading(module, prepack)
-    return module, config
-
-
-def load_for_engine(config, device: torch.device) -> tuple[nn.Module, ModelConfig]:
-    """``load_model`` with an EngineConfig's options, then its weight offload (``offload/weights.py``);
-    every rank loads its own part this way (inside ``building_for``)."""
-    from tokenmill.offload.weights import apply_weight_offload
-
-    model, model_config = load_model(config.model, config.dtype, device, seed=config.seed,
-                                     quantization=config.quantization,
-                                     load_time_quantization=config.load_time_quantization(),
-                                     prepack=config.prepack_weights)
-    apply_weight_offload(model, config, device)
-    return model, model_config
+        load_weights(module, weights, on_loaded)
 
 
 def _quantize_layers(module: nn.Module, config: ModelConfig, path: Path, requested: str | None,
@@ -223,19 +266,25 @@ def _quantize_layers(module: nn.Module, config: ModelConfig, path: Path, request
         logger.info("quantizing %d linear layers to %s at load", count, load_time.describe())
 
 
-def process_weights_after_loading(model: nn.Module, prepack: bool = True) -> None:
-    """Lets each layer convert its loaded weights into its runtime layout (prepacked, quantized);
+def process_module(module: nn.Module, prepack: bool = True) -> None:
+    """Lets one layer convert its loaded weights into its runtime layout (prepacked, quantized);
     ``prepack=False`` leaves float linear weights as they are."""
     from tokenmill.layers.linear import Linear
     from tokenmill.layers.quantization import UnquantizedLinearMethod
 
+    hook = getattr(module, "process_weights_after_loading", None)
+    if hook is None:
+        return
+    if not prepack and isinstance(module, Linear) and type(module.quant_method) is UnquantizedLinearMethod:
+        return
+    hook()
+
+
+def process_weights_after_loading(model: nn.Module, prepack: bool = True, skip: set[int] = frozenset()) -> None:
+    """``process_module`` on every layer of ``model`` but those whose ids are in ``skip`` (done already)."""
     for module in list(model.modules()):  # a list: quantizing adds submodules
-        hook = getattr(module, "process_weights_after_loading", None)
-        if hook is None or module is model:
-            continue
-        if not prepack and isinstance(module, Linear) and type(module.quant_method) is UnquantizedLinearMethod:
-            continue
-        hook()
+        if module is not model and id(module) not in skip:
+            process_module(module, prepack)
 
 
 def decode_read_bytes(model: nn.Module) -> int:

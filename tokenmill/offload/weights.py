@@ -17,6 +17,7 @@ packed again on arrival: the same packed bytes, so the same results); model code
 from __future__ import annotations
 
 import ctypes
+import json
 import shutil
 import tempfile
 import weakref
@@ -82,17 +83,17 @@ class HostTier:
         self._stream = torch.cuda.Stream(device)
         self._units: dict[int, dict[str, torch.Tensor]] = {}
 
-    def store(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        self._units[index] = {name: t.detach().cpu().pin_memory() for name, t in tensors.items()}
+    def store(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        self._units[key] = {name: t.detach().cpu().pin_memory() for name, t in tensors.items()}
 
     def close(self) -> None:
         """Frees the pinned memory."""
         self._units.clear()
 
-    def fetch(self, index: int):
-        """Starts copying unit ``index`` to the device; ``ready`` makes the compute stream wait for it."""
+    def fetch(self, key: str):
+        """Starts copying unit ``key`` to the device; ``ready`` makes the compute stream wait for it."""
         with torch.cuda.stream(self._stream):
-            copies = {name: t.to(self.device, non_blocking=True) for name, t in self._units[index].items()}
+            copies = {name: t.to(self.device, non_blocking=True) for name, t in self._units[key].items()}
             event = torch.cuda.Event()
             event.record(self._stream)
         return copies, event
@@ -104,6 +105,31 @@ class HostTier:
         for tensor in copies.values():
             tensor.record_stream(compute)  # allocated on the side stream: not reused before compute is done
         return copies
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+                       torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written from the tensors' own memory (``save_file`` first copies each into a bytes
+    object, which would double a large unit's footprint while it is stored). Tensors: contiguous, on CPU."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 class DiskTier:
@@ -118,26 +144,30 @@ class DiskTier:
         self.close = weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
         """Removes the files (at the latest when the process exits)."""
 
-    def _path(self, index: int) -> Path:
-        return self.folder / f"unit-{index:04d}.safetensors"
+    def _path(self, key: str) -> Path:
+        return self.folder / f"unit-{key.replace(' ', '-')}.safetensors"
 
-    def store(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
+    def store(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         packed = [name for name, t in tensors.items() if t.layout == torch._mkldnn]
         plain = {name: (t.to_dense() if name in packed else t).detach().cpu().contiguous()
                  for name, t in tensors.items()}
-        save_file(plain, str(self._path(index)), metadata={"prepacked": ",".join(packed)})
+        write_safetensors(self._path(key), plain, {"prepacked": ",".join(packed)})
 
-    def fetch(self, index: int) -> Future:
-        return self._reader.submit(self._read, index)
+    def fetch(self, key: str) -> Future:
+        return self._reader.submit(self._read, key)
 
-    def _read(self, index: int) -> dict[str, torch.Tensor]:
+    def take_back(self, key: str) -> dict[str, torch.Tensor]:
+        """Unit ``key``'s tensors, read now; its file is removed (the unit stays resident)."""
+        tensors = self._read(key)
+        self._path(key).unlink()
+        return tensors
+
+    def _read(self, key: str) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
         from tokenmill.layers.quantization.methods import prepack_linear_weight
 
-        with safe_open(str(self._path(index)), framework="pt") as f:
+        with safe_open(str(self._path(key)), framework="pt") as f:
             packed = set(filter(None, f.metadata()["prepacked"].split(",")))
             tensors = {name: f.get_tensor(name).to(self.device) for name in f.keys()}
         return {name: prepack_linear_weight(t) if name in packed else t for name, t in tensors.items()}
@@ -163,41 +193,59 @@ class OffloadStats:
     """Bytes of the streamed units: what a step brings back."""
     mapped_bytes: int = 0
     """An embedding table left in its file on disk, read by rows (not streamed)."""
+    mapped_from: str | None = None
+    """That file: the checkpoint's own, or a raw copy in the offload folder."""
     peak_streamed_bytes: int = 0
     """The most bytes of offloaded units on the device at once (arriving ones counted in full)."""
     fetches: int = 0
 
 
+@dataclass
+class StoredUnit:
+    """An offloaded unit as the streamer needs it: its bytes, and what stands in for each of its tensors
+    while it is away (an empty tensor; None for a prepacked oneDNN weight)."""
+
+    nbytes: int
+    placeholders: dict[str, torch.Tensor | None]
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor], device: torch.device) -> "StoredUnit":
+        return cls(tensor_bytes(tensors), {name: torch.empty(0, dtype=t.dtype, device=device)
+                                           if t.layout == torch.strided else None for name, t in tensors.items()})
+
+
 class WeightStreamer:
     """Streams ``units`` (name -> module, in execution order) through ``tier``."""
 
-    def __init__(self, units: list[tuple[str, nn.Module]], tier, prefetch: bool = True):
+    def __init__(self, units: list[tuple[str, nn.Module]], tier, prefetch: bool = True,
+                 stored: dict[str, StoredUnit] | None = None):
+        """``stored``: the units are in ``tier`` already and hold their placeholders (``UnitAssembler``);
+        otherwise each unit's tensors are stored now and replaced by placeholders."""
         self.tier, self.prefetch = tier, prefetch
         self.names = [name for name, _ in units]
         self._modules = [module for _, module in units]
         self.stats = OffloadStats(num_units=len(units))
-        self.unit_bytes: list[int] = []  # each streamed unit's bytes, in ``names`` order
-        self._empty = []
         self._pending: dict[int, object] = {}  # unit -> its fetch in progress
         self._resident: set[int] = set()
-        everything = [unit_tensors(module) for module in self._modules]
-        for index, tensors in enumerate(everything):  # all stored before any unit empties a tensor it shares
-            self.unit_bytes.append(tensor_bytes(tensors))
-            tier.store(index, tensors)
-        for index, (module, tensors) in enumerate(zip(self._modules, everything)):
-            # Away from the device: empty tensors in place of the weights (a prepacked weight becomes None).
-            empty = {name: torch.empty(0, dtype=t.dtype, device=tier.device) if t.layout == torch.strided else None
-                     for name, t in tensors.items()}
-            self._empty.append(empty)
-            for name, placeholder in empty.items():
-                _put(module, name, placeholder)  # the unit's own copy is freed
+        if stored is None:
+            stored = {}
+            everything = [unit_tensors(module) for module in self._modules]
+            for name, tensors in zip(self.names, everything):  # all stored before any unit empties a shared tensor
+                tier.store(name, tensors)
+                stored[name] = StoredUnit.of(tensors, tier.device)
+            for module, name in zip(self._modules, self.names):
+                for tensor_name, placeholder in stored[name].placeholders.items():
+                    _put(module, tensor_name, placeholder)  # the unit's own copy is freed
+        self.unit_bytes = [stored[name].nbytes for name in self.names]  # each streamed unit's, in ``names`` order
+        self._empty = [stored[name].placeholders for name in self.names]
+        for index, module in enumerate(self._modules):
             module.register_forward_pre_hook(lambda _m, _args, i=index: self._arrive(i))
             module.register_forward_hook(lambda _m, _args, _out, i=index: self._leave(i))
         self.stats.offloaded_bytes = sum(self.unit_bytes)
 
     def _start(self, index: int) -> None:
         if index not in self._pending and index not in self._resident:
-            self._pending[index] = self.tier.fetch(index)
+            self._pending[index] = self.tier.fetch(self.names[index])
             self.stats.fetches += 1
 
     def _arrive(self, index: int) -> None:
@@ -242,6 +290,34 @@ def model_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return units + ([("lm_head", model.lm_head)] if model.lm_head is not None else [])
 
 
+def choose_offloaded(names: list[str], keyed: list[dict[object, int]], total: int, offload_bytes: int | None = None,
+                     resident_bytes: int | None = None) -> set[int]:
+    """The units to offload: decoder layers first (in order), then the LM head, then the embedding, until
+    ``offload_bytes`` are offloaded or what stays (of ``total`` bytes) is at most ``resident_bytes``; then,
+    under ``resident_bytes``, units that still fit are taken back. ``keyed[i]``: unit i's tensors, a key
+    per storage (units that share a tensor share its key, and go together) -> bytes."""
+    def offloaded(units) -> int:
+        return sum({key: size for i in units for key, size in keyed[i].items()}.values())
+
+    sharing = [{j for j in range(len(names)) if keyed[j].keys() & keyed[i].keys()} | {i} for i in range(len(names))]
+    priority = ([i for i, name in enumerate(names) if name.startswith("layer")]
+                + [i for i, name in enumerate(names) if name == "lm_head"]
+                + [i for i, name in enumerate(names) if name.startswith("embedding")])
+    chosen: set[int] = set()
+    for index in priority:
+        done = offloaded(chosen)
+        if (offload_bytes is not None and done >= offload_bytes) or (
+                resident_bytes is not None and total - done <= resident_bytes):
+            break
+        chosen |= sharing[index]  # tied: together
+    if resident_bytes is not None:  # the embedding or head may have overshot: take back what still fits
+        for index in sorted(chosen, key=priority.index):
+            partners = sharing[index] & chosen
+            if partners == {index} and total - offloaded(chosen - partners) <= resident_bytes:
+                chosen.discard(index)
+    return chosen
+
+
 def offload_weights(model: nn.Module, tier, *, offload_bytes: int | None = None, resident_bytes: int | None = None,
                     prefetch: bool = True) -> WeightStreamer:
     """Moves units of ``model`` to ``tier`` and streams them back for their forward passes: decoder layers
@@ -249,26 +325,11 @@ def offload_weights(model: nn.Module, tier, *, offload_bytes: int | None = None,
     (``cpu_offload_gb``) or what stays is at most ``resident_bytes`` (``max_weight_memory``). A tied LM
     head and embedding go together (they are one tensor)."""
     units = model_units(model)
-    sizes = [tensor_bytes(unit_tensors(module)) for _, module in units]
     total = tensor_bytes(unit_tensors(model))
-    storages = [{t.data_ptr() for t in unit_tensors(module).values() if t.layout == torch.strided and t.numel()}
-                for _, module in units]
-    priority = ([i for i, (name, _) in enumerate(units) if name.startswith("layer")]
-                + [i for i, (name, _) in enumerate(units) if name == "lm_head"]
-                + [i for i, (name, _) in enumerate(units) if name == "embedding"])
-    chosen: set[int] = set()
-    for index in priority:
-        offloaded = tensor_bytes([t for i in chosen for t in unit_tensors(units[i][1]).values()])
-        if (offload_bytes is not None and offloaded >= offload_bytes) or (
-                resident_bytes is not None and total - offloaded <= resident_bytes):
-            break
-        chosen |= {index} | {i for i in range(len(units)) if storages[i] & storages[index]}  # tied: together
-    if resident_bytes is not None:  # the embedding or head may have overshot: take back what still fits
-        for index in sorted(chosen, key=priority.index):
-            partners = {i for i in chosen if storages[i] & storages[index]}
-            back = tensor_bytes([t for i in chosen - partners for t in unit_tensors(units[i][1]).values()])
-            if partners == {index} and total - back <= resident_bytes:
-                chosen.discard(index)
+    keyed = [{t.data_ptr() if t.layout == torch.strided and t.numel() else id(t): tensor_bytes([t])
+              for t in unit_tensors(module).values()} for _, module in units]
+    storages = [set(tensors) for tensors in keyed]
+    chosen = choose_offloaded([name for name, _ in units], keyed, total, offload_bytes, resident_bytes)
     mapped = [i for i in chosen if units[i][0] == "embedding" and isinstance(tier, DiskTier)
               and tier.device.type == "cpu" and list(unit_tensors(units[i][1])) == ["weight"]
               and not any(storages[j] & storages[i] for j in chosen - {i})]  # not tied to a streamed head
@@ -280,19 +341,26 @@ def offload_weights(model: nn.Module, tier, *, offload_bytes: int | None = None,
     streamed = [units[i] for i in sorted(chosen - set(mapped))]
     streamer = WeightStreamer(streamed, tier, prefetch)
     streamer.stats.mapped_bytes = mapped_bytes
+    streamer.stats.mapped_from = "its raw copy in the offload folder" if mapped else None
     _return_freed_memory()
-    resident = tensor_bytes(unit_tensors(model)) - mapped_bytes
+    report_offload(model, streamer, len(units), resident_bytes)
+    return streamer
+
+
+def report_offload(model: nn.Module, streamer: WeightStreamer, num_units: int, resident_bytes: int | None) -> None:
+    """Logs where the weights went; warns when what cannot be streamed exceeds ``resident_bytes``."""
+    stats = streamer.stats
+    resident = tensor_bytes(unit_tensors(model)) - stats.mapped_bytes
     logger.info("weight offload: %d of %d units (%.1f MiB) in %s, streamed back %s%s; %.1f MiB stay resident%s",
-                len(streamed), len(units), streamer.stats.offloaded_bytes / 2**20, tier.name,
-                "one unit ahead" if prefetch else "when needed (no prefetch)",
-                f", the embedding ({mapped_bytes / 2**20:.1f} MiB) read by rows from its file" if mapped else "",
-                resident / 2**20,
+                stats.num_units, num_units, stats.offloaded_bytes / 2**20, streamer.tier.name,
+                "one unit ahead" if streamer.prefetch else "when needed (no prefetch)",
+                f", the embedding ({stats.mapped_bytes / 2**20:.1f} MiB) read by rows from {stats.mapped_from}"
+                if stats.mapped_from else "", resident / 2**20,
                 f" (max_weight_memory {resident_bytes / 2**20:.1f} MiB)" if resident_bytes is not None else "")
     if resident_bytes is not None and resident > resident_bytes:
         logger.warning("resident weights (%.1f MiB: norms, position tables and what cannot be streamed) exceed "
                        "max_weight_memory %.1f MiB even with every unit offloaded", resident / 2**20,
                        resident_bytes / 2**20)
-    return streamer
 
 
 def apply_weight_offload(model: nn.Module, config, device: torch.device) -> WeightStreamer | None:

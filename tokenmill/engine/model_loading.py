@@ -1,0 +1,25 @@
+"""``load_for_engine``: the model an engine (or one rank of it) runs, loaded with its weight offload."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.models.loader import load_model
+from tokenmill.offload.streamed_load import load_within_budget
+from tokenmill.offload.weights import apply_weight_offload
+
+
+def load_for_engine(config: EngineConfig, device: torch.device) -> tuple[nn.Module, ModelConfig]:
+    """``load_model`` with an EngineConfig's options, then its weight offload (``offload/weights.py``);
+    every rank loads its own part this way (inside ``building_for``). Weights offloaded to disk on CPU
+    are offloaded as they load (``offload/streamed_load.py``): the whole model is never in memory."""
+    if config.offload_folder is not None and device.type == "cpu":
+        return load_within_budget(config, device)
+    model, model_config = load_model(config.model, config.dtype, device, seed=config.seed,
+                                     quantization=config.quantization,
+                                     load_time_quantization=config.load_time_quantization(),
+                                     prepack=config.prepack_weights)
+    apply_weight_offload(model, config, device)
+    return model, model_config
