@@ -192,3 +192,24 @@ def test_cpu_offload_gb_streams_from_pinned_memory_to_the_gpu(prefetch, checkpoi
     assert tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
     growth = torch.cuda.max_memory_allocated() - before
     assert growth <= 2 * max(streamer.unit_bytes) + 16 * 2**20, growth  # + activations of this tiny model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_offload_gb_loads_without_the_whole_model_on_the_gpu():
+    """The smollm2-135m shape in bf16 (270 MB) with 0.2 GiB in pinned memory: while it loads, the GPU never
+    holds more than the resident weights, the two largest units (one arriving, one being processed) and
+    the KV cache; the units go to the GPU one by one and leave for pinned memory."""
+    from tokenmill import LLM
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    llm = LLM("smollm2-135m", dtype="bfloat16", device="cuda", kv_cache_memory="4MiB", cpu_offload_gb=0.2,
+              skip_tokenizer_init=True, max_model_len=64)
+    peak = torch.cuda.max_memory_allocated() - before
+    streamer = llm.engine.core.runner.model.weight_streamer
+    assert streamer.stats.offloaded_bytes >= 0.2 * 2**30
+    assert peak <= _weight_bytes(llm) + 2 * max(streamer.unit_bytes) + 4 * 2**20 + 16 * 2**20, peak
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4

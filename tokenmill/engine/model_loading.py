@@ -13,9 +13,9 @@ from tokenmill.offload.weights import apply_weight_offload
 
 def load_for_engine(config: EngineConfig, device: torch.device) -> tuple[nn.Module, ModelConfig]:
     """``load_model`` with an EngineConfig's options, then its weight offload (``offload/weights.py``);
-    every rank loads its own part this way (inside ``building_for``). Weights offloaded to disk on CPU
-    are offloaded as they load (``offload/streamed_load.py``): the whole model is never in memory."""
-    if config.offload_folder is not None and device.type == "cpu":
+    every rank loads its own part this way (inside ``building_for``). Offloaded weights are offloaded as
+    they load (``offload/streamed_load.py``): the whole model is never in memory, nor on the GPU."""
+    if config.offload_folder is not None or (config.cpu_offload_gb and device.type == "cuda"):
         return load_within_budget(config, device)
     model, model_config = load_model(config.model, config.dtype, device, seed=config.seed,
                                      quantization=config.quantization,

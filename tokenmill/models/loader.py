@@ -203,10 +203,12 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int = 0,
 
 
 def open_model(model: str, dtype: str, device: torch.device, quantization: str | None = None,
-               load_time_quantization: QuantizationConfig | None = None
+               load_time_quantization: QuantizationConfig | None = None, build_device: torch.device | None = None
                ) -> tuple[nn.Module, ModelConfig, Iterable[tuple[str, torch.Tensor]] | None, Path]:
     """``load_model``'s first half: (the model built with uninitialised weights and its quantized layers
-    assigned, its config, the checkpoint's tensors to load (None: a named random shape), the path)."""
+    assigned, its config, the checkpoint's tensors to load (None: a named random shape), the path).
+    ``build_device``: where to build it when not on ``device`` (the CPU, for a model that moves to the
+    GPU unit by unit)."""
     from tokenmill.config import parse_dtype
     from tokenmill.models.gguf import is_gguf_file, read_gguf
     from tokenmill.models.llama2c import is_llama2c_checkpoint, read_llama2c
@@ -232,7 +234,7 @@ def open_model(model: str, dtype: str, device: torch.device, quantization: str |
             torch_dtype = torch.float32
     else:
         torch_dtype = parse_dtype(dtype)
-    module = build_model(config, torch_dtype, device)
+    module = build_model(config, torch_dtype, build_device or device)
     _quantize_layers(module, config, path, quantization, load_time_quantization)
     return module, config, weights, path
 

@@ -1,17 +1,17 @@
-"""Loading a model into a weight budget smaller than the model (``offload_folder`` with
-``max_weight_memory`` on CPU): no moment holds all of its weights.
+"""Loading a model whose offloaded weights never all sit in memory (``offload_folder`` with
+``max_weight_memory``, any device) nor on the GPU (``cpu_offload_gb``).
 
-The model is built with uninitialised tensors (untouched memory costs nothing), then filled from its
-source one parameter at a time. ``UnitAssembler`` watches the parameters arrive; when a *unit* (the
-embedding, a decoder layer, the LM head) has all of its weights it is processed into its runtime
-layout (panels, quantized codes), written to the disk tier and freed. An untied embedding on CPU is
-instead mapped by rows, straight from the checkpoint's own safetensors file when the table there is
-stored as the model holds it (same dtype, one tensor, no tensor-parallel split), else from a raw copy
-in the offload folder. When every weight is in, the units that fit the budget are read back, in the
-order ``offload_weights`` keeps them (the embedding and head before decoder layers), and the rest
-stream from disk as usual. The peak is the budget plus the units being assembled: one at a time
-for sources grouped by unit (safetensors, GGUF, random shapes), more for llama2.c files, which store
-each matrix type for all layers together.
+The model is built on the CPU with uninitialised tensors (untouched memory costs nothing), then
+filled from its source one parameter at a time. ``UnitAssembler`` watches the parameters arrive;
+when a *unit* (the embedding, a decoder layer, the LM head) has all of its weights it moves to the
+device, is processed into its runtime layout (panels, quantized codes), stored in its tier (a file,
+or pinned CPU memory) and freed. An untied embedding on CPU is instead mapped by rows, straight from
+the checkpoint's own safetensors file when the table there is stored as the model holds it (same
+dtype, one tensor, no tensor-parallel split), else from a raw copy in the offload folder. When every
+weight is in, the units that fit the budget are taken back, in the order ``offload_weights`` keeps
+them (the embedding and head before decoder layers), and the rest stream as usual. The peak is the
+budget plus the units being assembled: one at a time for sources grouped by unit (safetensors, GGUF,
+random shapes), more for llama2.c files, which store each matrix type for all layers together.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 from tokenmill.logger import get_logger
 from tokenmill.models.loader import (fill_weights, map_checkpoint_tensor, open_model, process_module,
                                      process_weights_after_loading, safetensors_tensor_files)
-from tokenmill.offload.weights import (DiskTier, StoredUnit, WeightStreamer, _put, _return_freed_memory,
+from tokenmill.offload.weights import (DiskTier, HostTier, StoredUnit, WeightStreamer, _put, _return_freed_memory,
                                        choose_offloaded, model_units, report_offload, tensor_bytes, unit_tensors)
 
 logger = get_logger(__name__)
@@ -40,7 +40,9 @@ def _keyed_bytes(module: nn.Module) -> dict[object, int]:
 class UnitAssembler:
     """Processes, stores and frees each unit of ``model`` as soon as its last weight arrives."""
 
-    def __init__(self, model: nn.Module, tier: DiskTier, prepack: bool, checkpoint_files: dict[str, Path]):
+    def __init__(self, model: nn.Module, tier: DiskTier | HostTier, prepack: bool,
+                 checkpoint_files: dict[str, Path]):
+        """``model`` is on the CPU; a unit moves to the tier's device (a GPU) when complete, before processing."""
         self.model, self.tier, self.prepack = model, tier, prepack
         self.checkpoint_files = checkpoint_files
         self.units = model_units(model)
@@ -81,6 +83,7 @@ class UnitAssembler:
         # Every unit first: a tied head and embedding complete together and are both stored before
         # either frees the table they share.
         for index in indices:
+            self.units[index][1].to(self.tier.device)  # a no-op on CPU
             for module in self.units[index][1].modules():
                 if id(module) not in self.processed:
                     process_module(module, self.prepack)
@@ -111,7 +114,7 @@ class UnitAssembler:
     def _mappable(self, index: int, tensors: dict[str, torch.Tensor]) -> bool:
         """An untied embedding of one table on CPU: read by rows from a file instead of streamed."""
         name, module = self.units[index]
-        if name != "embedding" or list(tensors) != ["weight"]:
+        if name != "embedding" or list(tensors) != ["weight"] or self.tier.device.type != "cpu":
             return False
         return not any(p is module.weight for i, (_, other) in enumerate(self.units) if i != index
                        for p in other.parameters())
@@ -128,19 +131,21 @@ class UnitAssembler:
             self.mapped[index] = "its raw copy in the offload folder"
         _put(module, "weight", table)
 
-    def finish(self, resident_bytes: int, prefetch: bool) -> WeightStreamer:
-        """Processes what is in no unit, keeps resident the units that fit ``resident_bytes`` (read back from
-        disk) and streams the rest from their files."""
+    def finish(self, prefetch: bool, resident_bytes: int | None = None,
+               offload_bytes: int | None = None) -> WeightStreamer:
+        """Processes what is in no unit, keeps resident the units that fit ``resident_bytes`` (or all but
+        ``offload_bytes``; read back from the tier) and streams the rest."""
         incomplete = [self.units[i][0] for i, needed in enumerate(self.needed) if needed]
         if incomplete:
             raise RuntimeError(f"units {incomplete} never received all their weights")
+        self.model.to(self.tier.device)  # what is in no unit (norms, rotary tables) and the placeholders
         process_weights_after_loading(self.model, self.prepack, skip=self.processed)
         names = [name for name, _ in self.units]
         keyed = [self.keyed[i] for i in range(len(self.units))]
         in_units = {id(t) for _, module in self.units for t in unit_tensors(module).values()}
         outside = tensor_bytes([t for t in unit_tensors(self.model).values() if id(t) not in in_units])
         total = outside + sum({key: size for tensors in keyed for key, size in tensors.items()}.values())
-        chosen = choose_offloaded(names, keyed, total, resident_bytes=resident_bytes)
+        chosen = choose_offloaded(names, keyed, total, offload_bytes, resident_bytes)
         for index, (name, module) in enumerate(self.units):
             if index in chosen:
                 continue
@@ -163,13 +168,18 @@ class UnitAssembler:
 
 
 def load_within_budget(config, device: torch.device):
-    """``load_for_engine`` for ``offload_folder`` + ``max_weight_memory`` on CPU: (model, model_config)."""
+    """``load_for_engine`` with weight offload, offloading each unit as it loads: ``offload_folder`` with
+    ``max_weight_memory`` (any device), or ``cpu_offload_gb`` (CUDA). On a GPU the model is built on the
+    CPU (untouched memory) and each unit moves to the GPU when complete. Returns (model, model_config)."""
+    cpu = torch.device("cpu")
     module, model_config, weights, path = open_model(config.model, config.dtype, device, config.quantization,
-                                                     config.load_time_quantization())
-    tier = DiskTier(config.offload_folder, device)
+                                                     config.load_time_quantization(), build_device=cpu)
+    disk = config.offload_folder is not None
+    tier = DiskTier(config.offload_folder, device) if disk else HostTier(device)
     files = safetensors_tensor_files(path) if weights is not None and Path(path).is_dir() else {}
     assembler = UnitAssembler(module, tier, config.prepack_weights, files)
     fill_weights(module, weights, config.seed, on_loaded=assembler.loaded)
-    streamer = assembler.finish(config.max_weight_memory, config.offload_prefetch)
+    streamer = assembler.finish(config.offload_prefetch, resident_bytes=config.max_weight_memory if disk else None,
+                                offload_bytes=None if disk else int(config.cpu_offload_gb * 2**30))
     module.weight_streamer = streamer
     return module, model_config

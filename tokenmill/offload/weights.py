@@ -90,6 +90,10 @@ class HostTier:
         """Frees the pinned memory."""
         self._units.clear()
 
+    def take_back(self, key: str) -> dict[str, torch.Tensor]:
+        """Unit ``key``'s tensors on the device; its pinned copy is freed (the unit stays resident)."""
+        return {name: t.to(self.device) for name, t in self._units.pop(key).items()}
+
     def fetch(self, key: str):
         """Starts copying unit ``key`` to the device; ``ready`` makes the compute stream wait for it."""
         with torch.cuda.stream(self._stream):
