@@ -202,8 +202,6 @@ def _quantize(args) -> None:
 
 
 def _analyze(args) -> None:
-    import json
-
     from tokenmill.analysis import analyze
     from tokenmill.analysis.hardware import custom_hardware
     from tokenmill.analysis.report import explain, text_report
@@ -221,17 +219,10 @@ def _analyze(args) -> None:
         from tokenmill.analysis.measure import measure_engine
 
         result["measured"] = measure_engine(args.measure, report)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(text_report(report))
-        if args.explain:
-            print("\n" + explain(report))
-        if args.measure:
-            m = result["measured"]
-            print(f"\nmeasured on this machine ({args.measure}): TTFT {m['measured_ttft_s'] * 1e3:.1f} ms vs predicted "
-                  f"{m['predicted_ttft_s'] * 1e3:.1f} ms (x{m['ttft_ratio']:.2f}); {m['measured_ms_per_token']:.2f} ms/token "
-                  f"vs predicted {m['predicted_ms_per_token']:.2f} (x{m['ms_per_token_ratio']:.2f})")
+    _show_analysis(args, result, lambda: text_report(report), lambda: explain(report), lambda m: (
+        f"measured on this machine ({args.measure}): TTFT {m['measured_ttft_s'] * 1e3:.1f} ms vs predicted "
+        f"{m['predicted_ttft_s'] * 1e3:.1f} ms (x{m['ttft_ratio']:.2f}); {m['measured_ms_per_token']:.2f} ms/token "
+        f"vs predicted {m['predicted_ms_per_token']:.2f} (x{m['ms_per_token_ratio']:.2f})"))
     if args.plot:
         from tokenmill.analysis.plot import plot_report
 
@@ -240,8 +231,6 @@ def _analyze(args) -> None:
 
 
 def _analyze_offload(args, hardware) -> None:
-    import json
-
     from tokenmill.analysis import get_hardware, get_model_shape
     from tokenmill.analysis.hardware import AnalysisError
     from tokenmill.analysis.offload_plan import OffloadBudgets, plan_offload
@@ -269,16 +258,23 @@ def _analyze_offload(args, hardware) -> None:
         from tokenmill.analysis.measure import measure_offload
 
         result["measured"] = measure_offload(args.measure, plan)
+    _show_analysis(args, result, lambda: offload_text(plan), lambda: offload_explain(plan), lambda m: (
+        f"measured on this machine ({args.measure}, batch {m['batch_size']}): {m['measured_tokens_per_s']:.1f} "
+        f"output tokens/s vs predicted {m['predicted_tokens_per_s']:.1f} (x{m['tokens_per_s_ratio']:.2f})"))
+
+
+def _show_analysis(args, result: dict, text, explanation, measured_line) -> None:
+    """``result`` as JSON (``--json``), or the text report, with ``--explain`` and ``--measure`` lines."""
+    import json
+
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(offload_text(plan))
+    print(text())
     if args.explain:
-        print("\n" + offload_explain(plan))
+        print("\n" + explanation())
     if args.measure:
-        m = result["measured"]
-        print(f"\nmeasured on this machine ({args.measure}, batch {m['batch_size']}): {m['measured_tokens_per_s']:.1f} "
-              f"output tokens/s vs predicted {m['predicted_tokens_per_s']:.1f} (x{m['tokens_per_s_ratio']:.2f})")
+        print("\n" + measured_line(result["measured"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
