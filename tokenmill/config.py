@@ -334,7 +334,8 @@ class EngineConfig:
     instead of 1/N of every expert; attention stays tensor-parallel."""
     cpu_offload_gb: float = 0.0
     """CUDA: GiB of weights kept in pinned CPU memory and streamed to the GPU a unit (decoder layer, LM
-    head, embedding) at a time, decoder layers first."""
+    head, embedding) at a time, decoder layers first. With ``offload_folder``: the pinned part of what
+    ``max_weight_memory`` leaves off the GPU, the rest on disk."""
     offload_folder: str | None = None
     """Any device, with ``max_weight_memory``: weights past that budget are written here (safetensors) and
     read back a unit at a time."""
@@ -355,9 +356,6 @@ class EngineConfig:
             raise ValueError("offload_folder and max_weight_memory go together: the folder holds the weights past "
                              f"the budget (got offload_folder={self.offload_folder!r}, "
                              f"max_weight_memory={self.max_weight_memory!r})")
-        if self.cpu_offload_gb and self.offload_folder is not None:
-            raise ValueError("choose one weight offload: cpu_offload_gb (CUDA, pinned CPU memory) or offload_folder "
-                             "with max_weight_memory (disk)")
         if self.cache.has_kv_offload and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
             raise ValueError("KV offloading (kv_offload_memory / kv_offload_folder) runs in one process; got "
                              f"tensor_parallel_size {self.tensor_parallel_size} x pipeline_parallel_size "

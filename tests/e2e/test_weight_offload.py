@@ -123,6 +123,8 @@ def test_offload_options_are_checked_naming_them(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cpu_offload_gb streams weights from CPU memory to a GPU; the device is cpu"):
             LLM("tiny-llama", device="cpu", cpu_offload_gb=0.001)
+        with pytest.raises(ValueError, match="cpu_offload_gb streams weights from CPU memory to a GPU; the device is cpu"):
+            LLM("tiny-llama", device="cpu", cpu_offload_gb=0.001, offload_folder=str(tmp_path), max_weight_memory=1)
 
 
 _MEASURE = textwrap.dedent("""
@@ -213,3 +215,27 @@ def test_cpu_offload_gb_loads_without_the_whole_model_on_the_gpu():
     out = llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=4, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_weights_split_between_pinned_memory_and_disk(checkpoint, make_llm, tmp_path):
+    """``cpu_offload_gb`` with ``offload_folder``: nothing stays on the GPU, half the bytes go to pinned
+    memory (the first units to stream) and the rest to files; the same tokens."""
+    from tokenmill.offload.weight_tiers import SplitTier
+
+    folder = checkpoint("llama")
+    prompts, params = mixed_workload()
+    whole = make_llm(folder, dtype="float32", device="cuda", block_size=4)
+    expected = tokens(whole.generate(prompts, params, use_tqdm=False))
+    total = _weight_bytes(whole)
+    llm = make_llm(folder, dtype="float32", device="cuda", block_size=4, offload_folder=tmp_path,
+                   max_weight_memory=1, cpu_offload_gb=0.5 * total / 2**30)
+    streamer = llm.engine.core.runner.model.weight_streamer
+    tier = streamer.tier
+    assert isinstance(tier, SplitTier)
+    pinned = [name for name in streamer.names if tier.tier_of(name) is tier.host]
+    on_disk = [name for name in streamer.names if tier.tier_of(name) is tier.disk]
+    assert pinned == streamer.names[:len(pinned)] and pinned and on_disk  # the first to stream are pinned
+    assert 0 < tier.host_used <= 0.5 * total
+    assert len(list(tmp_path.glob("*/unit-*.safetensors"))) == len(on_disk)
+    assert tokens(llm.generate(prompts, params, use_tqdm=False)) == expected

@@ -3,6 +3,7 @@ batch leaves for weights, transfer over the tier's bandwidth, overlap, and the b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -54,6 +55,20 @@ def test_each_batch_keeps_what_fits_and_streams_the_rest_in_the_engines_order():
     assert total - 4 * LAYER + 2 * LAYER > room  # the four layers alone would not do
     assert second.transfer_s == pytest.approx((4 * LAYER + TABLE) / 1e9)  # over the 1 GB/s link
     assert [p.batch_size for p in plan.sweep] == [1, 2]  # batch 4's KV cache leaves too little room
+
+
+def test_on_a_gpu_the_first_units_to_stream_fill_the_cpu_tier_and_the_rest_go_to_disk():
+    """The engine's SplitTier: with CPU memory for two layers, batch 2 of the case above pins layers 0 and 1
+    and reads layers 2, 3 and the head from disk (at the disk's 100 MB/s, slower than the 1 GB/s link)."""
+    activation = activation_bytes_per_sequence(TOY, 64, "fp16")
+    memory = 4 * LAYER + 2 * TABLE + KV_PER_SEQUENCE + activation + 1000
+    plan = plan_offload(TOY, HW, _budgets(memory, cpu_memory=2 * LAYER + 10), input_len=64, output_len=64)
+    second = plan.sweep[1]
+    assert second.tier == "cpu+disk" and second.cpu_bytes == 2 * LAYER
+    assert second.transfer_s == pytest.approx(2 * LAYER / 1e9 + (2 * LAYER + TABLE) / 1e8)
+    options = dataclasses.replace(plan, best=second).engine_options()  # as if batch 2 were the fastest
+    assert options["max_weight_memory"] == TABLE + 1
+    assert 2 * LAYER <= options["cpu_offload_gb"] * 2**30 < 3 * LAYER  # room for exactly layers 0 and 1
 
 
 WIDE = ModelShape(name="wide", num_layers=8, hidden_size=256, num_heads=4, num_kv_heads=1, head_dim=64,

@@ -12,7 +12,9 @@ The model follows the engine (``offload/weights.py``) and FlexGen's cost model:
   ``max(compute, transfer)`` with prefetch (the next unit arrives while this one computes) and
   ``compute + transfer`` without; compute is the roofline's decode step at that batch, transfer the
   streamed bytes over the tier's bandwidth (CPU memory over the host link; disk at the disk's
-  bandwidth, and no faster than the link on a GPU). On a CPU device an offloaded embedding is read
+  bandwidth, and no faster than the link on a GPU). On a GPU the first units to stream fill the CPU
+  tier and the rest go to disk, as the engine places them with both ``cpu_offload_gb`` and
+  ``offload_folder``. On a CPU device an offloaded embedding is read
   by rows from its file: it costs no transfer.
 - Prefill computes ``batch x input_len`` tokens in steps of ``max_num_batched_tokens``, each moving
   the offloaded units once. Throughput = batch x output_len / (prefill + output_len decode steps).
@@ -89,8 +91,10 @@ class PlacementPoint:
     batch_size: int
     resident_bytes: float
     offloaded_bytes: float
+    cpu_bytes: float
+    """Of the offloaded bytes, those in pinned CPU memory (the rest are on disk)."""
     tier: str
-    """Where the offloaded units live: ``none``, ``cpu`` (pinned CPU memory) or ``disk``."""
+    """Where the offloaded units live: ``none``, ``cpu`` (pinned CPU memory), ``disk`` or ``cpu+disk``."""
     num_offloaded_units: int
     kv_cache_bytes: float
     activation_bytes: float
@@ -133,6 +137,9 @@ class OffloadPlan:
             options["cpu_offload_gb"] = round(best.offloaded_bytes / 2**30, 3)
         elif best.tier == "disk":
             options["max_weight_memory"] = int(best.resident_bytes) + 1
+        elif best.tier == "cpu+disk":  # the engine fills pinned memory in streaming order, as planned
+            options["max_weight_memory"] = int(best.resident_bytes) + 1
+            options["cpu_offload_gb"] = best.cpu_bytes / 2**30  # exact: bytes / 2^30 is a binary fraction
         return options
 
     def to_dict(self) -> dict:
@@ -168,17 +175,25 @@ def _point(shape: ModelShape, hw: Hardware, budgets: OffloadBudgets, units: list
     if chosen is None:
         return None
     offloaded = sum(units[i].bytes for i in chosen)
-    if not chosen:
-        tier, bandwidth = "none", 1.0
-    elif budgets.device_is_cpu:
-        tier, bandwidth = "disk", budgets.disk_bandwidth
-    elif offloaded <= budgets.cpu_memory:
-        tier, bandwidth = "cpu", budgets.link_bandwidth
-    else:  # the engine keeps offloaded weights in one tier: all of them on disk, read through the host
-        tier, bandwidth = "disk", min(budgets.disk_bandwidth, budgets.link_bandwidth)
-    streamed = sum(units[i].bytes * units[i].reads_per_step for i in chosen
-                   if not (budgets.device_is_cpu and units[i].name == "embedding"))  # read by rows from its file
-    transfer = streamed / bandwidth
+    # On a GPU the units stream in execution order; the first go to pinned memory while they fit the CPU
+    # tier, the rest to disk, read through the host (``SplitTier``). On a CPU device: all on disk.
+    pinned: list[int] = []
+    if not budgets.device_is_cpu:
+        for i in sorted(chosen):
+            if sum(units[j].bytes for j in pinned) + units[i].bytes > budgets.cpu_memory:
+                break
+            pinned.append(i)
+    on_disk = [i for i in chosen if i not in pinned]
+    tier = "none" if not chosen else "+".join(name for name, part in (("cpu", pinned), ("disk", on_disk)) if part)
+    disk_bandwidth = budgets.disk_bandwidth if budgets.device_is_cpu else min(budgets.disk_bandwidth,
+                                                                             budgets.link_bandwidth)
+
+    def streamed(indices: list[int]) -> float:  # on a CPU device an embedding is read by rows from its file
+        return sum(units[i].bytes * units[i].reads_per_step for i in indices
+                   if not (budgets.device_is_cpu and units[i].name == "embedding"))
+
+    transfer = streamed(pinned) / budgets.link_bandwidth + streamed(on_disk) / disk_bandwidth
+    cpu_bytes = sum(units[i].bytes for i in pinned)
     in_flight = sum(sorted((units[i].bytes for i in chosen), reverse=True)[:2])
     compute = phase_ops(shape, hw, batch, 1, input_len + output_len // 2, dtype, kv_dtype, 1, "decode").time_s
     prefill_compute = phase_ops(shape, hw, batch, input_len, input_len, dtype, kv_dtype, 1, "prefill").time_s
@@ -188,8 +203,8 @@ def _point(shape: ModelShape, hw: Hardware, budgets: OffloadBudgets, units: list
     else:
         step, prefill = compute + transfer, prefill_compute + prefill_steps * transfer
     tokens_per_s = batch * output_len / (prefill + output_len * step)
-    return PlacementPoint(batch, sum(u.bytes for u in units) - offloaded, offloaded, tier, len(chosen), kv,
-                          activations, in_flight, compute, transfer, step, prefill, tokens_per_s)
+    return PlacementPoint(batch, sum(u.bytes for u in units) - offloaded, offloaded, cpu_bytes, tier, len(chosen),
+                          kv, activations, in_flight, compute, transfer, step, prefill, tokens_per_s)
 
 
 def plan_offload(shape: ModelShape, hw: Hardware, budgets: OffloadBudgets, input_len: int = 512,

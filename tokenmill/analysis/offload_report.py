@@ -46,12 +46,12 @@ def offload_text(plan: OffloadPlan) -> str:
            f"tiers: {tiers}",
            f"units: {len(layers)} layers of {layers[0].bytes / MiB:.1f} MiB; {others}",
            "",
-           f"  {'batch':>5} {'resident':>9} {'offloaded':>10} {'tier':>5} {'KV cache':>9} {'device':>9} "
+           f"  {'batch':>5} {'resident':>9} {'offloaded':>10} {'tier':>9} {'KV cache':>9} {'device':>9} "
            f"{'transfer':>9} {'step':>9} {'prefill':>9} {'tokens/s':>9}  bound",
-           f"  {'':>5} {unit:>9} {unit:>10} {'':>5} {unit:>9} {'ms':>9} {'ms':>9} {'ms':>9} {'s':>9}"]
+           f"  {'':>5} {unit:>9} {unit:>10} {'':>9} {unit:>9} {'ms':>9} {'ms':>9} {'ms':>9} {'s':>9}"]
     for p in plan.sweep:
         mark = "  <- chosen" if p is best else ""
-        out.append(f"  {p.batch_size:>5} {p.resident_bytes / size:>9.2f} {p.offloaded_bytes / size:>10.2f} {p.tier:>5} "
+        out.append(f"  {p.batch_size:>5} {p.resident_bytes / size:>9.2f} {p.offloaded_bytes / size:>10.2f} {p.tier:>9} "
                    f"{p.kv_cache_bytes / size:>9.2f} {1e3 * p.decode_compute_s:>9.2f} {1e3 * p.transfer_s:>9.2f} "
                    f"{1e3 * p.decode_step_s:>9.2f} {p.prefill_s:>9.2f} {_rate(p.tokens_per_s):>9}  {p.bound}{mark}")
     first = plan.sweep[0]
@@ -61,7 +61,8 @@ def offload_text(plan: OffloadPlan) -> str:
         out.append(f"  everything stays on the device: {_size(best.resident_bytes)} of weights and "
                    f"{_size(best.kv_cache_bytes)} of KV cache")
     else:
-        where = "pinned CPU memory" if best.tier == "cpu" else "disk"
+        where = {"cpu": "pinned CPU memory", "disk": "disk",
+                 "cpu+disk": f"pinned CPU memory ({_size(best.cpu_bytes)}) and on disk"}[best.tier]
         out.append(f"  {best.num_offloaded_units} of {len(units)} units ({_size(best.offloaded_bytes)}) live in "
                    f"{where}; every step moves them once, {1e3 * best.transfer_s:.1f} ms, shared by the batch's "
                    f"{best.batch_size} sequences; the device's own step takes {1e3 * best.decode_compute_s:.1f} ms, "
@@ -83,8 +84,7 @@ def offload_text(plan: OffloadPlan) -> str:
 def offload_explain(plan: OffloadPlan) -> str:
     """The cost model's formulas with the chosen batch's numbers filled in."""
     b, p = plan.budgets, plan.best
-    bandwidth = b.link_bandwidth if p.tier == "cpu" else (
-        b.disk_bandwidth if b.device_is_cpu else min(b.disk_bandwidth, b.link_bandwidth))
+    disk_bandwidth = b.disk_bandwidth if b.device_is_cpu else min(b.disk_bandwidth, b.link_bandwidth)
     steps = -(-p.batch_size * plan.input_len // b.max_num_batched_tokens)
     lines = ["How the numbers are derived (chosen batch):",
              f"  device memory {_size(b.device_memory)} >= resident weights {_size(p.resident_bytes)} + KV cache "
@@ -92,8 +92,10 @@ def offload_explain(plan: OffloadPlan) -> str:
              f"{_size(p.activation_bytes)} + two units in flight {_size(p.in_flight_bytes)}; units leave the device "
              "in the engine's order: decoder layers, the LM head, the embedding"]
     if p.tier != "none":
-        lines.append(f"  transfer per step = streamed bytes / bandwidth = {_size(p.transfer_s * bandwidth)} / "
-                     f"{bandwidth / 1e9:.2f} GB/s = {1e3 * p.transfer_s:.1f} ms")
+        lines.append(f"  transfer per step = pinned bytes / {b.link_bandwidth / 1e9:.2f} GB/s (host link) + disk bytes / "
+                     f"{disk_bandwidth / 1e9:.2f} GB/s = {1e3 * p.transfer_s:.1f} ms ({_size(p.cpu_bytes)} pinned, "
+                     f"{_size(p.offloaded_bytes - p.cpu_bytes)} on disk; a tied table counts twice, a table read by "
+                     "rows not at all)")
     lines += [f"  decode step = {'max' if b.prefetch else 'sum'}(device step {1e3 * p.decode_compute_s:.2f} ms (the "
               f"roofline at batch {p.batch_size}), transfer {1e3 * p.transfer_s:.2f} ms) = "
               f"{1e3 * p.decode_step_s:.2f} ms",

@@ -25,8 +25,10 @@ from torch import nn
 from tokenmill.logger import get_logger
 from tokenmill.models.loader import (fill_weights, map_checkpoint_tensor, open_model, process_module,
                                      process_weights_after_loading, safetensors_tensor_files)
-from tokenmill.offload.weights import (DiskTier, HostTier, StoredUnit, WeightStreamer, _put, _return_freed_memory,
-                                       choose_offloaded, model_units, report_offload, tensor_bytes, unit_tensors)
+from tokenmill.offload.weight_tiers import DiskTier, HostTier, SplitTier
+from tokenmill.offload.weights import (StoredUnit, WeightStreamer, _put, _return_freed_memory,
+                                       check_cpu_offload_device, choose_offloaded, model_units, report_offload,
+                                       tensor_bytes, unit_tensors)
 
 logger = get_logger(__name__)
 
@@ -40,7 +42,7 @@ def _keyed_bytes(module: nn.Module) -> dict[object, int]:
 class UnitAssembler:
     """Processes, stores and frees each unit of ``model`` as soon as its last weight arrives."""
 
-    def __init__(self, model: nn.Module, tier: DiskTier | HostTier, prepack: bool,
+    def __init__(self, model: nn.Module, tier: DiskTier | HostTier | SplitTier, prepack: bool,
                  checkpoint_files: dict[str, Path]):
         """``model`` is on the CPU; a unit moves to the tier's device (a GPU) when complete, before processing."""
         self.model, self.tier, self.prepack = model, tier, prepack
@@ -158,6 +160,8 @@ class UnitAssembler:
                 del self.stored[name]
         streamed = [(name, module) for index, (name, module) in enumerate(self.units)
                     if index in chosen and index not in self.mapped]
+        if isinstance(self.tier, SplitTier):  # the first units to stream go to pinned memory while they fit
+            self.tier.place([name for name, _ in streamed], [self.stored[name].nbytes for name, _ in streamed])
         streamer = WeightStreamer(streamed, self.tier, prefetch, stored=self.stored)
         streamer.stats.mapped_bytes = tensor_bytes([t for i in self.mapped
                                                     for t in unit_tensors(self.units[i][1]).values()])
@@ -169,17 +173,22 @@ class UnitAssembler:
 
 def load_within_budget(config, device: torch.device):
     """``load_for_engine`` with weight offload, offloading each unit as it loads: ``offload_folder`` with
-    ``max_weight_memory`` (any device), or ``cpu_offload_gb`` (CUDA). On a GPU the model is built on the
-    CPU (untouched memory) and each unit moves to the GPU when complete. Returns (model, model_config)."""
+    ``max_weight_memory`` (any device), ``cpu_offload_gb`` (CUDA), or both (CUDA: what leaves the GPU goes
+    to pinned memory up to ``cpu_offload_gb``, the rest to files). On a GPU the model is built on the CPU
+    (untouched memory) and each unit moves to the GPU when complete. Returns (model, model_config)."""
+    check_cpu_offload_device(config, device)
     cpu = torch.device("cpu")
     module, model_config, weights, path = open_model(config.model, config.dtype, device, config.quantization,
                                                      config.load_time_quantization(), build_device=cpu)
-    disk = config.offload_folder is not None
-    tier = DiskTier(config.offload_folder, device) if disk else HostTier(device)
+    disk, pinned = config.offload_folder is not None, int(config.cpu_offload_gb * 2**30)
+    if disk and pinned:
+        tier = SplitTier(HostTier(device), DiskTier(config.offload_folder, device), pinned)
+    else:
+        tier = DiskTier(config.offload_folder, device) if disk else HostTier(device)
     files = safetensors_tensor_files(path) if weights is not None and Path(path).is_dir() else {}
     assembler = UnitAssembler(module, tier, config.prepack_weights, files)
     fill_weights(module, weights, config.seed, on_loaded=assembler.loaded)
     streamer = assembler.finish(config.offload_prefetch, resident_bytes=config.max_weight_memory if disk else None,
-                                offload_bytes=None if disk else int(config.cpu_offload_gb * 2**30))
+                                offload_bytes=None if disk else pinned)
     module.weight_streamer = streamer
     return module, model_config

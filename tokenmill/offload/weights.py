@@ -1,10 +1,9 @@
 """Weight offloading: parts of the model whose weights live off the compute device and visit it only for
 their own forward pass (FlexGen / ZeRO-Inference style, one unit at a time).
 
-A *unit* is a decoder layer, the LM head or the token embedding. Two tiers hold offloaded units:
-- ``HostTier`` (CUDA, ``cpu_offload_gb``): pinned host memory, copied to the GPU on a side stream;
-- ``DiskTier`` (any device, ``offload_folder`` with ``max_weight_memory``): one safetensors file per
-  unit, written once after loading, read back by a background thread.
+A *unit* is a decoder layer, the LM head or the token embedding. Offloaded units live in a tier
+(``weight_tiers.py``): pinned host memory (``cpu_offload_gb``, CUDA), files (``offload_folder`` with
+``max_weight_memory``, any device), or both at once on CUDA.
 
 ``WeightStreamer`` hooks each offloaded unit: before its forward the unit's tensors are put in place
 (waiting for them if they are still arriving) and, with ``prefetch``, the next offloaded unit starts
@@ -17,18 +16,13 @@ packed again on arrival: the same packed bytes, so the same results); model code
 from __future__ import annotations
 
 import ctypes
-import json
-import shutil
-import tempfile
-import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from tokenmill.logger import get_logger
+from tokenmill.offload.weight_tiers import DiskTier, HostTier
 
 logger = get_logger(__name__)
 
@@ -73,119 +67,6 @@ def _put(unit: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
     else:
         setattr(module, leaf, tensor)
-
-
-class HostTier:
-    """Offloaded units in pinned host memory; copies to the CUDA device run on a side stream."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.name = device, "pinned CPU memory"
-        self._stream = torch.cuda.Stream(device)
-        self._units: dict[int, dict[str, torch.Tensor]] = {}
-
-    def store(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        self._units[key] = {name: t.detach().cpu().pin_memory() for name, t in tensors.items()}
-
-    def close(self) -> None:
-        """Frees the pinned memory."""
-        self._units.clear()
-
-    def take_back(self, key: str) -> dict[str, torch.Tensor]:
-        """Unit ``key``'s tensors on the device; its pinned copy is freed (the unit stays resident)."""
-        return {name: t.to(self.device) for name, t in self._units.pop(key).items()}
-
-    def fetch(self, key: str):
-        """Starts copying unit ``key`` to the device; ``ready`` makes the compute stream wait for it."""
-        with torch.cuda.stream(self._stream):
-            copies = {name: t.to(self.device, non_blocking=True) for name, t in self._units[key].items()}
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        return copies, event
-
-    def ready(self, fetched) -> dict[str, torch.Tensor]:
-        copies, event = fetched
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_event(event)
-        for tensor in copies.values():
-            tensor.record_stream(compute)  # allocated on the side stream: not reused before compute is done
-        return copies
-
-
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                       torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-                       torch.bool: "BOOL"}
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """A safetensors file written from the tensors' own memory (``save_file`` first copies each into a bytes
-    object, which would double a large unit's footprint while it is stored). Tensors: contiguous, on CPU."""
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        for t in tensors.values():
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-
-
-class DiskTier:
-    """Offloaded units as safetensors files in ``folder``, read back by a background thread."""
-
-    def __init__(self, folder: str | Path, device: torch.device):
-        """Writes into a fresh subfolder of ``folder`` (one per engine and rank), removed with the tier."""
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        self.folder, self.device = Path(tempfile.mkdtemp(prefix="tokenmill-weights-", dir=folder)), device
-        self.name = f"disk ({self.folder})"
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-offload-read")
-        self.close = weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
-        """Removes the files (at the latest when the process exits)."""
-
-    def _path(self, key: str) -> Path:
-        return self.folder / f"unit-{key.replace(' ', '-')}.safetensors"
-
-    def store(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        packed = [name for name, t in tensors.items() if t.layout == torch._mkldnn]
-        plain = {name: (t.to_dense() if name in packed else t).detach().cpu().contiguous()
-                 for name, t in tensors.items()}
-        write_safetensors(self._path(key), plain, {"prepacked": ",".join(packed)})
-
-    def fetch(self, key: str) -> Future:
-        return self._reader.submit(self._read, key)
-
-    def take_back(self, key: str) -> dict[str, torch.Tensor]:
-        """Unit ``key``'s tensors, read now; its file is removed (the unit stays resident)."""
-        tensors = self._read(key)
-        self._path(key).unlink()
-        return tensors
-
-    def _read(self, key: str) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        from tokenmill.layers.quantization.methods import prepack_linear_weight
-
-        with safe_open(str(self._path(key)), framework="pt") as f:
-            packed = set(filter(None, f.metadata()["prepacked"].split(",")))
-            tensors = {name: f.get_tensor(name).to(self.device) for name in f.keys()}
-        return {name: prepack_linear_weight(t) if name in packed else t for name, t in tensors.items()}
-
-    def ready(self, fetched: Future) -> dict[str, torch.Tensor]:
-        return fetched.result()
-
-    def map_rows(self, name: str, table: torch.Tensor) -> torch.Tensor:
-        """``table`` (V, H) written to a raw file and mapped back: a lookup reads only its rows' pages
-        (file-backed memory the system can drop again), never the whole table."""
-        path = self.folder / f"{name}.bin"
-        plain = table.detach().cpu().contiguous()
-        plain.view(torch.uint8).numpy().tofile(path)
-        return torch.from_file(str(path), shared=True, size=plain.numel(), dtype=plain.dtype).view(plain.shape)
 
 
 @dataclass
@@ -367,14 +248,19 @@ def report_offload(model: nn.Module, streamer: WeightStreamer, num_units: int, r
                        resident_bytes / 2**20)
 
 
+def check_cpu_offload_device(config, device: torch.device) -> None:
+    """ValueError if ``cpu_offload_gb`` is asked for where there is no GPU to stream to."""
+    if config.cpu_offload_gb and device.type != "cuda":
+        raise ValueError(f"cpu_offload_gb streams weights from CPU memory to a GPU; the device is {device}. "
+                         "On CPU, give offload_folder and max_weight_memory (weights on disk)")
+
+
 def apply_weight_offload(model: nn.Module, config, device: torch.device) -> WeightStreamer | None:
     """The weight offload ``config`` (an EngineConfig) asks for, applied to ``model`` (this rank's part,
     loaded): ``cpu_offload_gb`` on CUDA, or ``offload_folder`` with ``max_weight_memory``; None for neither.
     The streamer is kept on the model as ``weight_streamer`` (the C++ decode step then stays off)."""
+    check_cpu_offload_device(config, device)
     if config.cpu_offload_gb:
-        if device.type != "cuda":
-            raise ValueError(f"cpu_offload_gb streams weights from CPU memory to a GPU; the device is {device}. "
-                             "On CPU, give offload_folder and max_weight_memory (weights on disk)")
         streamer = offload_weights(model, HostTier(device), offload_bytes=int(config.cpu_offload_gb * 2**30),
                                    prefetch=config.offload_prefetch)
     elif config.offload_folder is not None:
