@@ -41,7 +41,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="processes that each hold a range of the layers, one batch in flight per stage (CPU, gloo); "
                         "combines with --tensor-parallel-size")
     p.add_argument("--cpu-offload-gb", type=float, default=0.0,
-                   help="CUDA: GiB of weights kept in pinned CPU memory and streamed to the GPU unit by unit")
+                   help="CUDA: GiB of weights kept in pinned CPU memory and streamed to the GPU unit by unit "
+                        "(with --offload-folder: the pinned part of what leaves the GPU, the rest on disk)")
     p.add_argument("--offload-folder", help="with --max-weight-memory: weights past the budget go to files here")
     p.add_argument("--max-weight-memory", help="with --offload-folder: the most weight memory kept resident, "
                                                "e.g. 32MiB")

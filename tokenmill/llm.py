@@ -81,7 +81,8 @@ class LLM:
         pipeline_parallel_size: processes that each hold a contiguous range of the layers, one batch
             in flight per stage (CPU, gloo); with tensor parallelism, tp x pp processes.
         cpu_offload_gb: CUDA: GiB of weights kept in pinned CPU memory, streamed to the GPU a unit
-            (decoder layer, LM head, embedding) at a time.
+            (decoder layer, LM head, embedding) at a time; with ``offload_folder``, the pinned part of
+            what ``max_weight_memory`` leaves off the GPU (the rest on disk).
         offload_folder, max_weight_memory: any device: weights past the budget (bytes, GiB as a
             float, or a string like ``"32MiB"``) are written to the folder and read back a unit at a time.
         offload_prefetch: move the next offloaded unit while the current one computes.
