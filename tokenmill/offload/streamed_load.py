@@ -93,8 +93,10 @@ class UnitAssembler:
             self.keyed[index] = _keyed_bytes(self.units[index][1])
         for index in indices:
             self._store(index)
-        in_use = {id(p) for i in self.mapped for p in self.units[i][1].parameters()}  # e.g. a table a quantized
-        for index in indices:  # head no longer shares; then freed, placeholders in their place
+        # A mapped table stays, even where another unit held the same Parameter before processing replaced
+        # it there (a tied head that became panels or codes). The rest is freed, placeholders in its place.
+        in_use = {id(p) for i in self.mapped for p in self.units[i][1].parameters()}
+        for index in indices:
             name, module = self.units[index]
             if index not in self.mapped:
                 for tensor_name, placeholder in self.stored[name].placeholders.items():
