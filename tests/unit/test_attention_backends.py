@@ -41,6 +41,67 @@ def test_decode_kernel_matches_portable_backend(cpu_backend, dtype, num_heads, n
     torch.testing.assert_close(ours.float(), reference.float(), atol=tolerance, rtol=tolerance)
 
 
+
+def _decode_inputs(dtype, num_heads, num_kv_heads, head_dim, seq_lens, block_size, seed=0):
+    """A shuffled block pool, per-request block tables and queries for a decode step."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(seq_lens) // block_size + 1
+    num_blocks = len(seq_lens) * width + 3
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = order[:len(seq_lens) * width].view(len(seq_lens), width)  # (D, W), no block shared
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype)
+    lens = torch.tensor(seq_lens)
+    mask = (torch.arange(max(seq_lens)) < lens[:, None])[:, None, None, :]
+    md = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=len(seq_lens),
+                           decode_block_tables=tables, decode_seq_lens=lens, max_decode_seq_len=max(seq_lens),
+                           decode_mask=mask)
+    return q, cache, md
+
+
+# Contexts over many blocks (and ending inside one), blocks of 4-32 tokens; groups of 1-8 query heads
+# (6 per KV head has no compiled case and takes the generic loop).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (12, 2, 64), (16, 2, 128), (4, 4, 128)])
+@pytest.mark.parametrize("block_size", [16, 4, 32])
+def test_decode_kernel_long_contexts_match_portable_backend(cpu_backend, dtype, num_heads, num_kv_heads, head_dim,
+                                                            block_size):
+    q, cache, md = _decode_inputs(dtype, num_heads, num_kv_heads, head_dim, [1, 15, 16, 17, 50, 203], block_size)
+    ours = cpu_backend._decode(q, cache[0], cache[1], md, head_dim ** -0.5)
+    reference = TorchPagedAttention()._decode(q.float(), cache[0].float(), cache[1].float(), md, head_dim ** -0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), reference, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (16, 2, 128)])
+def test_decode_kernel_output_does_not_depend_on_the_batch(cpu_backend, dtype, num_heads, num_kv_heads, head_dim):
+    """A request's attention output has the same bits alone and among others in a batch (the C++ decode
+    step and continuous batching rely on it)."""
+    q, cache, md = _decode_inputs(dtype, num_heads, num_kv_heads, head_dim, [37, 5, 130, 64, 16, 99, 3, 250], 16)
+    batched = cpu_backend._decode(q, cache[0], cache[1], md, head_dim ** -0.5)
+    for row in range(q.shape[0]):
+        one = AttentionMetadata(slot_mapping=md.slot_mapping, num_decodes=1,
+                                decode_block_tables=md.decode_block_tables[row:row + 1],
+                                decode_seq_lens=md.decode_seq_lens[row:row + 1],
+                                max_decode_seq_len=int(md.decode_seq_lens[row]), decode_mask=None)
+        alone = cpu_backend._decode(q[row:row + 1], cache[0], cache[1], one, head_dim ** -0.5)
+        assert torch.equal(alone[0], batched[row]), f"request {row} changed with the batch"
+
+
+def test_write_kv_copies_rows_to_their_slots_and_skips_padding(cpu_backend):
+    kernels = cpu_backend.kernels
+    key_cache, value_cache = torch.zeros(2, 3, 4, 2, 8, dtype=torch.bfloat16)  # (blocks, bs, nkv, d) each
+    qkv = torch.randn(3, 5 * 16, dtype=torch.bfloat16)  # rows hold q, k, v side by side: k and v are strided
+    k, v = qkv[:, 16:32].view(3, 2, 8), qkv[:, 32:48].view(3, 2, 8)
+    kernels.write_kv(k, v, key_cache, value_cache, torch.tensor([5, -1, 11]))
+    flat_k, flat_v = key_cache.view(12, 2, 8), value_cache.view(12, 2, 8)
+    assert torch.equal(flat_k[5], k[0]) and torch.equal(flat_k[11], k[2])
+    assert torch.equal(flat_v[5], v[0]) and torch.equal(flat_v[11], v[2])
+    assert int((flat_k != 0).any(-1).any(-1).sum()) == 2 and int((flat_v != 0).any(-1).any(-1).sum()) == 2
+    with pytest.raises(RuntimeError, match="slot 12 is past the cache's 12 slots"):
+        kernels.write_kv(k, v, key_cache, value_cache, torch.tensor([0, 1, 12]))
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_engine_parity_on_each_backend(backend, checkpoint, make_llm, monkeypatch):
     """Greedy tokens under mixed lengths, chunking and preemption are the same on every backend

@@ -7,6 +7,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention");
   m.def("paged_decode_attention_int8", &paged_decode_attention_int8, "paged decode attention, int8 KV cache");
   m.def("paged_decode_attention_fp8", &paged_decode_attention_fp8, "paged decode attention, fp8 e4m3 KV cache");
+  m.def("write_kv", &write_kv, "float KV cache write: new rows to their slots");
   m.def("write_kv_int8", &write_kv_int8, "int8 KV cache write: quantize and store new rows");
   m.def("add_rms_norm", &add_rms_norm, "residual += delta; RMSNorm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");

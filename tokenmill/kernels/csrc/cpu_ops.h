@@ -11,6 +11,8 @@ torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor key_cod
 torch::Tensor paged_decode_attention_fp8(torch::Tensor q, torch::Tensor key_bytes, torch::Tensor value_bytes,
                                          double k_scale, double v_scale, torch::Tensor block_tables,
                                          torch::Tensor seq_lens, double scale);
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor key_cache, torch::Tensor value_cache,
+              torch::Tensor slot_mapping);
 void write_kv_int8(torch::Tensor k, torch::Tensor v, torch::Tensor key_codes, torch::Tensor value_codes,
                    torch::Tensor key_scales, torch::Tensor value_scales, torch::Tensor slot_mapping);
 torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> delta, torch::Tensor weight,

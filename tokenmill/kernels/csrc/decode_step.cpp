@@ -4,8 +4,9 @@
 // cache write, attention, activation), each paying ~5-10 us of module dispatch, tensor checks and
 // environment lookups: at batch 1 that is several milliseconds beside ~10 ms of weight streaming.
 // This loop calls the very kernels the Python path calls (add_rms_norm, quant_linear, the oneDNN
-// prepacked linear, rotary_inplace, the KV write, paged decode attention), in the same order and
-// dtypes, so its output is bit-identical to the Python forward; only the interpreter is gone.
+// prepacked linear, rotary_inplace, paged decode attention), in the same order and dtypes, and
+// write_kv copies the rows index_copy_ copies there, so its output is bit-identical to the Python
+// forward; only the interpreter is gone.
 #include "decode_step.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -68,9 +69,7 @@ torch::Tensor DecodeStep::attend(const DecodeLayer& layer, const torch::Tensor& 
                                        block_tables, seq_lens, scale_);
   }
   const auto key_cache = cache.select(0, 0), value_cache = cache.select(0, 1);  // (blocks, bs, nkv, d)
-  const int64_t slots = key_cache.size(0) * key_cache.size(1);
-  key_cache.view({slots, num_kv_heads_, head_dim_}).index_copy_(0, slot_mapping, k);
-  value_cache.view({slots, num_kv_heads_, head_dim_}).index_copy_(0, slot_mapping, v);
+  write_kv(k, v, key_cache, value_cache, slot_mapping);
   return paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, scale_);
 }
 

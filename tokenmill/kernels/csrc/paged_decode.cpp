@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512BF16__)
@@ -192,6 +193,36 @@ torch::Tensor paged_decode_attention_fp8(torch::Tensor q, torch::Tensor key_byte
   });
   if (v_scale != 1.0) out.mul_(v_scale);
   return out;
+}
+
+// The float KV cache's write: each new token's K and V rows (all KV heads) copied to its slot in
+// key_cache/value_cache (blocks, bs, nkv, d); slots < 0 (padding) are skipped. What index_copy_ does,
+// without its per-call dispatch and checks (the C++ decode step calls this once per layer).
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor key_cache, torch::Tensor value_cache,
+              torch::Tensor slot_mapping) {
+  TORCH_CHECK(k.dim() == 3 && key_cache.dim() == 4 && k.scalar_type() == key_cache.scalar_type() &&
+                  v.scalar_type() == value_cache.scalar_type() && k.size(1) * k.size(2) == key_cache.size(2) * key_cache.size(3),
+              "write_kv: k, v (T, nkv, d) and caches (blocks, bs, nkv, d) of one dtype expected");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "KV caches must be contiguous");
+  // Rows may sit apart (k and v are slices of the fused qkv output); each row's heads must be packed.
+  const auto packed_rows = [](const torch::Tensor& x) { return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous(); };
+  k = packed_rows(k);
+  v = packed_rows(v);
+  slot_mapping = slot_mapping.contiguous();
+  const int64_t row_bytes = k.size(1) * k.size(2) * k.element_size();
+  const int64_t k_stride = k.stride(0) * k.element_size(), v_stride = v.stride(0) * v.element_size();
+  const int64_t slots = key_cache.size(0) * key_cache.size(1);
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  const auto* sources = static_cast<const char*>(k.data_ptr());
+  const auto* value_sources = static_cast<const char*>(v.data_ptr());
+  auto* keys = static_cast<char*>(key_cache.data_ptr());
+  auto* values = static_cast<char*>(value_cache.data_ptr());
+  for (int64_t t = 0; t < k.size(0); ++t) {
+    if (slot[t] < 0) continue;
+    TORCH_CHECK(slot[t] < slots, "write_kv: slot ", slot[t], " is past the cache's ", slots, " slots");
+    std::memcpy(keys + slot[t] * row_bytes, sources + t * k_stride, row_bytes);
+    std::memcpy(values + slot[t] * row_bytes, value_sources + t * v_stride, row_bytes);
+  }
 }
 
 // The int8 KV cache's write: each new token's K and V rows, per KV head, scaled by a float16
