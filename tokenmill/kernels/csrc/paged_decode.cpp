@@ -201,11 +201,14 @@ torch::Tensor paged_decode_attention_fp8(torch::Tensor q, torch::Tensor key_byte
 void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor key_cache, torch::Tensor value_cache,
               torch::Tensor slot_mapping) {
   TORCH_CHECK(k.dim() == 3 && key_cache.dim() == 4 && k.scalar_type() == key_cache.scalar_type() &&
-                  v.scalar_type() == value_cache.scalar_type() && k.size(1) * k.size(2) == key_cache.size(2) * key_cache.size(3),
+                  v.scalar_type() == value_cache.scalar_type() &&
+                  k.size(1) * k.size(2) == key_cache.size(2) * key_cache.size(3),
               "write_kv: k, v (T, nkv, d) and caches (blocks, bs, nkv, d) of one dtype expected");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "KV caches must be contiguous");
   // Rows may sit apart (k and v are slices of the fused qkv output); each row's heads must be packed.
-  const auto packed_rows = [](const torch::Tensor& x) { return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous(); };
+  const auto packed_rows = [](const torch::Tensor& x) {
+    return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
+  };
   k = packed_rows(k);
   v = packed_rows(v);
   slot_mapping = slot_mapping.contiguous();
