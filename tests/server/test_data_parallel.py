@@ -75,13 +75,16 @@ def test_a_dead_replica_fails_its_requests_fast_and_the_other_keeps_serving(dp_s
     reader = StreamReader(dp_server.url, {"model": dp_server.name, "prompt": [1, 2, 3], "max_tokens": 250,
                                           "ignore_eos": True})
     assert reader.started.wait(60)
+    for pid in pids:  # the tiny model writes 250 tokens in tens of ms: hold both replicas while we look
+        os.kill(pid, signal.SIGSTOP)
     # The replica serving the stream: the routing counter only grows (a gauge of outstanding tokens can
     # lag the first chunk, or be back at 0 if the request ended while it was polled).
     routed = [after - before for after, before in zip(_replica_metric(dp_server, "num_requests_routed"), routed_before)]
     assert sorted(routed) == [0, 1], routed
     victim = routed.index(1)
-    assert reader.thread.is_alive(), "the request finished before a replica could be killed under it"
     os.kill(pids[victim], signal.SIGKILL)
+    os.kill(pids[1 - victim], signal.SIGCONT)
+    assert reader.thread.is_alive(), "the request finished before a replica could be killed under it"
     killed = time.monotonic()
     reader.thread.join(30)
     assert time.monotonic() - killed < 10
