@@ -74,6 +74,24 @@ def test_decode_kernel_long_contexts_match_portable_backend(cpu_backend, dtype, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernel_splits_very_long_contexts_and_merges_them_exactly(cpu_backend, dtype):
+    """Past 16 chunks of 64 tokens the chunks grow (1100 tokens: 14 chunks of 80, 2500: 16 of 160); the merged
+    result matches the portable backend and has the same bits on 1 thread as on 2."""
+    q, cache, md = _decode_inputs(dtype, 9, 3, 64, [1100, 2500, 65, 64], 16)
+    ours = cpu_backend._decode(q, cache[0], cache[1], md, 0.125)
+    reference = TorchPagedAttention()._decode(q.float(), cache[0].float(), cache[1].float(), md, 0.125)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), reference, atol=tolerance, rtol=tolerance)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = cpu_backend._decode(q, cache[0], cache[1], md, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, ours)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (16, 2, 128)])
 def test_decode_kernel_output_does_not_depend_on_the_batch(cpu_backend, dtype, num_heads, num_kv_heads, head_dim):
     """A request's attention output has the same bits alone and among others in a batch (the C++ decode
@@ -101,6 +119,38 @@ def test_write_kv_copies_rows_to_their_slots_and_skips_padding(cpu_backend):
     assert int((flat_k != 0).any(-1).any(-1).sum()) == 2 and int((flat_v != 0).any(-1).any(-1).sum()) == 2
     with pytest.raises(RuntimeError, match="slot 12 is past the cache's 12 slots"):
         kernels.write_kv(k, v, key_cache, value_cache, torch.tensor([0, 1, 12]))
+
+
+def test_cpu_backend_writes_the_float_cache_through_write_kv(cpu_backend):
+    """The Python forward of the cpu backend (prompts, and decodes outside the C++ step) writes new rows
+    with the kernel the C++ step uses, and they land where the portable backend's index_copy_ puts them."""
+    import dataclasses
+
+    from tokenmill.attention.cpu_paged import CpuPagedAttention
+
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            attr = getattr(cpu_backend.kernels, name)
+            if name != "write_kv":
+                return attr
+            return lambda *args: (calls.append(args[-1].tolist()), attr(*args))[1]
+
+    backend = CpuPagedAttention()
+    backend.kernels = Recording()
+    q, cache, md = _decode_inputs(torch.bfloat16, 9, 3, 64, [20, 7], 16)
+    k, v = torch.randn(2, 2, 3, 64).to(torch.bfloat16)
+    slots = torch.stack([md.decode_block_tables[i, (n - 1) // 16] * 16 + (n - 1) % 16
+                         for i, n in enumerate(md.decode_seq_lens.tolist())])
+    md = dataclasses.replace(md, slot_mapping=slots)
+    reference_cache = cache.clone()
+    TorchPagedAttention()._write(k, v, reference_cache[0], reference_cache[1], slots)
+    out = backend.forward(q, k, v, cache, md, 0.125)
+    assert calls == [slots.tolist()]
+    assert torch.equal(cache, reference_cache)
+    torch.testing.assert_close(out.float(), TorchPagedAttention()._decode(q, cache[0], cache[1], md, 0.125).float(),
+                               atol=2e-2, rtol=2e-2)
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_engine_parity_on_each_backend(backend, checkpoint, make_llm, monkeypatch):

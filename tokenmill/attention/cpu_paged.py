@@ -25,6 +25,10 @@ class CpuPagedAttention(TorchPagedAttention):
             raise RuntimeError("the CPU paged-attention kernel could not be built (see the warning above)")
         self.kernels = kernels
 
+    def _write(self, k, v, key_cache, value_cache, slot_mapping: torch.Tensor) -> None:
+        """The row copy the C++ decode step makes (same bytes as index_copy_, without its dispatch)."""
+        self.kernels.write_kv(k, v, key_cache, value_cache, slot_mapping)
+
     def _decode(self, q, key_cache, value_cache, md: AttentionMetadata, scale: float) -> torch.Tensor:
         if isinstance(key_cache, Int8CacheSide):  # codes and their per-token scales, read in place
             return self.kernels.paged_decode_attention_int8(q, key_cache.codes, value_cache.codes, key_cache.scales,

@@ -29,11 +29,7 @@ class TorchPagedAttention(AttentionBackend):
             key_cache, value_cache = kv_cache.side(0), kv_cache.side(1)
         else:
             key_cache, value_cache = kv_cache[0], kv_cache[1]  # (num_blocks, block_size, nkv, d) each
-            num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
-            flat_k = key_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-            flat_v = value_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-            flat_k.index_copy_(0, metadata.slot_mapping, k)
-            flat_v.index_copy_(0, metadata.slot_mapping, v)
+            self._write(k, v, key_cache, value_cache, metadata.slot_mapping)
 
         n = metadata.num_decodes
         if not metadata.prefills:  # pure decode step: no output buffer to fill
@@ -46,6 +42,13 @@ class TorchPagedAttention(AttentionBackend):
                 q[span.query_start:span.query_end], k[span.query_start:span.query_end],
                 v[span.query_start:span.query_end], key_cache, value_cache, span, scale)
         return out
+
+    @staticmethod
+    def _write(k, v, key_cache, value_cache, slot_mapping: torch.Tensor) -> None:
+        """New K/V rows (T, nkv, d) into a float cache (num_blocks, block_size, nkv, d) at slot_mapping (T,)."""
+        num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
+        key_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+        value_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
     def _decode(self, q, key_cache, value_cache, md: AttentionMetadata, scale: float) -> torch.Tensor:
         num_decodes, num_heads, head_dim = q.shape

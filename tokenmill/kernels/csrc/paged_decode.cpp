@@ -1,8 +1,9 @@
 // Paged decode attention on CPU: one query token per request, K/V read in place from the block
 // pool through each request's block table (no gathered copy of the context).
 //
-// Work is split over requests; each scores its whole context for all heads (the GROUP query heads
-// of a KV head share its keys), takes a softmax in float32, and accumulates the weighted values.
+// Work is split over chunks of each request's context (below); each chunk is scored for all heads (the
+// GROUP query heads of a KV head share its keys), exponentiated in float32 against the chunk's maximum,
+// and the weighted values are accumulated; the chunks are then merged as in FlashDecoding.
 // HEAD_DIM and GROUP are compile-time constants for the common shapes (the loops unroll and the
 // accumulators stay in registers); other shapes use the generic instantiation (0 = runtime).
 #include <torch/extension.h>
@@ -16,13 +17,22 @@
 #include <immintrin.h>
 #endif
 
-// q . k for one head: float32 query and key rows in scalar_t. For bf16 keys on CPUs with
-// AVX512-BF16, a bf16 copy of the query (the model's q is bf16 already) meets the keys in
-// vdpbf16ps: products of bf16 values are exact in float32, sums are float32, no conversion pass.
-template <typename scalar_t, int HEAD_DIM>
-static inline float dot_qk(const float* q, const at::BFloat16* q_bf16, const scalar_t* k, int64_t head_dim) {
+// Whether q . k runs in bf16: bf16 keys (then q is bf16 too) on CPUs with AVX512-BF16, where the
+// query meets the keys in vdpbf16ps: products of bf16 values are exact in float32, sums are float32.
+template <typename cache_t, int HEAD_DIM>
+constexpr bool dots_in_bf16() {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16> && HEAD_DIM > 0 && HEAD_DIM % 32 == 0) {
+  return std::is_same_v<cache_t, at::BFloat16> && HEAD_DIM > 0 && HEAD_DIM % 32 == 0;
+#else
+  return false;
+#endif
+}
+
+// q . k for one head: the query as float32 (q) or, when dots_in_bf16, as the model's bf16 (q_bf16).
+template <typename cache_t, int HEAD_DIM>
+static inline float dot_qk(const float* q, const at::BFloat16* q_bf16, const cache_t* k, int64_t head_dim) {
+#if defined(__AVX512BF16__)
+  if constexpr (dots_in_bf16<cache_t, HEAD_DIM>()) {
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < HEAD_DIM; i += 32)
       acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q_bf16 + i), (__m512bh)_mm512_loadu_si512(k + i));
@@ -32,6 +42,17 @@ static inline float dot_qk(const float* q, const at::BFloat16* q_bf16, const sca
   float dot = 0.f;
   for (int64_t i = 0; i < head_dim; ++i) dot += q[i] * static_cast<float>(k[i]);
   return dot;
+}
+
+// A sequence's context is cut into chunks of whole blocks, each scored by one work item (one
+// thread): at least kMinChunkTokens tokens per chunk and at most kMaxChunks chunks per sequence.
+// The cut depends only on the sequence's length, and the chunks are merged in order, so a request's
+// output does not depend on the batch or on the number of threads; at batch 1 every thread works.
+constexpr int64_t kMinChunkTokens = 64, kMaxChunks = 16;
+
+static int64_t blocks_per_chunk(int64_t len, int64_t block_size) {
+  const int64_t blocks = (len + block_size - 1) / block_size;
+  return std::max((kMinChunkTokens + block_size - 1) / block_size, (blocks + kMaxChunks - 1) / kMaxChunks);
 }
 
 // cache_t is scalar_t, or int8_t for the int8 KV cache, whose rows carry a float16 scale per token
@@ -45,24 +66,46 @@ static void decode_kernel(const scalar_t* q, const cache_t* key_cache, const cac
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : head_dim_rt;
   const int64_t group = GROUP > 0 ? GROUP : num_heads / num_kv_heads;
   const int64_t token_stride = num_kv_heads * head_dim;  // one token's K (or V) row, all KV heads
-  // One request per work item, all its heads together: every cache line of a token's K/V row
-  // that is fetched is used at once.
-  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(num_heads * head_dim), acc(num_heads * head_dim), max_score(num_heads), scores;
-    std::vector<at::BFloat16> query_bf16(num_heads * head_dim);
-    for (int64_t seq = begin; seq < end; ++seq) {
-      const int64_t len = seq_lens[seq];
+  const int64_t part_size = head_dim + 2;  // per chunk and head: max score, sum of exp, the chunk's output (d)
+  static_assert(!dots_in_bf16<cache_t, HEAD_DIM>() || std::is_same_v<scalar_t, at::BFloat16>,
+                "bf16 keys come with bf16 queries");
+  // Work items (chunks) of sequence s: [first_item[s], first_item[s + 1]). Kept per calling thread
+  // between calls: a fresh allocation of the partial results costs page faults every step.
+  // (The worker threads see them through these references: a thread_local named in the lambda
+  // would be each worker's own.)
+  thread_local std::vector<int64_t> first_item_buffer;
+  thread_local std::vector<float> parts_buffer;
+  std::vector<int64_t>& first_item = first_item_buffer;
+  std::vector<float>& parts = parts_buffer;
+  first_item.assign(num_seqs + 1, 0);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t chunk_tokens = blocks_per_chunk(seq_lens[s], block_size) * block_size;
+    first_item[s + 1] = first_item[s] + (seq_lens[s] + chunk_tokens - 1) / chunk_tokens;
+  }
+  parts.resize(first_item[num_seqs] * num_heads * part_size);  // (items, nh, d + 2)
+  // One chunk per work item, all its heads together: every cache line of a token's K/V row that is
+  // fetched is used at once.
+  at::parallel_for(0, first_item[num_seqs], 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(num_heads * head_dim), max_score(num_heads), scores;
+    int64_t seq = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
+    int64_t loaded = -1;  // the sequence whose query is in `query`
+    for (int64_t item = begin; item < end; ++item) {
+      while (item >= first_item[seq + 1]) ++seq;
+      const int64_t len = seq_lens[seq], chunk_tokens = blocks_per_chunk(len, block_size) * block_size;
+      const int64_t t0 = (item - first_item[seq]) * chunk_tokens, n_tokens = std::min(chunk_tokens, len - t0);
       const int64_t* table = block_tables + seq * max_blocks;
-      scores.resize(num_heads * len);
-      for (int64_t j = 0; j < num_heads * head_dim; ++j) {
-        query[j] = static_cast<float>(q[seq * num_heads * head_dim + j]);
-        query_bf16[j] = static_cast<at::BFloat16>(query[j]);
+      if (!dots_in_bf16<cache_t, HEAD_DIM>() && seq != loaded) {
+        for (int64_t j = 0; j < num_heads * head_dim; ++j)
+          query[j] = static_cast<float>(q[seq * num_heads * head_dim + j]);
+        loaded = seq;
       }
+      const auto* query_bf16 = reinterpret_cast<const at::BFloat16*>(q + seq * num_heads * head_dim);  // read if bf16
+      scores.resize(num_heads * n_tokens);
       std::fill(max_score.begin(), max_score.end(), -INFINITY);
-      for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t first_slot = table[start / block_size] * block_size;
+      for (int64_t start = 0; start < n_tokens; start += block_size) {
+        const int64_t first_slot = table[(t0 + start) / block_size] * block_size;
         const cache_t* block = key_cache + first_slot * token_stride;
-        const int64_t n = std::min(block_size, len - start);
+        const int64_t n = std::min(block_size, n_tokens - start);
         for (int64_t j = 0; j < n; ++j) {
           for (int64_t h = 0; h < num_kv_heads; ++h) {
             const cache_t* k = block + j * token_stride + h * head_dim;
@@ -71,42 +114,67 @@ static void decode_kernel(const scalar_t* q, const cache_t* key_cache, const cac
             for (int64_t g = 0; g < group; ++g) {
               const int64_t head = h * group + g;
               const float dot = dot_qk<cache_t, HEAD_DIM>(query.data() + head * head_dim,
-                                                          query_bf16.data() + head * head_dim, k, head_dim) * k_scale;
-              scores[head * len + start + j] = dot;
+                                                          query_bf16 + head * head_dim, k, head_dim) * k_scale;
+              scores[head * n_tokens + start + j] = dot;
               max_score[head] = std::max(max_score[head], dot);
             }
           }
         }
       }
+      float* part = parts.data() + item * num_heads * part_size;
       for (int64_t head = 0; head < num_heads; ++head) {
-        float* s = scores.data() + head * len;
-        const float m = max_score[head];
+        float* s = scores.data() + head * n_tokens;
         float total = 0.f;
-        for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - m); total += s[t]; }
-        const float inv = 1.f / total;
-        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+        for (int64_t t = 0; t < n_tokens; ++t) { s[t] = std::exp(s[t] - max_score[head]); total += s[t]; }
+        const float inv = 1.f / total;  // the chunk's own softmax: one chunk alone is the whole answer
+        for (int64_t t = 0; t < n_tokens; ++t) s[t] *= inv;
+        part[head * part_size] = max_score[head];
+        part[head * part_size + 1] = total;
+        std::fill_n(part + head * part_size + 2, head_dim, 0.f);
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t first_slot = table[start / block_size] * block_size;
+      for (int64_t start = 0; start < n_tokens; start += block_size) {
+        const int64_t first_slot = table[(t0 + start) / block_size] * block_size;
         const cache_t* block = value_cache + first_slot * token_stride;
-        const int64_t n = std::min(block_size, len - start);
+        const int64_t n = std::min(block_size, n_tokens - start);
         for (int64_t j = 0; j < n; ++j) {
           for (int64_t h = 0; h < num_kv_heads; ++h) {
             const cache_t* v = block + j * token_stride + h * head_dim;
             const float v_scale = v_scales ? static_cast<float>(v_scales[(first_slot + j) * num_kv_heads + h]) : 1.f;
             for (int64_t g = 0; g < group; ++g) {
               const int64_t head = h * group + g;
-              const float p = scores[head * len + start + j] * v_scale;
-              float* __restrict__ a = acc.data() + head * head_dim;
+              const float p = scores[head * n_tokens + start + j] * v_scale;
+              float* __restrict__ a = part + head * part_size + 2;
               for (int64_t i = 0; i < head_dim; ++i) a[i] += p * static_cast<float>(v[i]);
             }
           }
         }
       }
-      for (int64_t j = 0; j < num_heads * head_dim; ++j)
-        out[seq * num_heads * head_dim + j] = static_cast<scalar_t>(acc[j]);
     }
+  });
+  // Merge each sequence's chunks in order: out = sum_c (w_c / W) out_c with w_c = l_c e^(m_c - m), W = sum_c w_c.
+  // A single chunk has weight exactly 1: short contexts get the bits of one softmax over them.
+  at::parallel_for(0, num_seqs, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(head_dim), weights;
+    for (int64_t seq = begin; seq < end; ++seq)
+      for (int64_t head = 0; head < num_heads; ++head) {
+        const int64_t first = first_item[seq], count = first_item[seq + 1] - first;
+        float m = -INFINITY, total = 0.f;
+        for (int64_t c = 0; c < count; ++c) m = std::max(m, parts[((first + c) * num_heads + head) * part_size]);
+        weights.resize(count);
+        for (int64_t c = 0; c < count; ++c) {
+          const float* part = parts.data() + ((first + c) * num_heads + head) * part_size;
+          weights[c] = part[1] * std::exp(part[0] - m);
+          total += weights[c];
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t c = 0; c < count; ++c) {  // an empty context (no chunks) gives zeros
+          const float* part = parts.data() + ((first + c) * num_heads + head) * part_size;
+          const float weight = weights[c] / total;
+          for (int64_t i = 0; i < head_dim; ++i) acc[i] += weight * part[2 + i];
+        }
+        scalar_t* o = out + (seq * num_heads + head) * head_dim;
+        for (int64_t i = 0; i < head_dim; ++i) o[i] = static_cast<scalar_t>(acc[i]);
+      }
   });
 }
 
