@@ -75,9 +75,10 @@ def test_decode_kernel_long_contexts_match_portable_backend(cpu_backend, dtype, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_kernel_splits_very_long_contexts_and_merges_them_exactly(cpu_backend, dtype):
-    """Past 16 chunks of 64 tokens the chunks grow (1100 tokens: 14 chunks of 80, 2500: 16 of 160); the merged
-    result matches the portable backend and has the same bits on 1 thread as on 2."""
-    q, cache, md = _decode_inputs(dtype, 9, 3, 64, [1100, 2500, 65, 64], 16)
+    """Contexts are cut into chunks of 128 tokens, and past 16 of them the chunks grow (1100 tokens: 9
+    chunks, 2500: 16 of 160); the merged result matches the portable backend and has the same bits on
+    1 thread as on 2."""
+    q, cache, md = _decode_inputs(dtype, 9, 3, 64, [1100, 2500, 129, 128], 16)
     ours = cpu_backend._decode(q, cache[0], cache[1], md, 0.125)
     reference = TorchPagedAttention()._decode(q.float(), cache[0].float(), cache[1].float(), md, 0.125)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2

@@ -48,7 +48,7 @@ static inline float dot_qk(const float* q, const at::BFloat16* q_bf16, const cac
 // thread): at least kMinChunkTokens tokens per chunk and at most kMaxChunks chunks per sequence.
 // The cut depends only on the sequence's length, and the chunks are merged in order, so a request's
 // output does not depend on the batch or on the number of threads; at batch 1 every thread works.
-constexpr int64_t kMinChunkTokens = 64, kMaxChunks = 16;
+constexpr int64_t kMinChunkTokens = 128, kMaxChunks = 16;
 
 static int64_t blocks_per_chunk(int64_t len, int64_t block_size) {
   const int64_t blocks = (len + block_size - 1) / block_size;
