@@ -143,6 +143,8 @@ def test_analyze_counts_what_the_engine_allocates(arch, scheme, checkpoint, make
     folder = checkpoint(arch)
     llm = make_llm(folder, dtype="float16", quantization=scheme)  # analyze's int8/int4 compute in fp16
     shape = ModelShape.from_hf(json.loads((folder / "config.json").read_text()))
-    report = memory_report(shape, 1, 16, 16, scheme, "fp16", 1e12, 1)
+    kernels = cpu_kernels()
+    panels = kernels is not None and kernels.quant_panels_available()  # what `analyze --hardware cpu` reports
+    report = memory_report(shape, 1, 16, 16, scheme, "fp16", 1e12, 1, quant_panels=panels)
     assert report.weight_bytes == weight_bytes(llm.engine.core.runner.model)
     assert kv_bytes_per_token(shape, "fp16") == engine_kv_bytes_per_token(llm.engine.model_config, torch.float16)

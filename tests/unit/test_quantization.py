@@ -188,7 +188,13 @@ def test_panel_kernel_equals_int8_rounded_activations_times_the_weight(bits, gro
     matrix = QuantizedMatrix(codes, scales, zeros, bits, group_size, int8_activations=True)
     row_layout = QuantizedMatrix(codes, scales, zeros, bits, group_size)
     assert matrix.panels and not row_layout.panels
-    torch.testing.assert_close(matrix.dequantize(), row_layout.dequantize(), atol=0, rtol=0)
+    # Panels hold the scales in float16 (in units of a power of two): scale16 * unit * (code - zero) exactly,
+    # within float16's rounding (2**-11) of the float32-scaled weight.
+    group = 256 if group_size == -1 else group_size
+    scales16 = (scales / matrix.scale_unit).half().float() * matrix.scale_unit
+    reference = scales16.repeat_interleave(group, 1) * (codes.float() - zeros.repeat_interleave(group, 1))
+    torch.testing.assert_close(matrix.dequantize(), reference, atol=0, rtol=0)
+    torch.testing.assert_close(matrix.dequantize(), row_layout.dequantize(), atol=1e-7, rtol=2 ** -11)
     # float32 in: no bf16 rounding of the output, and no ties (x * 127 / max exactly k + 0.5, common
     # with bf16 inputs), which the kernel's fast reciprocal may round the other way.
     x = torch.randn(num_rows, 256)
@@ -200,6 +206,23 @@ def test_panel_kernel_equals_int8_rounded_activations_times_the_weight(bits, gro
         assert torch.equal(matrix(x16), matrix(x16.float()).to(half))
     # Each row's result is independent of the others in the batch, bit for bit.
     torch.testing.assert_close(matrix(x[-1:]), got[-1:], atol=0, rtol=0)
+
+
+def test_panels_hold_float16_scales_in_a_power_of_two_unit_and_byte_zero_points():
+    """3 bytes per group and output beside the codes; scales beyond float16's normal range (1e-5 to 1e3
+    here, where float16 alone would flush the small ones to subnormals or zero) keep 11 significant bits."""
+    _panels_or_skip()
+    torch.manual_seed(6)
+    codes, _, zeros = quantize_rtn(torch.randn(32, 256), 4, 64, sym=False)
+    scales = torch.logspace(-5, 3, 32 * 4).view(32, 4)
+    matrix = QuantizedMatrix(codes, scales, zeros, 4, 64, int8_activations=True)
+    assert matrix.panels and matrix.scales.dtype == torch.float16 and matrix.zeros.dtype == torch.uint8
+    assert matrix.nbytes() == 32 * 256 // 2 + 32 * 4 * 3
+    assert matrix.scale_unit == 2.0 ** (9 - 13)  # the largest scale, 1000, lies in [2**9, 2**10)
+    exact = QuantizedMatrix(codes, scales, zeros, 4, 64).dequantize()
+    torch.testing.assert_close(matrix.dequantize(), exact, atol=0, rtol=2 ** -11)
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(matrix(x), _int8_activation_reference(x, matrix.dequantize()), atol=1e-5, rtol=1e-4)
 
 
 def test_panels_only_where_they_fit():

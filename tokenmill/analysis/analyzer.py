@@ -104,7 +104,7 @@ def analyze(model: str | ModelShape, hardware: str | Hardware, batch_size: int =
             raise AnalysisError(f"{name} must be a positive integer, got {value!r}")
     if shape.num_kv_heads % tp and tp % shape.num_kv_heads:
         raise AnalysisError(f"tp {tp} does not divide the {shape.num_kv_heads} KV heads of {shape.name}")
-    mem = memory_report(shape, batch_size, input_len, output_len, dtype, kv_dtype, hw.memory_bytes, tp)
+    mem = memory_report(shape, batch_size, input_len, output_len, dtype, kv_dtype, hw.memory_bytes, tp, hw.quant_panels)
     cluster = None
     if check_fit and not mem.fits:  # analysed anyway, on the smallest layout of such devices that holds it
         cluster = plan_cluster(shape, mem, hw.memory_bytes, dtype)

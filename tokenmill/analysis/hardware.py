@@ -34,6 +34,9 @@ class Hardware:
     """On-chip L2 bandwidth, bytes/s, where published."""
     host_link_bandwidth: float | None = None
     """Host-to-device copies, bytes/s: what a x16 link of the card's PCIe generation reaches in practice."""
+    quant_panels: bool = False
+    """The engine holds 16-bit models' quantized weights in the CPU panel layout here (this machine's
+    CPU with AVX512-VNNI kernels): a float16 scale and a byte zero per group instead of two float32s."""
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -119,7 +122,11 @@ def measure_cpu() -> Hardware:
     bandwidth = data.numel() * 4 / best(lambda: data.sum(), 5)
     with open("/proc/meminfo") as f:
         total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    from tokenmill.kernels import cpu_kernels
+
+    kernels = cpu_kernels()
     return Hardware(name="cpu", memory_bytes=total, bandwidth=bandwidth, peak_flops=peaks,
+                    quant_panels=kernels is not None and kernels.quant_panels_available(),
                     notes=f"measured: {torch.get_num_threads()} threads; fp16 column is bfloat16")
 
 

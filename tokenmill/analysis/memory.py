@@ -36,19 +36,24 @@ def linear_shapes(shape: ModelShape, expert_layer: bool = False) -> list[tuple[i
 
 
 def quantized_matrix_bytes(out_features: int, in_features: int, bits: int, group_size: int,
-                           float_bytes: float) -> float:
+                           float_bytes: float, panels: bool = False) -> float:
     """What the engine holds for one quantized (out, in) matrix: codes plus a float32 scale and zero
-    per group, or the float matrix when its inputs are not a multiple of the group size or packing."""
+    per group, or the float matrix when its inputs are not a multiple of the group size or packing.
+    ``panels``: the device holds 16-bit models' codes in the CPU panel layout where the shape allows
+    (outputs a multiple of 16, inputs and groups of 64), with a float16 scale and a byte zero per group."""
     group = in_features if group_size == -1 else group_size
     if in_features % group or in_features % (32 // bits):
         return out_features * in_features * float_bytes
-    return out_features * in_features * bits / 8 + 8 * out_features * (in_features // group)
+    in_panels = panels and float_bytes == 2 and out_features % 16 == 0 and in_features % 64 == 0 and group % 64 == 0
+    return out_features * in_features * bits / 8 + (3 if in_panels else 8) * out_features * (in_features // group)
 
 
-def weight_bytes_quantized(shape: ModelShape, dtype: str, act_dtype: str, group_size: int = INT4_GROUP_SIZE) -> float:
+def weight_bytes_quantized(shape: ModelShape, dtype: str, act_dtype: str, group_size: int = INT4_GROUP_SIZE,
+                           panels: bool = False) -> float:
     """Weight bytes of a model whose linear layers (and LM head) the engine quantized at load:
     ``dtype`` int8 (per channel) or int4 (groups of ``group_size``), the head in int8 groups of 64; embeddings and
-    biases in the activation dtype, norm weights in float32, as the engine keeps them."""
+    biases in the activation dtype, norm weights in float32, as the engine keeps them. ``panels``: as in
+    :func:`quantized_matrix_bytes`."""
     bits, act = QUANTIZED_DTYPES[dtype], dtype_bytes(act_dtype)
     layer_group = -1 if bits == 8 else group_size
     qk_norms = 2 * shape.head_dim if shape.qk_norm else 0
@@ -56,7 +61,7 @@ def weight_bytes_quantized(shape: ModelShape, dtype: str, act_dtype: str, group_
     layers = 0.0
     for expert_layer, count in ((True, shape.num_sparse_layers), (False, shape.num_layers - shape.num_sparse_layers)):
         linears = linear_shapes(shape, expert_layer)
-        per_layer = sum(quantized_matrix_bytes(n, k, bits, layer_group, act) for n, k in linears)
+        per_layer = sum(quantized_matrix_bytes(n, k, bits, layer_group, act, panels) for n, k in linears)
         mlp = shape.mlp_params() if expert_layer else shape.dense_mlp_params()
         # Biases, q/k norms, and in expert layers the router, experts and shared-expert gate: all float.
         others = shape.attention_params() + mlp - sum(n * k for n, k in linears)
@@ -64,7 +69,7 @@ def weight_bytes_quantized(shape: ModelShape, dtype: str, act_dtype: str, group_
         layers += count * per_layer
     embeddings = (shape.vocab_size + shape.learned_positions) * shape.hidden_size * act
     head_group = 64 if shape.hidden_size % 64 == 0 else -1  # layers/quantization: HEAD_GROUP_SIZE
-    head = quantized_matrix_bytes(shape.vocab_size, shape.hidden_size, 8, head_group, act)
+    head = quantized_matrix_bytes(shape.vocab_size, shape.hidden_size, 8, head_group, act, panels)
     return layers + embeddings + head + norm * shape.norm_params()
 
 
@@ -112,10 +117,11 @@ class MemoryReport:
 
 
 def memory_report(shape: ModelShape, batch: int, input_len: int, output_len: int, dtype: str, kv_dtype: str,
-                  device_memory: float, tp: int) -> MemoryReport:
+                  device_memory: float, tp: int, quant_panels: bool = False) -> MemoryReport:
+    """``quant_panels``: the device holds quantized codes in the CPU panel layout (``Hardware.quant_panels``)."""
     act_dtype = "fp32" if dtype == "fp32" else "fp16"
     if dtype in QUANTIZED_DTYPES:  # weight-only quantization as the engine does it: codes, scales, float rest
-        weights = weight_bytes_quantized(shape, dtype, act_dtype)
+        weights = weight_bytes_quantized(shape, dtype, act_dtype, panels=quant_panels)
     else:
         weights = shape.total_params() * dtype_bytes(dtype)
     per_sequence = (kv_bytes_per_token(shape, kv_dtype) * (input_len + output_len)

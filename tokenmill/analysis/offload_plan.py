@@ -62,19 +62,21 @@ class WeightUnit:
     """A tied embedding and head is one tensor that two units use: streamed twice per step."""
 
 
-def weight_units(shape: ModelShape, dtype: str) -> list[WeightUnit]:
-    """The engine's units in execution order with the bytes it holds for each (quantized as it quantizes)."""
+def weight_units(shape: ModelShape, dtype: str, quant_panels: bool = False) -> list[WeightUnit]:
+    """The engine's units in execution order with the bytes it holds for each (quantized as it quantizes;
+    ``quant_panels``: in the CPU panel layout, ``Hardware.quant_panels``)."""
     act = "fp32" if dtype == "fp32" else "fp16"
     act_bytes = dtype_bytes(act)
     embedding = (shape.vocab_size + shape.learned_positions) * shape.hidden_size * (
         act_bytes if dtype in QUANTIZED_DTYPES else dtype_bytes(dtype))
     if dtype in QUANTIZED_DTYPES:
         head_group = 64 if shape.hidden_size % 64 == 0 else -1
-        head = 0.0 if shape.tie_word_embeddings else quantized_matrix_bytes(
-            shape.vocab_size, shape.hidden_size, 8, head_group, act_bytes)
-        layers = weight_bytes_quantized(shape, dtype, act) - embedding - head - 4 * shape.norm_params()
+        head_bytes = quantized_matrix_bytes(shape.vocab_size, shape.hidden_size, 8, head_group, act_bytes, quant_panels)
+        head = 0.0 if shape.tie_word_embeddings else head_bytes
+        layers = (weight_bytes_quantized(shape, dtype, act, panels=quant_panels) - embedding - head
+                  - 4 * shape.norm_params())
         if shape.tie_word_embeddings:
-            layers -= quantized_matrix_bytes(shape.vocab_size, shape.hidden_size, 8, head_group, act_bytes)
+            layers -= head_bytes
     else:
         head = 0.0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size * dtype_bytes(dtype)
         layers = shape.all_layer_params() * dtype_bytes(dtype)
@@ -217,7 +219,7 @@ def plan_offload(shape: ModelShape, hw: Hardware, budgets: OffloadBudgets, input
     for name, value in (("input_len", input_len), ("output_len", output_len)):
         if not isinstance(value, int) or value < 1:
             raise AnalysisError(f"{name} must be a positive integer, got {value!r}")
-    units = weight_units(shape, dtype)
+    units = weight_units(shape, dtype, hw.quant_panels)
     sweep = []
     batch = 1
     while batch <= max_batch_size:

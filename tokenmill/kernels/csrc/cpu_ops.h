@@ -20,10 +20,10 @@ torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> 
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
 void rotary_inplace(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
                     int64_t num_rot_heads, int64_t head_dim);
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
-                           int64_t group_size, int64_t bits, c10::optional<torch::Tensor> bias);
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
+                           int64_t group_size, int64_t bits, double scale_unit, c10::optional<torch::Tensor> bias);
 bool quant_panels_available();
 bool dense_panels_available(at::ScalarType dtype);
 torch::Tensor dense_panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias);
-torch::Tensor quant_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
+torch::Tensor quant_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
                                int64_t in_features, int64_t group_size, int64_t bits);

@@ -25,8 +25,8 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
 
 torch::Tensor linear(const LinearSpec& spec, const torch::Tensor& x) {
   if (spec.kind == "quantized")
-    return quant_linear(x.contiguous(), spec.codes, spec.scales, spec.scaled_zeros, spec.group_size, spec.bits,
-                        spec.bias);
+    return quant_linear(x.contiguous(), spec.codes, spec.scales, spec.zeros, spec.group_size, spec.bits,
+                        spec.scale_unit, spec.bias);
   if (spec.kind == "packed") return packed_linear(x, spec.weight, spec.bias);
   if (spec.kind == "panels") return dense_panel_linear(x, spec.weight, spec.bias);
   return at::linear(x, spec.weight, spec.bias);
@@ -100,7 +100,8 @@ void bind_decode_step(pybind11::module& m) {
       .def_readwrite("bias", &LinearSpec::bias)
       .def_readwrite("codes", &LinearSpec::codes)
       .def_readwrite("scales", &LinearSpec::scales)
-      .def_readwrite("scaled_zeros", &LinearSpec::scaled_zeros)
+      .def_readwrite("zeros", &LinearSpec::zeros)
+      .def_readwrite("scale_unit", &LinearSpec::scale_unit)
       .def_readwrite("group_size", &LinearSpec::group_size)
       .def_readwrite("bits", &LinearSpec::bits);
   py::class_<DecodeLayer>(m, "DecodeLayer")

@@ -5,14 +5,15 @@
 #include <vector>
 
 // One linear layer as its linear method holds it: "dense" (weight (N, K)), "packed" (a oneDNN-prepacked
-// weight), "panels" (weight in dense_panels.cpp's layout) or "quantized" (codes, scales, scaled_zeros as
-// QuantizedMatrix stores them).
+// weight), "panels" (weight in dense_panels.cpp's layout) or "quantized" (codes, scales, zeros and
+// scale_unit as QuantizedMatrix stores them).
 struct LinearSpec {
   std::string kind;
   torch::Tensor weight;
   c10::optional<torch::Tensor> bias;
-  torch::Tensor codes, scales, scaled_zeros;
+  torch::Tensor codes, scales, zeros;
   int64_t group_size = 0, bits = 0;
+  double scale_unit = 1.0;
 };
 
 struct DecodeLayer {

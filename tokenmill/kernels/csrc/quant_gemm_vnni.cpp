@@ -12,12 +12,15 @@
 // activation's block scale, so the conversion costs 2 instructions per 16 products (the row layout of
 // quant_linear_vnni.cpp pays 2 per product, and reduces across lanes at the end).
 //
-// x is quantized per block of 64 inputs: x[m, k] ~ xs[m, b] * xq[m, k]. With u = code + c (c = 128 for
-// 8 bits, 8 for 4 bits),
-//   y[m, n] = sum_g s[g, n] * sum_{b in g} xs[m, b] * dot_b(u[n], xq[m])  -  sum_g off[g, n] * xc[m, g]
-//   off[g, n] = c * s[g, n] + sz[g, n],   xc[m, g] = sum_{b in g} xs[m, b] * sum(xq[m, b])
-// where s and sz (scale * zero) are stored in panel order (N / 16, G, 16): 16 outputs' scales are one
-// load, and a panel's groups follow each other, so a row of x reads them as one stream too.
+// x is quantized per block of 64 inputs: x[m, k] ~ xs[m, b] * xq[m, k]. With u the stored unsigned code
+// (code + 128 for 8 bits, the nibble for 4) and z the zero point on the same unsigned scale, W = s (u - z) and
+//   y[m, n] = sum_g s[g, n] * sum_{b in g} xs[m, b] * dot_b(u[n], xq[m])  -  sum_g s[g, n] z[g, n] * xc[m, g]
+//   xc[m, g] = sum_{b in g} xs[m, b] * sum(xq[m, b])
+// Scales are float16 in units of a power of two per matrix (scale_unit, applied to each output at the
+// end, so that any matrix's scales sit in float16's normal range) and zero points uint8, both in panel
+// order (N / 16, G, 16): 16 outputs' scales are one 32-byte load, their zeros one 16-byte load, and a
+// panel's groups follow each other, so a row of x reads them as one stream too. That is 3 bytes per
+// group and output where float32 scales and zeros took 8: 4-bit codes in groups of 64 read 15% fewer bytes.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -123,7 +126,6 @@ void tile(const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, 
   const int64_t K = w.in_features, N = w.out_features, B = K / kBlock;
   const int64_t blocks_per_group = std::min(w.group_size, K) / kBlock, G = w.num_groups;
   const int64_t panel_bytes = K * kLanes * BITS / 8;
-  const float offset = BITS == 8 ? 128.f : 8.f;
   const uint8_t* panels = w.codes + p0 * panel_bytes;
   const int8_t* xq = q.xq.data() + m0 * K;
   const float* xs = q.xs.data() + m0 * B;
@@ -148,16 +150,18 @@ void tile(const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, 
     for (int j = 0; j < NP; ++j) {
       const int64_t n = (p0 + j) * kLanes;
       const int64_t at = ((p0 + j) * G + g) * kLanes;  // scales in panel order: a panel's groups in a row
-      const __m512 s = _mm512_loadu_ps(w.scales + at);
-      const __m512 off = _mm512_fmadd_ps(s, _mm512_set1_ps(offset), _mm512_loadu_ps(w.scaled_zeros + at));
+      const __m512 s = load16(w.panel_scales + at);
+      const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.panel_zeros + at))));
+      const __m512 off = _mm512_mul_ps(s, zero);
       for (int m = 0; m < MR; ++m) {
         const __m512 xc = _mm512_set1_ps(q.xc[(m0 + m) * G + g]);
         total[m][j] = _mm512_fnmadd_ps(off, xc, _mm512_fmadd_ps(s, group_acc[m][j], total[m][j]));
       }
     }
   }
+  const __m512 unit = _mm512_set1_ps(w.scale_unit);
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NP; ++j) store16(out + m * ld + j * kLanes, total[m][j]);
+    for (int j = 0; j < NP; ++j) store16(out + m * ld + j * kLanes, _mm512_mul_ps(total[m][j], unit));
 }
 
 template <int NP, int BITS, typename out_t>

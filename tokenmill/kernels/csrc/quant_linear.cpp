@@ -196,8 +196,10 @@ void dequantize_rows(const QuantWeight& w, int64_t n_begin, int64_t n_end, out_t
   });
 }
 
-QuantWeight view_weight(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& scaled_zeros,
-                        int64_t in_features, int64_t group_size, int64_t bits) {
+// Rows: scales and zeros are float32 (N, G), zeros holding scale * (zero - centre). Panels: (N / 16, G, 16)
+// float16 scales in units of scale_unit and uint8 zero points (quant_gemm_vnni.cpp).
+QuantWeight view_weight(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& zeros,
+                        int64_t in_features, int64_t group_size, int64_t bits, double scale_unit) {
   TORCH_CHECK(bits == 4 || bits == 8, "quant_linear: bits must be 4 or 8, got ", bits);
   const bool panels = codes.dim() == 4;
   const int64_t N = panels ? codes.size(0) * codes.size(2) : codes.size(0), G = (in_features + group_size - 1) / group_size;
@@ -208,28 +210,36 @@ QuantWeight view_weight(const torch::Tensor& codes, const torch::Tensor& scales,
                 bits, "-bit panels must be contiguous (N / 16, K / ", inputs_per_step, ", 16, 4) uint8 with K = ", in_features);
     TORCH_CHECK(in_features % 64 == 0 && std::min(group_size, in_features) % 64 == 0,
                 "panels need inputs and groups in multiples of 64, got ", in_features, " and ", group_size);
-  } else {
-    TORCH_CHECK(codes.scalar_type() == (bits == 8 ? at::kChar : at::kByte) && codes.is_contiguous() && codes.dim() == 2,
-                "codes must be contiguous: (N, K) int8 for 8 bits, (N, K/2) uint8 for 4 bits");
-    TORCH_CHECK(bits == 8 || in_features % 32 == 0, "4-bit codes need in_features divisible by 32, got ", in_features);
-    TORCH_CHECK(bits == 8 || group_size % 32 == 0 || group_size >= in_features, "4-bit group_size must be a multiple of 32");
-    TORCH_CHECK(codes.size(1) == (bits == 8 ? in_features : in_features / 2), "codes have ", codes.size(1), " bytes per row");
+    const std::vector<int64_t> shape{N / 16, G, 16};
+    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.sizes() == shape &&
+                    zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == shape,
+                "panel scales and zeros must be contiguous (N / 16, num_groups, 16) float16 and uint8");
+    QuantWeight w{static_cast<const uint8_t*>(codes.data_ptr()), nullptr, nullptr, N, in_features, group_size, G, bits};
+    w.panel_scales = scales.data_ptr<at::Half>();
+    w.panel_zeros = zeros.data_ptr<uint8_t>();
+    w.scale_unit = static_cast<float>(scale_unit);
+    return w;
   }
-  const std::vector<int64_t> shape = panels ? std::vector<int64_t>{N / 16, G, 16} : std::vector<int64_t>{N, G};
-  for (const auto* t : {&scales, &scaled_zeros})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->sizes() == shape,
-                "scales and scaled_zeros must be contiguous float32 ", panels ? "(N / 16, num_groups, 16)" : "(N, num_groups)");
-  return {static_cast<const uint8_t*>(codes.data_ptr()), scales.data_ptr<float>(), scaled_zeros.data_ptr<float>(), N, in_features,
+  TORCH_CHECK(codes.scalar_type() == (bits == 8 ? at::kChar : at::kByte) && codes.is_contiguous() && codes.dim() == 2,
+              "codes must be contiguous: (N, K) int8 for 8 bits, (N, K/2) uint8 for 4 bits");
+  TORCH_CHECK(bits == 8 || in_features % 32 == 0, "4-bit codes need in_features divisible by 32, got ", in_features);
+  TORCH_CHECK(bits == 8 || group_size % 32 == 0 || group_size >= in_features, "4-bit group_size must be a multiple of 32");
+  TORCH_CHECK(codes.size(1) == (bits == 8 ? in_features : in_features / 2), "codes have ", codes.size(1), " bytes per row");
+  TORCH_CHECK(scale_unit == 1.0, "the row layout's scales are float32 (scale_unit 1), got ", scale_unit);
+  for (const auto* t : {&scales, &zeros})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->sizes() == at::IntArrayRef({N, G}),
+                "scales and zeros (scale * (zero - centre)) must be contiguous float32 (N, num_groups)");
+  return {static_cast<const uint8_t*>(codes.data_ptr()), scales.data_ptr<float>(), zeros.data_ptr<float>(), N, in_features,
           group_size, G, bits};
 }
 
 }  // namespace
 
 // x (..., K) float32/bfloat16/float16 -> (..., N) in x's dtype.
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
-                           int64_t group_size, int64_t bits, c10::optional<torch::Tensor> bias) {
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
+                           int64_t group_size, int64_t bits, double scale_unit, c10::optional<torch::Tensor> bias) {
   const int64_t K = x.size(-1);
-  const QuantWeight w = view_weight(codes, scales, scaled_zeros, K, group_size, bits);
+  const QuantWeight w = view_weight(codes, scales, zeros, K, group_size, bits, scale_unit);
   const int64_t M = x.numel() / K, N = w.out_features;
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = N;
@@ -280,10 +290,10 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s
 // The float weight (N, K) the codes stand for (tests, and layers that fall back to dense).
 bool quant_panels_available() { return tokenmill_quant::panel_gemm_available(); }
 
-torch::Tensor quant_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor scaled_zeros,
+torch::Tensor quant_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
                                int64_t in_features, int64_t group_size, int64_t bits) {
   TORCH_CHECK(codes.dim() == 2, "quant_dequantize reads the row layout; panels are unpacked in Python");
-  const QuantWeight w = view_weight(codes, scales, scaled_zeros, in_features, group_size, bits);
+  const QuantWeight w = view_weight(codes, scales, zeros, in_features, group_size, bits, 1.0);
   auto out = torch::empty({w.out_features, in_features}, scales.options());
   dequantize_rows<float>(w, 0, w.out_features, out.data_ptr<float>());
   return out;

@@ -8,9 +8,12 @@ namespace tokenmill_quant {
 
 struct QuantWeight {
   const uint8_t* codes;      // int8 for 8-bit, viewed as bytes; panels: see quant_gemm_vnni.cpp
-  const float* scales;       // (N, G); panels: (N / 16, G, 16)
-  const float* scaled_zeros; // (N, G): scale * zero; panels: (N / 16, G, 16)
+  const float* scales;       // rows: (N, G) float32; panels: null
+  const float* scaled_zeros; // rows: (N, G) float32 scale * (zero - centre); panels: null
   int64_t out_features, in_features, group_size, num_groups, bits;
+  const at::Half* panel_scales = nullptr;  // panels: (N / 16, G, 16) float16, in units of scale_unit
+  const uint8_t* panel_zeros = nullptr;    // panels: (N / 16, G, 16) zero points (uncentred codes)
+  float scale_unit = 1.f;                  // panels: a power of two multiplying every scale
   int64_t row_bytes() const { return bits == 8 ? in_features : in_features / 2; }
 };
 

@@ -137,7 +137,8 @@ class _QuantizedMethod(UnquantizedLinearMethod):
             return None
         spec = kernels.LinearSpec()
         spec.kind, spec.bias, spec.group_size, spec.bits = "quantized", layer.bias, matrix.group_size, matrix.storage_bits
-        spec.codes, spec.scales, spec.scaled_zeros = matrix.codes, matrix.scales, matrix.scaled_zeros
+        spec.codes, spec.scales, spec.zeros = matrix.codes, matrix.scales, matrix.kernel_zeros
+        spec.scale_unit = matrix.scale_unit
         return spec
 
 

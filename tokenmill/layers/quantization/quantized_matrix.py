@@ -10,10 +10,15 @@ CPU: the C++ kernel in ``kernels/csrc/quant_linear.cpp``. Without either: dequan
 8- and 4-bit codes of a bf16/fp16 model (``int8_activations``) are held in the VNNI panel layout
 where the CPU kernels can multiply it (AVX512-VNNI): activations are then rounded to int8 per block of 64
 inputs, as llama.cpp rounds them for its q8_0 dot products, and every batch size runs on integer dot
-products. Float32 models keep the row layout and its exact float path.
+products. Panels hold each scale in float16 (in units of a power of two per matrix, so no scale
+leaves float16's normal range) and each zero point in a byte, as llama.cpp holds its block scales:
+3 bytes per group and output instead of 8. Float32 models keep the row layout, float32 scales and
+the exact float path.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -45,18 +50,24 @@ class QuantizedMatrix(nn.Module):
         center = 2 ** (bits - 1)  # codes and zeros are stored centred on 0 (see the kernel's header)
         # The 4-bit layout packs 32 inputs per 16 bytes; other shapes keep 4-bit codes one per byte.
         self.storage_bits = 4 if bits == 4 and in_features % 32 == 0 and self.group_size % 32 == 0 else 8
-        scaled_zeros = scales.float() * (zeros.float() - center)  # (N, G)
-        self.panels = int8_activations and _panels_fit(codes, self.group_size)
-        if self.panels:  # (N / 16, K / 4 or 8, 16, 4) uint8; scales (N / 16, G, 16): 16 outputs' in one load
+        self.panels = int8_activations and _panels_fit(codes, zeros, self.group_size)
+        self.scale_unit = 1.0
+        """Panels: the power of two that every stored float16 scale is a multiple of."""
+        if self.panels:  # (N / 16, K / 4 or 8, 16, 4) uint8; scales and zeros (N / 16, G, 16): 16 outputs' in one load
             stored = pack_panels(codes, self.storage_bits)
-            scales, scaled_zeros = _panel_order(scales.float()), _panel_order(scaled_zeros)
-        elif self.storage_bits == 4:
-            stored = pack_nibbles(codes)  # (N, K / 2) uint8
+            self.scale_unit = _scale_unit(scales)
+            scales = _panel_order((scales.float() / self.scale_unit).half())  # float16 (N / 16, G, 16)
+            zeros = _panel_order(zeros.to(torch.uint8))  # uint8 (N / 16, G, 16), uncentred
+            scaled_zeros = None
         else:
-            stored = (codes.to(torch.int32) - center).to(torch.int8).contiguous()  # (N, K)
+            stored = (pack_nibbles(codes) if self.storage_bits == 4  # (N, K / 2) uint8
+                      else (codes.to(torch.int32) - center).to(torch.int8).contiguous())  # (N, K) int8
+            scaled_zeros = (scales.float() * (zeros.float() - center)).contiguous()  # float32 (N, G)
+            scales, zeros = scales.float().contiguous(), None
         self.register_buffer("codes", stored)
-        self.register_buffer("scales", scales.float().contiguous())  # (N, G); panels: (N / 16, G, 16)
-        self.register_buffer("scaled_zeros", scaled_zeros.contiguous())  # (N, G); panels: (N / 16, G, 16)
+        self.register_buffer("scales", scales)  # rows: float32 (N, G); panels: float16 (N / 16, G, 16)
+        self.register_buffer("zeros", zeros)  # panels: uint8 zero points (N / 16, G, 16); rows: None
+        self.register_buffer("scaled_zeros", scaled_zeros)  # rows: float32 scale * (zero - centre) (N, G); panels: None
         self.register_buffer("perm", None if perm is None else perm.to(torch.int64))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # (..., K) -> (..., N)
@@ -69,24 +80,25 @@ class QuantizedMatrix(nn.Module):
                                 bias)
         kernels = cpu_kernels() if x.device.type == "cpu" else None
         if kernels is not None:
-            return kernels.quant_linear(x.contiguous(), self.codes, self.scales, self.scaled_zeros, self.group_size,
-                                        self.storage_bits, bias)
+            return kernels.quant_linear(x.contiguous(), self.codes, self.scales, self.kernel_zeros, self.group_size,
+                                        self.storage_bits, self.scale_unit, bias)
         return F.linear(x, self._dequantize_stored().to(x.dtype), bias)
+
+    @property
+    def kernel_zeros(self) -> torch.Tensor:
+        """What the C++ kernel takes beside the scales: panels' uint8 zero points, rows' scaled zeros."""
+        return self.zeros if self.panels else self.scaled_zeros
 
     def _dequantize_stored(self) -> torch.Tensor:
         """(N, K) float32 in the stored (permuted) input order."""
-        if self.panels:
-            centred = unpack_panels(self.codes, self.storage_bits).float() - 2 ** (self.storage_bits - 1)
-        elif self.storage_bits == 4:
-            centred = unpack_nibbles(self.codes).float() - 8
-        else:
-            centred = self.codes.float()
-        scales, scaled_zeros = self.scales, self.scaled_zeros
-        if self.panels:  # stored (N / 16, G, 16)
-            scales, scaled_zeros = _row_order(scales), _row_order(scaled_zeros)
         size, in_features = self.group_size, self.in_features
         expand = lambda t: t.repeat_interleave(size, dim=1)[:, :in_features]  # noqa: E731  (N, G) -> (N, K)
-        return expand(scales) * centred - expand(scaled_zeros)
+        if self.panels:  # scale * (code - zero), everything stored (N / 16, G, 16)
+            codes = unpack_panels(self.codes, self.storage_bits).float()
+            scales = _row_order(self.scales).float() * self.scale_unit
+            return expand(scales) * (codes - expand(_row_order(self.zeros).float()))
+        centred = unpack_nibbles(self.codes).float() - 8 if self.storage_bits == 4 else self.codes.float()
+        return expand(self.scales) * centred - expand(self.scaled_zeros)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight these codes stand for, inputs in the checkpoint's order."""
@@ -99,7 +111,7 @@ class QuantizedMatrix(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes one matrix product reads: codes, scales and zeros."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.scaled_zeros))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.kernel_zeros))
 
     def extra_repr(self) -> str:
         return (f"{self.in_features} -> {self.out_features}, {self.bits}-bit, group {self.group_size}"
@@ -118,12 +130,21 @@ def _row_order(panelled: torch.Tensor) -> torch.Tensor:
     return panelled.transpose(1, 2).reshape(count * lanes, num_groups)
 
 
-def _panels_fit(codes: torch.Tensor, group_size: int) -> bool:
+def _scale_unit(scales: torch.Tensor) -> float:
+    """A power of two that brings the largest scale to [2**13, 2**14): float16 then holds every
+    scale down to 2**-28 of the largest in its normal range (11 significant bits)."""
+    largest = scales.abs().max().item() if scales.numel() else 0.0
+    return 1.0 if largest == 0 or not math.isfinite(largest) else 2.0 ** (math.floor(math.log2(largest)) - 13)
+
+
+def _panels_fit(codes: torch.Tensor, zeros: torch.Tensor, group_size: int) -> bool:
     """Whether (N, K) codes on this device can take the panel layout: CPU kernels with
     AVX512-VNNI (and no Triton interpreter, which runs the row layout), N a multiple of 16, K and
-    the group size of 64."""
+    the group size of 64, zero points whole numbers a byte holds (as RTN and GPTQ make them)."""
     out_features, in_features = codes.shape
     if codes.device.type != "cpu" or out_features % 16 or in_features % 64 or min(group_size, in_features) % 64:
+        return False
+    if zeros.numel() and not (torch.equal(zeros, zeros.round()) and zeros.min() >= 0 and zeros.max() <= 255):
         return False
     if triton_ops(codes.device) is not None:
         return False
