@@ -13,6 +13,7 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#include "attention_simd.h"
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -87,6 +88,7 @@ static void decode_kernel(const scalar_t* q, const cache_t* key_cache, const cac
   // fetched is used at once.
   at::parallel_for(0, first_item[num_seqs], 1, [&](int64_t begin, int64_t end) {
     std::vector<float> query(num_heads * head_dim), max_score(num_heads), scores;
+    std::vector<int64_t> slots;  // the chunk's tokens' cache slots
     int64_t seq = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
     int64_t loaded = -1;  // the sequence whose query is in `query`
     for (int64_t item = begin; item < end; ++item) {
@@ -101,26 +103,57 @@ static void decode_kernel(const scalar_t* q, const cache_t* key_cache, const cac
       }
       const auto* query_bf16 = reinterpret_cast<const at::BFloat16*>(q + seq * num_heads * head_dim);  // read if bf16
       scores.resize(num_heads * n_tokens);
-      std::fill(max_score.begin(), max_score.end(), -INFINITY);
+      slots.resize(n_tokens);
       for (int64_t start = 0; start < n_tokens; start += block_size) {
         const int64_t first_slot = table[(t0 + start) / block_size] * block_size;
-        const cache_t* block = key_cache + first_slot * token_stride;
-        const int64_t n = std::min(block_size, n_tokens - start);
-        for (int64_t j = 0; j < n; ++j) {
-          for (int64_t h = 0; h < num_kv_heads; ++h) {
-            const cache_t* k = block + j * token_stride + h * head_dim;
-            const float k_scale = k_scales ? scale * static_cast<float>(k_scales[(first_slot + j) * num_kv_heads + h])
-                                           : scale;
-            for (int64_t g = 0; g < group; ++g) {
-              const int64_t head = h * group + g;
-              const float dot = dot_qk<cache_t, HEAD_DIM>(query.data() + head * head_dim,
-                                                          query_bf16 + head * head_dim, k, head_dim) * k_scale;
-              scores[head * n_tokens + start + j] = dot;
-              max_score[head] = std::max(max_score[head], dot);
+        for (int64_t j = 0; j < std::min(block_size, n_tokens - start); ++j) slots[start + j] = first_slot + j;
+      }
+      std::fill(max_score.begin(), max_score.end(), -INFINITY);
+      int64_t scored = 0;  // tokens scored 16 at a time; the rest one by one
+#if defined(TOKENMILL_ATTENTION_SIMD)
+      if constexpr (dots_in_bf16<cache_t, HEAD_DIM>() && GROUP > 0) {
+        // 16 tokens at a time, read in address order: each (token, head) product vector is parked in L1,
+        // then each head's 16 are summed side by side (the bits of dot_qk's products and sums).
+        thread_local std::vector<__m512> parked_buffer;
+        std::vector<__m512>& parked = parked_buffer;  // (nh, 16)
+        parked.resize(num_heads * 16);
+        for (; scored + 16 <= n_tokens; scored += 16) {
+          for (int u = 0; u < 16; ++u) {
+            const cache_t* row = key_cache + slots[scored + u] * token_stride;
+            for (int64_t h = 0; h < num_kv_heads; ++h) {
+              __m512bh k[HEAD_DIM / 32];
+              for (int i = 0; i < HEAD_DIM / 32; ++i) k[i] = (__m512bh)_mm512_loadu_si512(row + h * HEAD_DIM + 32 * i);
+              for (int g = 0; g < GROUP; ++g) {
+                const at::BFloat16* q_head = query_bf16 + (h * GROUP + g) * HEAD_DIM;
+                __m512 acc = _mm512_setzero_ps();
+                for (int i = 0; i < HEAD_DIM / 32; ++i)
+                  acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q_head + 32 * i), k[i]);
+                parked[(h * GROUP + g) * 16 + u] = acc;
+              }
             }
+          }
+          for (int64_t head = 0; head < num_heads; ++head) {
+            __m512 dots[16];
+            for (int u = 0; u < 16; ++u) dots[u] = parked[head * 16 + u];
+            const __m512 dot = _mm512_mul_ps(tokenmill_attention::sum16(dots), _mm512_set1_ps(scale));
+            _mm512_storeu_ps(scores.data() + head * n_tokens + scored, dot);
+            max_score[head] = std::max(max_score[head], _mm512_reduce_max_ps(dot));
           }
         }
       }
+#endif
+      for (int64_t t = scored; t < n_tokens; ++t)
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+          const cache_t* k = key_cache + slots[t] * token_stride + h * head_dim;
+          const float k_scale = k_scales ? scale * static_cast<float>(k_scales[slots[t] * num_kv_heads + h]) : scale;
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t head = h * group + g;
+            const float dot = dot_qk<cache_t, HEAD_DIM>(query.data() + head * head_dim,
+                                                        query_bf16 + head * head_dim, k, head_dim) * k_scale;
+            scores[head * n_tokens + t] = dot;
+            max_score[head] = std::max(max_score[head], dot);
+          }
+        }
       float* part = parts.data() + item * num_heads * part_size;
       for (int64_t head = 0; head < num_heads; ++head) {
         float* s = scores.data() + head * n_tokens;
@@ -130,25 +163,42 @@ static void decode_kernel(const scalar_t* q, const cache_t* key_cache, const cac
         for (int64_t t = 0; t < n_tokens; ++t) s[t] *= inv;
         part[head * part_size] = max_score[head];
         part[head * part_size + 1] = total;
-        std::fill_n(part + head * part_size + 2, head_dim, 0.f);
       }
-      for (int64_t start = 0; start < n_tokens; start += block_size) {
-        const int64_t first_slot = table[(t0 + start) / block_size] * block_size;
-        const cache_t* block = value_cache + first_slot * token_stride;
-        const int64_t n = std::min(block_size, n_tokens - start);
-        for (int64_t j = 0; j < n; ++j) {
+#if defined(TOKENMILL_ATTENTION_SIMD)
+      if constexpr (tokenmill_attention::values_in_registers<cache_t>(HEAD_DIM, GROUP)) {
+        // Windows of 16 tokens, each visited one KV head at a time while the next is fetched.
+        const int64_t row_bytes = token_stride * sizeof(cache_t);
+        tokenmill_attention::prefetch_rows(std::min<int64_t>(16, n_tokens), row_bytes,
+                                           [&](int64_t i) { return value_cache + slots[i] * token_stride; });
+        for (int64_t w = 0; w < n_tokens; w += 16) {
+          const int64_t w_end = std::min(n_tokens, w + 16), ahead = std::min<int64_t>(16, n_tokens - w_end);
+          tokenmill_attention::prefetch_rows(ahead, row_bytes,
+                                             [&](int64_t i) { return value_cache + slots[w_end + i] * token_stride; });
           for (int64_t h = 0; h < num_kv_heads; ++h) {
-            const cache_t* v = block + j * token_stride + h * head_dim;
-            const float v_scale = v_scales ? static_cast<float>(v_scales[(first_slot + j) * num_kv_heads + h]) : 1.f;
-            for (int64_t g = 0; g < group; ++g) {
-              const int64_t head = h * group + g;
-              const float p = scores[head * n_tokens + start + j] * v_scale;
-              float* __restrict__ a = part + head * part_size + 2;
-              for (int64_t i = 0; i < head_dim; ++i) a[i] += p * static_cast<float>(v[i]);
-            }
+            const auto row = [&](int64_t t, float& v_scale) {
+              v_scale = v_scales ? static_cast<float>(v_scales[slots[t] * num_kv_heads + h]) : 1.f;
+              return value_cache + slots[t] * token_stride + h * HEAD_DIM;
+            };
+            tokenmill_attention::accumulate_values<HEAD_DIM, GROUP, cache_t>(
+                w, w_end, w == 0, row, scores.data() + h * GROUP * n_tokens, n_tokens, part + h * GROUP * part_size + 2,
+                part_size);
           }
         }
+        continue;
       }
+#endif
+      for (int64_t head = 0; head < num_heads; ++head) std::fill_n(part + head * part_size + 2, head_dim, 0.f);
+      for (int64_t t = 0; t < n_tokens; ++t)
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+          const cache_t* v = value_cache + slots[t] * token_stride + h * head_dim;
+          const float v_scale = v_scales ? static_cast<float>(v_scales[slots[t] * num_kv_heads + h]) : 1.f;
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t head = h * group + g;
+            const float p = scores[head * n_tokens + t] * v_scale;
+            float* __restrict__ a = part + head * part_size + 2;
+            for (int64_t i = 0; i < head_dim; ++i) a[i] += p * static_cast<float>(v[i]);
+          }
+        }
     }
   });
   // Merge each sequence's chunks in order: out = sum_c (w_c / W) out_c with w_c = l_c e^(m_c - m), W = sum_c w_c.

@@ -151,7 +151,8 @@ void tile(const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, 
       const int64_t n = (p0 + j) * kLanes;
       const int64_t at = ((p0 + j) * G + g) * kLanes;  // scales in panel order: a panel's groups in a row
       const __m512 s = load16(w.panel_scales + at);
-      const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.panel_zeros + at))));
+      const __m128i zero_bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.panel_zeros + at));
+      const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zero_bytes));
       const __m512 off = _mm512_mul_ps(s, zero);
       for (int m = 0; m < MR; ++m) {
         const __m512 xc = _mm512_set1_ps(q.xc[(m0 + m) * G + g]);

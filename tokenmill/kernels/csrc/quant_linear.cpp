@@ -229,8 +229,8 @@ QuantWeight view_weight(const torch::Tensor& codes, const torch::Tensor& scales,
   for (const auto* t : {&scales, &zeros})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->sizes() == at::IntArrayRef({N, G}),
                 "scales and zeros (scale * (zero - centre)) must be contiguous float32 (N, num_groups)");
-  return {static_cast<const uint8_t*>(codes.data_ptr()), scales.data_ptr<float>(), zeros.data_ptr<float>(), N, in_features,
-          group_size, G, bits};
+  return {static_cast<const uint8_t*>(codes.data_ptr()), scales.data_ptr<float>(), zeros.data_ptr<float>(), N,
+          in_features, group_size, G, bits};
 }
 
 }  // namespace
