@@ -53,14 +53,6 @@ constexpr bool values_in_registers(int head_dim, int group) {
           std::is_same_v<cache_t, at::Half> || std::is_same_v<cache_t, int8_t>);
 }
 
-// Brings `rows` rows of `bytes` each, row(i) the i-th, towards L1 in address order: the kernels below visit
-// a window of 16 tokens one KV head at a time (strided), so the next window is fetched ahead as a stream.
-template <typename RowFn>
-inline void prefetch_rows(int64_t rows, int64_t bytes, const RowFn& row) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(row(i)) + at, _MM_HINT_T0);
-}
-
 // out[g] (HEAD_DIM floats each, `out_stride` apart) += sum over tokens t in [t0, t1) of p[g][t] * v_scale * v[t]
 // for the GROUP query heads g of one KV head. row(t, v_scale) gives token t's value row for this head and
 // sets its scale (1 for float caches); p[g] = probs + g * probs_stride. first: out starts from zero.

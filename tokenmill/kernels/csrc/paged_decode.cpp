@@ -166,14 +166,9 @@ static void decode_kernel(const scalar_t* q, const cache_t* key_cache, const cac
       }
 #if defined(TOKENMILL_ATTENTION_SIMD)
       if constexpr (tokenmill_attention::values_in_registers<cache_t>(HEAD_DIM, GROUP)) {
-        // Windows of 16 tokens, each visited one KV head at a time while the next is fetched.
-        const int64_t row_bytes = token_stride * sizeof(cache_t);
-        tokenmill_attention::prefetch_rows(std::min<int64_t>(16, n_tokens), row_bytes,
-                                           [&](int64_t i) { return value_cache + slots[i] * token_stride; });
+        // Windows of 16 tokens (their rows stay in L1), each visited one KV head at a time.
         for (int64_t w = 0; w < n_tokens; w += 16) {
-          const int64_t w_end = std::min(n_tokens, w + 16), ahead = std::min<int64_t>(16, n_tokens - w_end);
-          tokenmill_attention::prefetch_rows(ahead, row_bytes,
-                                             [&](int64_t i) { return value_cache + slots[w_end + i] * token_stride; });
+          const int64_t w_end = std::min(n_tokens, w + 16);
           for (int64_t h = 0; h < num_kv_heads; ++h) {
             const auto row = [&](int64_t t, float& v_scale) {
               v_scale = v_scales ? static_cast<float>(v_scales[slots[t] * num_kv_heads + h]) : 1.f;
