@@ -45,11 +45,12 @@ inline int narrow_tile_panels(int64_t panels) {
 
 // Calls tile(m0, rows, p, width) for every tile of an (M rows of x) x (panels) product, split over the
 // threads: rows in chunks of kRowChunk; at one or two rows, tiles 3-4 panels wide (independent weight
-// streams); at more, 2 panels x up to 6 rows (12 accumulators of the 32 vector registers). The tile
-// shape never changes the order of any output's sum, so a row's result does not depend on the batch.
+// streams) or `narrow_width` wide if given; at more, 2 panels x up to 6 rows (12 accumulators of the 32
+// vector registers). The tile shape never changes the order of any output's sum, so a row's result
+// does not depend on the batch.
 template <typename TileFn>
-void for_each_tile(int64_t M, int64_t panels, const TileFn& tile) {
-  const int panels_per_tile = M <= 2 ? narrow_tile_panels(panels) : 2;
+void for_each_tile(int64_t M, int64_t panels, const TileFn& tile, int narrow_width = 0) {
+  const int panels_per_tile = M <= 2 ? (narrow_width > 0 ? narrow_width : narrow_tile_panels(panels)) : 2;
   const int rows_per_tile = M <= 2 ? static_cast<int>(M) : 6;
   const int64_t tiles_n = (panels + panels_per_tile - 1) / panels_per_tile;
   const int64_t chunks_m = (M + kRowChunk - 1) / kRowChunk;
