@@ -180,3 +180,21 @@ def test_measure_runs_the_engine_beside_the_prediction(checkpoint):
     assert measured["measured_ms_per_token"] > 0 and measured["predicted_ms_per_token"] > 0
     assert measured["ms_per_token_ratio"] == pytest.approx(
         measured["measured_ms_per_token"] / measured["predicted_ms_per_token"])
+
+
+def test_quantized_weights_on_a_cpu_with_panels_count_float16_scales_and_byte_zeros():
+    """`Hardware.quant_panels` (set by the measured `cpu` preset where the panel kernels exist) counts 3
+    bytes per group and output where the shape takes panels, 8 elsewhere: smollm2-135m int4 (groups
+    of 64; every matrix takes panels, the head int8 in groups of 64) holds 8.3 + 2.2 MB less."""
+    from dataclasses import replace
+
+    from tokenmill.analysis.hardware import measure_cpu
+    from tokenmill.kernels import cpu_kernels
+
+    shape, a100 = get_model_shape("smollm2-135m"), get_hardware("a100-80gb")
+    rows = analyze(shape, a100, dtype="int4").memory.weight_bytes
+    panels = analyze(shape, replace(a100, quant_panels=True), dtype="int4").memory.weight_bytes
+    layers = shape.num_layers * sum(n * k // 64 for n, k in ((960, 576), (576, 576), (3072, 576), (576, 1536)))
+    assert rows - panels == 5 * (layers + shape.vocab_size * shape.hidden_size // 64)
+    kernels = cpu_kernels()
+    assert measure_cpu().quant_panels == (kernels is not None and kernels.quant_panels_available())
