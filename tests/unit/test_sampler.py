@@ -126,3 +126,27 @@ def test_sampled_frequencies_match_processed_distribution(name, settings):
     z = 3.090
     critical = df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
     assert chi2 < critical, f"{name}: chi2 {chi2:.1f} >= {critical:.1f} (df {df})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [1, 17, 32001, 49152])
+def test_the_cpu_greedy_kernel_picks_what_max_picks(dtype, vocab):
+    """The first maximum on ties, the first NaN where there is one, index 0 of an all -inf row, an inf
+    row's first inf: the C++ kernel and the sampler's greedy path equal ``Tensor.max(-1).indices``."""
+    from tokenmill.kernels import cpu_kernels
+    from tokenmill.sample.sampler import greedy_argmax
+
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("the C++ CPU kernels could not be built here")
+    generator = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(8, vocab, generator=generator) * 3).round()  # many ties
+    logits[1, vocab // 2], logits[1, -1] = float("nan"), float("nan")
+    logits[2] = float("-inf")
+    logits[3] = float("inf")
+    logits[4, -1] = 1e4  # the maximum in the tail, past the last whole vector
+    logits = logits.to(dtype)
+    expected = logits.max(-1).indices
+    assert torch.equal(kernels.greedy_argmax(logits), expected)
+    assert torch.equal(greedy_argmax(logits), expected)
+    assert torch.equal(greedy_argmax(logits[:, :vocab - 1 or 1]), logits[:, :vocab - 1 or 1].max(-1).indices)

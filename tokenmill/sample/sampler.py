@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenmill.kernels import cpu_kernels
 from tokenmill.sample.logits_processors import PenaltyInputs, apply_penalties
 
 _MASK = float("-inf")
@@ -146,8 +147,7 @@ class Sampler:
 
     @staticmethod
     def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        # max().indices: the first maximum, like argmax, but faster on CPU; exact in any dtype.
-        greedy_tokens = logits.max(-1).indices
+        greedy_tokens = greedy_argmax(logits)
         if md.all_greedy:
             return greedy_tokens
         logits = logits.float()
@@ -162,3 +162,13 @@ class Sampler:
         noise = exponential_noise(md.step_seeds, logits.shape[-1], logits.device)
         sampled = (probs / noise).argmax(-1)
         return torch.where(is_greedy, greedy_tokens, sampled)
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(rows, vocab) -> (rows,) int64: each row's first maximum (its first NaN if it has one), exactly
+    ``logits.max(-1).indices``, which on CPU reads ~1 ns per logit; the C++ kernel reads them ~10x faster
+    (~4 us for 49,152 bf16 logits). ``max().indices`` rather than ``argmax``: faster on CPU, same index."""
+    kernels = cpu_kernels() if logits.device.type == "cpu" and logits.dim() == 2 else None
+    if kernels is not None and logits.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return kernels.greedy_argmax(logits)
+    return logits.max(-1).indices

@@ -11,6 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv_int8", &write_kv_int8, "int8 KV cache write: quantize and store new rows");
   m.def("add_rms_norm", &add_rms_norm, "residual += delta; RMSNorm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("greedy_argmax", &greedy_argmax, "each row's first maximum (or first NaN), as Tensor.max(-1).indices");
   m.def("rotary_inplace", &rotary_inplace, "rotary embedding, in place");
   m.def("quant_linear", &quant_linear, "weight-only 8/4-bit linear");
   m.def("quant_panels_available", &quant_panels_available, "whether 8-bit panels (AVX512-VNNI) can be multiplied");

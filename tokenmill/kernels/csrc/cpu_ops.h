@@ -18,6 +18,7 @@ void write_kv_int8(torch::Tensor k, torch::Tensor v, torch::Tensor key_codes, to
 torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> delta, torch::Tensor weight,
                            double eps, at::ScalarType out_dtype);
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
+torch::Tensor greedy_argmax(torch::Tensor logits);
 void rotary_inplace(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
                     int64_t num_rot_heads, int64_t head_dim);
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
