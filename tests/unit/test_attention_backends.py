@@ -108,6 +108,30 @@ def test_decode_kernel_output_does_not_depend_on_the_batch(cpu_backend, dtype, n
         assert torch.equal(alone[0], batched[row]), f"request {row} changed with the batch"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernel_reads_queries_in_place_from_fused_qkv_rows(cpu_backend, dtype):
+    """q as the C++ decode step passes it, a view of the fused qkv rows (rows (nh + 2 nkv) d apart): the
+    same bits as a contiguous copy, for every kernel (float, int8 cache), without copying it."""
+    from tokenmill.kernels import cpu_kernels
+
+    kernels = cpu_kernels()
+    num_heads, num_kv_heads, head_dim = 9, 3, 64
+    q, cache, md = _decode_inputs(dtype, num_heads, num_kv_heads, head_dim, [37, 5, 130], 16)
+    qkv = torch.randn(3, num_heads + 2 * num_kv_heads, head_dim).to(dtype)
+    qkv[:, :num_heads] = q
+    strided = qkv.narrow(1, 0, num_heads)
+    assert not strided.is_contiguous()
+    args = (md.decode_block_tables, md.decode_seq_lens, head_dim ** -0.5)
+    assert torch.equal(kernels.paged_decode_attention(strided, cache[0], cache[1], *args),
+                       kernels.paged_decode_attention(q, cache[0], cache[1], *args))
+    if dtype == torch.bfloat16:
+        codes = torch.randint(-127, 128, cache.shape, dtype=torch.int8)
+        scales = torch.rand(cache.shape[:4], dtype=torch.float16) / 100
+        int8_cache = (codes[0], codes[1], scales[0], scales[1])
+        assert torch.equal(kernels.paged_decode_attention_int8(strided, *int8_cache, *args),
+                           kernels.paged_decode_attention_int8(q, *int8_cache, *args))
+
+
 def test_write_kv_copies_rows_to_their_slots_and_skips_padding(cpu_backend):
     kernels = cpu_backend.kernels
     key_cache, value_cache = torch.zeros(2, 3, 4, 2, 8, dtype=torch.bfloat16)  # (blocks, bs, nkv, d) each

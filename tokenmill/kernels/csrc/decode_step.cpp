@@ -52,25 +52,31 @@ DecodeStep::DecodeStep(std::vector<DecodeLayer> layers, torch::Tensor final_norm
     check_linear(layer.gate_up, "gate_up_proj");
     check_linear(layer.down, "down_proj");
     TORCH_CHECK(layer.kv_cache.dim() == 5 && layer.kv_cache.size(0) == 2, "kv_cache must be (2, blocks, bs, nkv, d)");
+    key_caches_.push_back(layer.kv_cache.select(0, 0));  // (blocks, bs, nkv, d)
+    value_caches_.push_back(layer.kv_cache.select(0, 1));
   }
 }
 
-torch::Tensor DecodeStep::attend(const DecodeLayer& layer, const torch::Tensor& qkv, const torch::Tensor& slot_mapping,
+// Layer `index`'s attention for qkv (M, (nh + 2 nkv) d): the new K/V rows written to the cache, then
+// each row's query attends in place (no copies of q, k or v) -> (M, nh d).
+torch::Tensor DecodeStep::attend(size_t index, const torch::Tensor& qkv, const torch::Tensor& slot_mapping,
                                  const torch::Tensor& block_tables, const torch::Tensor& seq_lens) const {
-  const int64_t M = qkv.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
-  const auto q = qkv.narrow(1, 0, q_size).view({M, num_heads_, head_dim_});
-  const auto k = qkv.narrow(1, q_size, kv_size).view({M, num_kv_heads_, head_dim_});
-  const auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({M, num_kv_heads_, head_dim_});
-  const auto& cache = layer.kv_cache;
-  if (layer.kv_scales.defined()) {  // int8: quantize-and-write, then read codes and scales in place
-    const auto key_scales = layer.kv_scales.select(0, 0), value_scales = layer.kv_scales.select(0, 1);
-    write_kv_int8(k, v, cache.select(0, 0), cache.select(0, 1), key_scales, value_scales, slot_mapping);
-    return paged_decode_attention_int8(q, cache.select(0, 0), cache.select(0, 1), key_scales, value_scales,
-                                       block_tables, seq_lens, scale_);
+  const int64_t M = qkv.size(0);
+  const auto heads = qkv.view({M, num_heads_ + 2 * num_kv_heads_, head_dim_});
+  const auto q = heads.narrow(1, 0, num_heads_);
+  const auto k = heads.narrow(1, num_heads_, num_kv_heads_);
+  const auto v = heads.narrow(1, num_heads_ + num_kv_heads_, num_kv_heads_);
+  const auto& key_cache = key_caches_[index];
+  const auto& value_cache = value_caches_[index];
+  const auto& kv_scales = layers_[index].kv_scales;
+  if (kv_scales.defined()) {  // int8: quantize-and-write, then read codes and scales in place
+    const auto key_scales = kv_scales.select(0, 0), value_scales = kv_scales.select(0, 1);
+    write_kv_int8(k, v, key_cache, value_cache, key_scales, value_scales, slot_mapping);
+    return paged_decode_attention_int8(q, key_cache, value_cache, key_scales, value_scales, block_tables, seq_lens,
+                                       scale_).view({M, -1});
   }
-  const auto key_cache = cache.select(0, 0), value_cache = cache.select(0, 1);  // (blocks, bs, nkv, d)
   write_kv(k, v, key_cache, value_cache, slot_mapping);
-  return paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, scale_);
+  return paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, scale_).view({M, -1});
 }
 
 torch::Tensor DecodeStep::forward(torch::Tensor embedded, torch::Tensor positions, torch::Tensor slot_mapping,
@@ -80,12 +86,16 @@ torch::Tensor DecodeStep::forward(torch::Tensor embedded, torch::Tensor position
   const auto dtype = embedded.scalar_type();
   auto residual = embedded.to(at::kFloat);  // (M, H) the float32 residual stream, updated in place
   c10::optional<torch::Tensor> hidden;      // the previous block's output, not yet added to the residual
-  for (const auto& layer : layers_) {
+  block_tables = block_tables.contiguous();  // once for all layers
+  seq_lens = seq_lens.contiguous();
+  slot_mapping = slot_mapping.contiguous();
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const auto& layer = layers_[i];
     const auto h = add_rms_norm(residual, hidden, layer.input_norm, eps_, dtype);
     const auto qkv = linear(layer.qkv, h);  // (M, (nh + 2 nkv) d)
     rotary_inplace(qkv, positions, cos_, sin_, num_heads_ + num_kv_heads_, head_dim_);
-    const auto attn = attend(layer, qkv, slot_mapping, block_tables, seq_lens);  // (M, nh, d)
-    const auto h2 = add_rms_norm(residual, linear(layer.o, attn.flatten(1)), layer.post_attention_norm, eps_, dtype);
+    const auto attn = attend(i, qkv, slot_mapping, block_tables, seq_lens);  // (M, nh d)
+    const auto h2 = add_rms_norm(residual, linear(layer.o, attn), layer.post_attention_norm, eps_, dtype);
     hidden = linear(layer.down, silu_and_mul(linear(layer.gate_up, h2)));  // (M, H)
   }
   return add_rms_norm(residual, hidden, final_norm_, eps_, dtype);

@@ -33,9 +33,10 @@ class DecodeStep {
                         torch::Tensor block_tables, torch::Tensor seq_lens) const;
 
  private:
-  torch::Tensor attend(const DecodeLayer& layer, const torch::Tensor& qkv, const torch::Tensor& slot_mapping,
+  torch::Tensor attend(size_t index, const torch::Tensor& qkv, const torch::Tensor& slot_mapping,
                        const torch::Tensor& block_tables, const torch::Tensor& seq_lens) const;
   std::vector<DecodeLayer> layers_;
+  std::vector<torch::Tensor> key_caches_, value_caches_;  // each layer's kv_cache[0] and [1], viewed once
   torch::Tensor final_norm_, cos_, sin_;
   int64_t num_heads_, num_kv_heads_, head_dim_;
   double eps_, scale_;

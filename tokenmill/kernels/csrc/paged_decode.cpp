@@ -57,9 +57,10 @@ static int64_t blocks_per_chunk(int64_t len, int64_t block_size) {
 }
 
 // cache_t is scalar_t, or int8_t for the int8 KV cache, whose rows carry a float16 scale per token
-// and KV head (k_scales/v_scales (blocks, block_size, nkv); null for float caches).
+// and KV head (k_scales/v_scales (blocks, block_size, nkv); null for float caches). Sequence s's query
+// heads start at q + s * q_stride (a fused qkv row is read in place).
 template <typename scalar_t, typename cache_t, int HEAD_DIM, int GROUP>
-static void decode_kernel(const scalar_t* q, const cache_t* key_cache, const cache_t* value_cache,
+static void decode_kernel(const scalar_t* q, int64_t q_stride, const cache_t* key_cache, const cache_t* value_cache,
                           const at::Half* k_scales, const at::Half* v_scales,
                           const int64_t* block_tables, const int64_t* seq_lens, scalar_t* out,
                           int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim_rt,
@@ -98,10 +99,10 @@ static void decode_kernel(const scalar_t* q, const cache_t* key_cache, const cac
       const int64_t* table = block_tables + seq * max_blocks;
       if (!dots_in_bf16<cache_t, HEAD_DIM>() && seq != loaded) {
         for (int64_t j = 0; j < num_heads * head_dim; ++j)
-          query[j] = static_cast<float>(q[seq * num_heads * head_dim + j]);
+          query[j] = static_cast<float>(q[seq * q_stride + j]);
         loaded = seq;
       }
-      const auto* query_bf16 = reinterpret_cast<const at::BFloat16*>(q + seq * num_heads * head_dim);  // read if bf16
+      const auto* query_bf16 = reinterpret_cast<const at::BFloat16*>(q + seq * q_stride);  // read if bf16
       scores.resize(num_heads * n_tokens);
       slots.resize(n_tokens);
       for (int64_t start = 0; start < n_tokens; start += block_size) {
@@ -224,32 +225,38 @@ static void decode_kernel(const scalar_t* q, const cache_t* key_cache, const cac
 }
 
 template <typename scalar_t, typename cache_t>
-static void dispatch(const scalar_t* q, const cache_t* kc, const cache_t* vc, const at::Half* ks, const at::Half* vs,
-                     const int64_t* bt, const int64_t* sl, scalar_t* out, int64_t D, int64_t nh, int64_t nkv,
-                     int64_t d, int64_t bs, int64_t W, float scale) {
+static void dispatch(const scalar_t* q, int64_t q_stride, const cache_t* kc, const cache_t* vc, const at::Half* ks,
+                     const at::Half* vs, const int64_t* bt, const int64_t* sl, scalar_t* out, int64_t D, int64_t nh,
+                     int64_t nkv, int64_t d, int64_t bs, int64_t W, float scale) {
   const int64_t g = nh / nkv;
 #define TM_CASE(HD, G)                                                                                         \
   if (d == HD && g == G)                                                                                       \
-    return decode_kernel<scalar_t, cache_t, HD, G>(q, kc, vc, ks, vs, bt, sl, out, D, nh, nkv, d, bs, W, scale);
+    return decode_kernel<scalar_t, cache_t, HD, G>(q, q_stride, kc, vc, ks, vs, bt, sl, out, D, nh, nkv, d, bs, W, \
+                                                   scale);
   TM_CASE(64, 1) TM_CASE(64, 2) TM_CASE(64, 3) TM_CASE(64, 4) TM_CASE(64, 8)
   TM_CASE(128, 1) TM_CASE(128, 2) TM_CASE(128, 4) TM_CASE(128, 8)
 #undef TM_CASE
-  decode_kernel<scalar_t, cache_t, 0, 0>(q, kc, vc, ks, vs, bt, sl, out, D, nh, nkv, d, bs, W, scale);
+  decode_kernel<scalar_t, cache_t, 0, 0>(q, q_stride, kc, vc, ks, vs, bt, sl, out, D, nh, nkv, d, bs, W, scale);
 }
 
-// q (D, nh, d); key_cache/value_cache (num_blocks, block_size, nkv, d); block_tables (D, W) int64;
-// seq_lens (D,) int64 -> out (D, nh, d).
+// q with each row's heads packed (the q part of a fused qkv row is read in place), else a contiguous copy.
+static torch::Tensor packed_heads(const torch::Tensor& q) {
+  return q.stride(2) == 1 && q.stride(1) == q.size(2) ? q : q.contiguous();
+}
+
+// q (D, nh, d), rows may sit apart; key_cache/value_cache (num_blocks, block_size, nkv, d); block_tables
+// (D, W) int64; seq_lens (D,) int64 -> out (D, nh, d).
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor key_cache, torch::Tensor value_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && key_cache.dim() == 4, "q must be (D, nh, d) and the caches (blocks, bs, nkv, d)");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "KV caches must be contiguous");
   TORCH_CHECK(q.scalar_type() == key_cache.scalar_type(), "q and the KV cache must have one dtype");
-  q = q.contiguous();
+  q = packed_heads(q);
   block_tables = block_tables.contiguous();
   seq_lens = seq_lens.contiguous();
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());  // (D, nh, d) contiguous
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    dispatch<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(),
+    dispatch<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), q.stride(0), key_cache.data_ptr<scalar_t>(),
                        value_cache.data_ptr<scalar_t>(), nullptr, nullptr,
                        block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
                        q.size(0), q.size(1), key_cache.size(2), q.size(2), key_cache.size(1), block_tables.size(1),
@@ -268,13 +275,14 @@ torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor key_cod
               "int8 KV cache: codes must be int8 and scales float16");
   for (const auto* t : {&key_codes, &value_codes, &key_scales, &value_scales})
     TORCH_CHECK(t->is_contiguous(), "int8 KV cache tensors must be contiguous");
-  q = q.contiguous();
+  q = packed_heads(q);
   block_tables = block_tables.contiguous();
   seq_lens = seq_lens.contiguous();
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());  // (D, nh, d) contiguous
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention_int8", [&] {
-    dispatch<scalar_t, int8_t>(q.data_ptr<scalar_t>(), key_codes.data_ptr<int8_t>(), value_codes.data_ptr<int8_t>(),
-                               key_scales.data_ptr<at::Half>(), value_scales.data_ptr<at::Half>(),
+    dispatch<scalar_t, int8_t>(q.data_ptr<scalar_t>(), q.stride(0), key_codes.data_ptr<int8_t>(),
+                               value_codes.data_ptr<int8_t>(), key_scales.data_ptr<at::Half>(),
+                               value_scales.data_ptr<at::Half>(),
                                block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
                                q.size(0), q.size(1), key_codes.size(2), q.size(2), key_codes.size(1),
                                block_tables.size(1), static_cast<float>(scale));
@@ -291,14 +299,14 @@ torch::Tensor paged_decode_attention_fp8(torch::Tensor q, torch::Tensor key_byte
   TORCH_CHECK(key_bytes.scalar_type() == at::kByte && value_bytes.scalar_type() == at::kByte,
               "fp8 KV cache: bytes must be uint8");
   TORCH_CHECK(key_bytes.is_contiguous() && value_bytes.is_contiguous(), "fp8 KV cache tensors must be contiguous");
-  q = q.contiguous();
+  q = packed_heads(q);
   block_tables = block_tables.contiguous();
   seq_lens = seq_lens.contiguous();
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());  // (D, nh, d) contiguous
   const auto* keys = reinterpret_cast<const c10::Float8_e4m3fn*>(key_bytes.data_ptr<uint8_t>());
   const auto* values = reinterpret_cast<const c10::Float8_e4m3fn*>(value_bytes.data_ptr<uint8_t>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention_fp8", [&] {
-    dispatch<scalar_t, c10::Float8_e4m3fn>(q.data_ptr<scalar_t>(), keys, values, nullptr, nullptr,
+    dispatch<scalar_t, c10::Float8_e4m3fn>(q.data_ptr<scalar_t>(), q.stride(0), keys, values, nullptr, nullptr,
                                            block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
                                            out.data_ptr<scalar_t>(), q.size(0), q.size(1), key_bytes.size(2),
                                            q.size(2), key_bytes.size(1), block_tables.size(1),
