@@ -283,6 +283,9 @@ def test_a_dead_engine_shows_in_metrics_is_reaped_and_streams_say_engine_dead(st
     reader = StreamReader(srv.url, {"prompt": [1, 2, 3], "max_tokens": 250, "ignore_eos": True, "n": 4,
                                     "temperature": 1.0})
     assert reader.started.wait(60)
+    for pid in engine_pids:  # the tiny model can write 4 x 250 tokens within one metrics read: hold it
+        os.kill(pid, signal.SIGSTOP)
+    assert reader.thread.is_alive(), "the request finished before the engine could be killed under it"
     assert srv.metric("num_requests_running") > 0
     for pid in engine_pids:
         os.kill(pid, signal.SIGKILL)
