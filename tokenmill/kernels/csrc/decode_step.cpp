@@ -58,7 +58,7 @@ DecodeStep::DecodeStep(std::vector<DecodeLayer> layers, torch::Tensor final_norm
 }
 
 // Layer `index`'s attention for qkv (M, (nh + 2 nkv) d): the new K/V rows written to the cache, then
-// each row's query attends in place (no copies of q, k or v) -> (M, nh d).
+// each row's query is read in place from its qkv row (the float cache's K/V rows too) -> (M, nh d).
 torch::Tensor DecodeStep::attend(size_t index, const torch::Tensor& qkv, const torch::Tensor& slot_mapping,
                                  const torch::Tensor& block_tables, const torch::Tensor& seq_lens) const {
   const int64_t M = qkv.size(0);
