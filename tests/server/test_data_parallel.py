@@ -72,19 +72,25 @@ def test_requests_sharing_a_prefix_land_on_one_replica_and_hit_its_cache(dp_serv
 def test_a_dead_replica_fails_its_requests_fast_and_the_other_keeps_serving(dp_server):
     pids = _replica_pids(dp_server.proc.pid)
     routed_before = _replica_metric(dp_server, "num_requests_routed")
-    reader = StreamReader(dp_server.url, {"model": dp_server.name, "prompt": [1, 2, 3], "max_tokens": 250,
-                                          "ignore_eos": True})
-    assert reader.started.wait(60)
-    for pid in pids:  # the tiny model writes 250 tokens in tens of ms: hold both replicas while we look
-        os.kill(pid, signal.SIGSTOP)
-    # The replica serving the stream: the routing counter only grows (a gauge of outstanding tokens can
-    # lag the first chunk, or be back at 0 if the request ended while it was polled).
-    routed = [after - before for after, before in zip(_replica_metric(dp_server, "num_requests_routed"), routed_before)]
-    assert sorted(routed) == [0, 1], routed
-    victim = routed.index(1)
-    os.kill(pids[victim], signal.SIGKILL)
-    os.kill(pids[1 - victim], signal.SIGCONT)
-    assert reader.thread.is_alive(), "the request finished before a replica could be killed under it"
+    try:
+        for pid in pids:  # the tiny model writes 250 tokens in tens of ms: hold both replicas before the request
+            os.kill(pid, signal.SIGSTOP)
+        reader = StreamReader(dp_server.url, {"model": dp_server.name, "prompt": [1, 2, 3], "max_tokens": 250,
+                                              "ignore_eos": True})
+        deadline = time.monotonic() + 30
+        while True:  # the router (in the server process) counts the request when it hands it to a replica
+            routed = [a - b for a, b in zip(_replica_metric(dp_server, "num_requests_routed"), routed_before)]
+            if sum(routed) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert sorted(routed) == [0, 1], routed
+        victim = routed.index(1)
+        os.kill(pids[victim], signal.SIGKILL)
+        assert reader.thread.is_alive(), "the request finished on a replica that was stopped"
+    finally:  # a failed check must not leave a stopped replica behind the server's shutdown
+        for pid in pids:
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGCONT)
     killed = time.monotonic()
     reader.thread.join(30)
     assert time.monotonic() - killed < 10
