@@ -1,5 +1,5 @@
-"""The C++ decode step (``runner/cpu_decode_step.py``) gives the Python forward's hidden states bit
-for bit, on every decode step of real batched generations, for each weight form (float32/bf16 panels,
+"""The C++ decode step (``runner/cpu_decode_step.py``) gives the Python forward's hidden states and
+logits bit for bit, on every decode step of real batched generations, for each weight form (float32/bf16 panels,
 oneDNN-prepacked float32, dense float16, int8 panels, int4) and KV cache (float, int8); models and
 caches it cannot run fall back to the Python forward."""
 
@@ -30,7 +30,8 @@ FLOAT_FORMS = {"llama-fp32": "panels", "bias-fp32": "panels", "qwen2-bf16": "pan
 
 
 class _Checked:
-    """Runs the Python forward before the C++ step on each decode step, records whether they agree."""
+    """Runs the Python forward and head before the C++ step on each decode step, records whether their
+    hidden states and logits agree."""
 
     def __init__(self, runner):
         self.step, self.model, self.agreed = runner.decode_step, runner.model, []
@@ -38,9 +39,11 @@ class _Checked:
     def __call__(self, input_ids, positions, metadata):
         with forward_context(metadata):
             expected = self.model(input_ids, positions)  # writes the same K/V the C++ step rewrites
-        got = self.step(input_ids, positions, metadata)
-        self.agreed.append((input_ids.shape[0], torch.equal(got, expected)))
-        return got
+        hidden, logits = self.step(input_ids, positions, metadata)
+        assert logits is not None, "the C++ step should apply the LM head"
+        same = torch.equal(hidden, expected) and torch.equal(logits, self.model.compute_logits(expected))
+        self.agreed.append((input_ids.shape[0], same))
+        return hidden, logits
 
 
 def _prompts(n: int = 5, seed: int = 11) -> list[dict]:
@@ -70,7 +73,7 @@ def test_cpu_decode_step_equals_the_python_forward(case, checkpoint, make_llm, m
     batch_sizes = {rows for rows, _ in checked.agreed}
     assert len(checked.agreed) >= 11 and max(batch_sizes) > 1, f"decode steps seen: {checked.agreed}"
     disagreed = [rows for rows, same in checked.agreed if not same]
-    assert not disagreed, f"{case}: C++ and Python hidden states differ on steps of {disagreed} rows"
+    assert not disagreed, f"{case}: C++ and Python hidden states or logits differ on steps of {disagreed} rows"
 
 
 @pytest.mark.parametrize("arch, kwargs, why", [

@@ -75,9 +75,9 @@ def test_decode_kernel_long_contexts_match_portable_backend(cpu_backend, dtype, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_kernel_splits_very_long_contexts_and_merges_them_exactly(cpu_backend, dtype):
-    """Contexts are cut into chunks of 128 tokens, and past 16 of them the chunks grow (1100 tokens: 9
-    chunks, 2500: 16 of 160); the merged result matches the portable backend and has the same bits on
-    1 thread as on 2."""
+    """Contexts are cut into an even number of chunks of at least 64 tokens, at most 16 (1100 tokens: 16
+    chunks of 4-5 blocks, 2500: 16 of 9-10, 129: 2, 128: 2); the merged result matches the portable
+    backend and has the same bits on 1 thread as on 2."""
     q, cache, md = _decode_inputs(dtype, 9, 3, 64, [1100, 2500, 129, 128], 16)
     ours = cpu_backend._decode(q, cache[0], cache[1], md, 0.125)
     reference = TorchPagedAttention()._decode(q.float(), cache[0].float(), cache[1].float(), md, 0.125)

@@ -64,6 +64,38 @@ def test_bf16_panels_equal_float32_products_rounded_once(num_rows):
     assert torch.equal(kernels.dense_panel_linear(x[:1], pack_dense_panels(weight), bias), got[:1])
 
 
+
+@pytest.mark.parametrize("num_rows", [1, 2])
+def test_every_panel_is_computed_once_whatever_the_thread_count(num_rows):
+    """At 1-2 rows the threads claim tiles from their own share and take the rest from the end of the
+    others' (work stealing): with 1, 2 or 3 threads every output is computed, with the same bits, for
+    float panels and for 8- and 4-bit quantized ones (100 panels: shares of 33-34)."""
+    from tokenmill.layers.quantization.quantized_matrix import QuantizedMatrix
+    from tokenmill.layers.quantization.rtn import quantize_rtn
+
+    kernels = _kernels(torch.bfloat16)
+    torch.manual_seed(2)
+    weight = torch.randn(1600, 256) * 0.05
+    x = torch.randn(num_rows, 256).bfloat16()
+    products = {"bf16": lambda: kernels.dense_panel_linear(x, pack_dense_panels(weight.bfloat16()), None)}
+    if kernels.quant_panels_available():
+        for bits in (8, 4):
+            matrix = QuantizedMatrix(*quantize_rtn(weight, bits, 64, sym=False), bits, 64, int8_activations=True)
+            assert matrix.panels
+            products[f"int{bits}"] = lambda matrix=matrix: matrix(x)
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            for name, product in products.items():
+                results.setdefault(name, []).append(product())
+    finally:
+        torch.set_num_threads(threads)
+    for name, (one, two, three) in results.items():
+        assert torch.isfinite(one.float()).all(), name
+        assert torch.equal(one, two) and torch.equal(one, three), name
+
 def test_kernel_refuses_mismatched_inputs():
     kernels = _kernels(torch.float32)
     panels = pack_dense_panels(torch.randn(32, 64))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
@@ -31,11 +30,12 @@ logger = get_logger(__name__)
 
 
 class CpuDecodeStep:
-    """``step(input_ids (M,), positions (M,), metadata) -> hidden (M, H)`` for decode-only steps."""
+    """``step(input_ids (M,), positions (M,), metadata) -> (hidden (M, H), logits (M, V) or None)`` for
+    decode-only steps: token ids in, every row's logits out (None where the model's own
+    ``compute_logits`` must run)."""
 
-    def __init__(self, step, embed_weight: torch.Tensor):
+    def __init__(self, step):
         self._step = step
-        self._embed_weight = embed_weight  # (V, H)
 
     @classmethod
     def build(cls, model: nn.Module, backend_name: str, kv_caches: list) -> CpuDecodeStep | None:
@@ -58,14 +58,16 @@ class CpuDecodeStep:
             return None
         cfg, rotary = model.config, model.model.rotary
         step = kernels.DecodeStep(layers, model.model.norm.weight, rotary.cos, rotary.sin, cfg.num_attention_heads,
-                                  cfg.num_key_value_heads, cfg.head_dim, model.model.norm.eps, cfg.head_dim ** -0.5)
-        return cls(step, model.model.embed_tokens.weight)
+                                  cfg.num_key_value_heads, cfg.head_dim, model.model.norm.eps, cfg.head_dim ** -0.5,
+                                  model.model.embed_tokens.weight, _head(kernels, model))
+        return cls(step)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One decode-only step (``metadata.prefills`` empty): writes each layer's new K/V into the cache
-        and returns the final-normed hidden states (M, H) in the model's dtype."""
-        embedded = F.embedding(input_ids, self._embed_weight)  # (M, H)
-        return self._step.forward(embedded, positions, metadata.slot_mapping, metadata.decode_block_tables,
+        and returns the final-normed hidden states (M, H) and the logits (M, V) (or None), in the model's
+        dtype."""
+        return self._step.forward(input_ids, positions, metadata.slot_mapping, metadata.decode_block_tables,
                                   metadata.decode_seq_lens)
 
 
@@ -97,6 +99,18 @@ def _unsupported(model: nn.Module, backend_name: str) -> str | None:
     if any(norm.out_dtype != weight.dtype or norm.weight.dtype != torch.float32 for norm in norms):
         return "norms whose output dtype differs from the model's"
     return None
+
+
+def _head(kernels, model: nn.Module):
+    """The LM head as a ``kernels.LinearSpec`` (the C++ step then returns logits), or an empty spec where
+    the model's ``compute_logits`` does more than apply it (a subclass's own) or the head has no C++ form."""
+    from tokenmill.models.llama import LlamaForCausalLM
+
+    head = model.lm_head
+    spec = None
+    if type(model).compute_logits is LlamaForCausalLM.compute_logits and not head.parallel:
+        spec = head.quant_method.decode_spec(head, kernels)
+    return spec if spec is not None else kernels.LinearSpec()
 
 
 def _layer(kernels, layer: nn.Module, cache, dtype: torch.dtype):

@@ -76,23 +76,25 @@ class ModelRunner:
                 cache[:, dst] = cache[:, src]
 
     def _run_model(self, so: SchedulerOutput, received: StageTensors | None):
-        """(inputs, hidden (T, H)), or this stage's StageTensors for the next stage of a pipeline."""
+        """(inputs, hidden (T, H), logits (T, V) or None), or this stage's StageTensors for the next stage of
+        a pipeline. Logits come only from the C++ decode step (each of its rows is a request's last token)."""
         self._update_states(so)
         states = [self.requests[request_id] for request_id in so.num_scheduled_tokens]
         inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device,
                                    self.model.config.vocab_size)
         if self.decode_step is not None and not inputs.attention.prefills:
-            hidden = self.decode_step(inputs.input_ids, inputs.positions, inputs.attention)  # (T, H)
-        else:
-            with forward_context(inputs.attention):
-                hidden = self.model(inputs.input_ids, inputs.positions, received)  # (T, H)
-        return inputs, hidden
+            hidden, logits = self.decode_step(inputs.input_ids, inputs.positions, inputs.attention)  # (T, H), (T, V)
+            return inputs, hidden, logits
+        with forward_context(inputs.attention):
+            hidden = self.model(inputs.input_ids, inputs.positions, received)  # (T, H)
+        return inputs, hidden, None
 
     def _forward(self, so: SchedulerOutput, all_positions: bool = False, received: StageTensors | None = None):
-        inputs, hidden = self._run_model(so, received)
-        if all_positions:
-            return inputs, self.model.compute_logits(hidden).float(), hidden  # (T, V)
-        return inputs, self.model.compute_logits(hidden[inputs.logits_index]), hidden  # (B, V), the sampler casts
+        inputs, hidden, logits = self._run_model(so, received)
+        if logits is None:  # a step of decodes only needs no gather: each token is its request's last
+            last_only = not all_positions and inputs.attention.num_decodes < hidden.shape[0]
+            logits = self.model.compute_logits(hidden[inputs.logits_index] if last_only else hidden)
+        return inputs, (logits.float() if all_positions else logits), hidden  # (T or B, V): the sampler casts
 
     def _stage_forward(self, so: SchedulerOutput, received: StageTensors | None) -> StageTensors:
         """A stage before the last: its layers' output for the next stage (nothing for an empty step)."""

@@ -42,10 +42,13 @@ void check_linear(const LinearSpec& spec, const char* name) {
 
 DecodeStep::DecodeStep(std::vector<DecodeLayer> layers, torch::Tensor final_norm, torch::Tensor cos,
                        torch::Tensor sin, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
-                       double scale)
+                       double scale, torch::Tensor embedding, LinearSpec head)
     : layers_(std::move(layers)), final_norm_(std::move(final_norm)), cos_(std::move(cos)), sin_(std::move(sin)),
-      num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps), scale_(scale) {
+      embedding_(std::move(embedding)), head_(std::move(head)), num_heads_(num_heads), num_kv_heads_(num_kv_heads),
+      head_dim_(head_dim), eps_(eps), scale_(scale) {
   TORCH_CHECK(!layers_.empty(), "DecodeStep needs at least one layer");
+  TORCH_CHECK(embedding_.dim() == 2, "embedding must be (V, H)");
+  if (!head_.kind.empty()) check_linear(head_, "lm_head");
   for (const auto& layer : layers_) {
     check_linear(layer.qkv, "qkv_proj");
     check_linear(layer.o, "o_proj");
@@ -79,10 +82,12 @@ torch::Tensor DecodeStep::attend(size_t index, const torch::Tensor& qkv, const t
   return paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, scale_).view({M, -1});
 }
 
-torch::Tensor DecodeStep::forward(torch::Tensor embedded, torch::Tensor positions, torch::Tensor slot_mapping,
-                                  torch::Tensor block_tables, torch::Tensor seq_lens) const {
-  TORCH_CHECK(embedded.dim() == 2 && positions.size(0) == embedded.size(0) && seq_lens.size(0) == embedded.size(0),
-              "embedded must be (M, H) with one position, slot and sequence length per row");
+std::tuple<torch::Tensor, c10::optional<torch::Tensor>> DecodeStep::forward(
+    torch::Tensor input_ids, torch::Tensor positions, torch::Tensor slot_mapping, torch::Tensor block_tables,
+    torch::Tensor seq_lens) const {
+  TORCH_CHECK(input_ids.dim() == 1 && positions.size(0) == input_ids.size(0) && seq_lens.size(0) == input_ids.size(0),
+              "input_ids must be (M,) with one position, slot and sequence length per row");
+  const auto embedded = at::embedding(embedding_, input_ids);  // (M, H), as F.embedding
   const auto dtype = embedded.scalar_type();
   auto residual = embedded.to(at::kFloat);  // (M, H) the float32 residual stream, updated in place
   c10::optional<torch::Tensor> hidden;      // the previous block's output, not yet added to the residual
@@ -98,7 +103,9 @@ torch::Tensor DecodeStep::forward(torch::Tensor embedded, torch::Tensor position
     const auto h2 = add_rms_norm(residual, linear(layer.o, attn), layer.post_attention_norm, eps_, dtype);
     hidden = linear(layer.down, silu_and_mul(linear(layer.gate_up, h2)));  // (M, H)
   }
-  return add_rms_norm(residual, hidden, final_norm_, eps_, dtype);
+  auto out = add_rms_norm(residual, hidden, final_norm_, eps_, dtype);  // (M, H)
+  if (head_.kind.empty()) return {out, c10::nullopt};
+  return {out, linear(head_, out)};  // (M, V): every row is a request's last token
 }
 
 void bind_decode_step(pybind11::module& m) {
@@ -126,6 +133,6 @@ void bind_decode_step(pybind11::module& m) {
       .def_readwrite("kv_scales", &DecodeLayer::kv_scales);
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init<std::vector<DecodeLayer>, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t,
-                    double, double>())
+                    double, double, torch::Tensor, LinearSpec>())
       .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>());
 }

@@ -25,19 +25,23 @@ struct DecodeLayer {
 
 class DecodeStep {
  public:
+  // embedding (V, H); head: the LM head, or kind "" where the model's own compute_logits must run.
   DecodeStep(std::vector<DecodeLayer> layers, torch::Tensor final_norm, torch::Tensor cos, torch::Tensor sin,
-             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale);
-  // embedded (M, H) in the model's dtype (updated in place if float32), positions, slot_mapping (M,) int64,
-  // block_tables (M, W) int64, seq_lens (M,) int64 -> final-normed hidden (M, H) in the model's dtype.
-  torch::Tensor forward(torch::Tensor embedded, torch::Tensor positions, torch::Tensor slot_mapping,
-                        torch::Tensor block_tables, torch::Tensor seq_lens) const;
+             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
+             torch::Tensor embedding, LinearSpec head);
+  // input_ids, positions, slot_mapping (M,) int64, block_tables (M, W) int64, seq_lens (M,) int64 ->
+  // (final-normed hidden (M, H), logits (M, V) or None without a head), both in the model's dtype.
+  std::tuple<torch::Tensor, c10::optional<torch::Tensor>> forward(
+      torch::Tensor input_ids, torch::Tensor positions, torch::Tensor slot_mapping, torch::Tensor block_tables,
+      torch::Tensor seq_lens) const;
 
  private:
   torch::Tensor attend(size_t index, const torch::Tensor& qkv, const torch::Tensor& slot_mapping,
                        const torch::Tensor& block_tables, const torch::Tensor& seq_lens) const;
   std::vector<DecodeLayer> layers_;
   std::vector<torch::Tensor> key_caches_, value_caches_;  // each layer's kv_cache[0] and [1], viewed once
-  torch::Tensor final_norm_, cos_, sin_;
+  torch::Tensor final_norm_, cos_, sin_, embedding_;
+  LinearSpec head_;
   int64_t num_heads_, num_kv_heads_, head_dim_;
   double eps_, scale_;
 };

@@ -46,14 +46,18 @@ static inline float dot_qk(const float* q, const at::BFloat16* q_bf16, const cac
 }
 
 // A sequence's context is cut into chunks of whole blocks, each scored by one work item (one
-// thread): at least kMinChunkTokens tokens per chunk and at most kMaxChunks chunks per sequence.
-// The cut depends only on the sequence's length, and the chunks are merged in order, so a request's
-// output does not depend on the batch or on the number of threads; at batch 1 every thread works.
-constexpr int64_t kMinChunkTokens = 128, kMaxChunks = 16;
+// thread): an even number of chunks (one for a context under 2 kMinChunkTokens tokens, at most
+// kMaxChunks) whose block counts differ by at most one, so that at batch 1 two threads get the same
+// work. The cut depends only on the sequence's length, and the chunks are merged in order, so a
+// request's output does not depend on the batch or on the number of threads.
+constexpr int64_t kMinChunkTokens = 64, kMaxChunks = 16;
 
-static int64_t blocks_per_chunk(int64_t len, int64_t block_size) {
+static int64_t num_chunks(int64_t len, int64_t block_size) {
+  if (len <= 0) return 0;  // an empty context: no chunk, zeros out
   const int64_t blocks = (len + block_size - 1) / block_size;
-  return std::max((kMinChunkTokens + block_size - 1) / block_size, (blocks + kMaxChunks - 1) / kMaxChunks);
+  const int64_t min_blocks = (kMinChunkTokens + block_size - 1) / block_size;
+  const int64_t chunks = std::min(kMaxChunks, std::max<int64_t>(1, blocks / min_blocks));
+  return chunks > 1 ? chunks - chunks % 2 : 1;
 }
 
 // cache_t is scalar_t, or int8_t for the int8 KV cache, whose rows carry a float16 scale per token
@@ -80,10 +84,7 @@ static void decode_kernel(const scalar_t* q, int64_t q_stride, const cache_t* ke
   std::vector<int64_t>& first_item = first_item_buffer;
   std::vector<float>& parts = parts_buffer;
   first_item.assign(num_seqs + 1, 0);
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t chunk_tokens = blocks_per_chunk(seq_lens[s], block_size) * block_size;
-    first_item[s + 1] = first_item[s] + (seq_lens[s] + chunk_tokens - 1) / chunk_tokens;
-  }
+  for (int64_t s = 0; s < num_seqs; ++s) first_item[s + 1] = first_item[s] + num_chunks(seq_lens[s], block_size);
   parts.resize(first_item[num_seqs] * num_heads * part_size);  // (items, nh, d + 2)
   // One chunk per work item, all its heads together: every cache line of a token's K/V row that is
   // fetched is used at once.
@@ -94,8 +95,10 @@ static void decode_kernel(const scalar_t* q, int64_t q_stride, const cache_t* ke
     int64_t loaded = -1;  // the sequence whose query is in `query`
     for (int64_t item = begin; item < end; ++item) {
       while (item >= first_item[seq + 1]) ++seq;
-      const int64_t len = seq_lens[seq], chunk_tokens = blocks_per_chunk(len, block_size) * block_size;
-      const int64_t t0 = (item - first_item[seq]) * chunk_tokens, n_tokens = std::min(chunk_tokens, len - t0);
+      // Chunk c of n holds blocks [c B / n, (c + 1) B / n) of the sequence's B.
+      const int64_t len = seq_lens[seq], blocks = (len + block_size - 1) / block_size;
+      const int64_t c = item - first_item[seq], n = first_item[seq + 1] - first_item[seq];
+      const int64_t t0 = c * blocks / n * block_size, n_tokens = std::min((c + 1) * blocks / n * block_size, len) - t0;
       const int64_t* table = block_tables + seq * max_blocks;
       if (!dots_in_bf16<cache_t, HEAD_DIM>() && seq != loaded) {
         for (int64_t j = 0; j < num_heads * head_dim; ++j)

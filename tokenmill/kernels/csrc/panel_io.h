@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
+#include <vector>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cstdint>
@@ -54,7 +56,7 @@ void for_each_tile(int64_t M, int64_t panels, const TileFn& tile, int narrow_wid
   const int rows_per_tile = M <= 2 ? static_cast<int>(M) : 6;
   const int64_t tiles_n = (panels + panels_per_tile - 1) / panels_per_tile;
   const int64_t chunks_m = (M + kRowChunk - 1) / kRowChunk;
-  at::parallel_for(0, chunks_m * tiles_n, 1, [&](int64_t t_begin, int64_t t_end) {
+  const auto run = [&](int64_t t_begin, int64_t t_end) {
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t m_begin = (t / tiles_n) * kRowChunk, m_end = std::min(M, m_begin + kRowChunk);
       const int64_t p0 = (t % tiles_n) * panels_per_tile, np = std::min<int64_t>(panels_per_tile, panels - p0);
@@ -65,6 +67,36 @@ void for_each_tile(int64_t M, int64_t panels, const TileFn& tile, int narrow_wid
           tile(m0, rows, p0 + j, width);
           j += width;
         }
+      }
+    }
+  };
+  const int64_t total = chunks_m * tiles_n, threads = at::get_num_threads();
+  if (M > 2 || threads < 2 || at::in_parallel_region()) {
+    at::parallel_for(0, total, 1, run);
+    return;
+  }
+  // One or two rows: each thread reads its share of the tiles in order, as one stream; a thread done
+  // with its own takes tiles from the end of another's (DRAM serves the two cores unevenly, and
+  // the faster one would otherwise wait several microseconds at the end of every matrix).
+  struct alignas(64) Range { std::atomic<uint64_t> packed; };  // next tile (low 32 bits), end (high); a line each
+  std::vector<Range> ranges(threads);
+  for (int64_t i = 0; i < threads; ++i) {
+    const uint64_t begin = total * i / threads, stop = total * (i + 1) / threads;
+    ranges[i].packed.store(begin | (stop << 32), std::memory_order_relaxed);
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t self, int64_t) {
+    for (int64_t k = 0; k < threads; ++k) {
+      auto& range = ranges[(self + k) % threads].packed;
+      const bool own = k == 0;
+      uint64_t r = range.load(std::memory_order_relaxed);
+      for (;;) {
+        const uint64_t next = r & 0xFFFFFFFFu, stop = r >> 32;
+        if (next >= stop) break;
+        const uint64_t claimed = own ? (next + 1) | (stop << 32) : next | ((stop - 1) << 32);
+        if (!range.compare_exchange_weak(r, claimed, std::memory_order_relaxed)) continue;
+        const int64_t t = own ? static_cast<int64_t>(next) : static_cast<int64_t>(stop - 1);
+        run(t, t + 1);
+        r = range.load(std::memory_order_relaxed);
       }
     }
   });
