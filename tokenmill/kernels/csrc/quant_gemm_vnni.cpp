@@ -205,10 +205,10 @@ template <int BITS, typename scalar_t>
 void panel_gemm_typed(const scalar_t* x, int64_t M, const QuantWeight& w, scalar_t* out) {
   const int64_t K = w.in_features, N = w.out_features, panels = N / kLanes;
   const QuantizedRows q = quantize_rows(x, M, K, std::min(w.group_size, K) / kBlock);
-  // 4-bit codes at one or two rows: one panel per tile, so that each thread reads its panels as one
-  // stream in address order. Several panels side by side restart several short streams per tile (a
-  // 4-bit panel of 576 inputs is 4.6 KB): in a decode step's 120 small matrices that cost ~17% of the
-  // time. 8-bit panels, twice as long, measured no better one at a time.
+  // One or two rows: one panel per tile, so that each thread reads its panels as one stream in address
+  // order. Several panels side by side restart several short streams per tile (a 4-bit panel of 576
+  // inputs is 4.6 KB, an 8-bit one 9.2 KB): in a decode step's 120 small matrices that cost ~17% of
+  // the time at 4 bits and, once threads steal each other's last tiles, ~8-13% at 8 bits.
   tokenmill_panels::for_each_tile(M, panels, [&](int64_t m0, int rows, int64_t p, int width) {
     scalar_t* o = out + m0 * N + p * kLanes;
     switch (width) {
@@ -217,7 +217,7 @@ void panel_gemm_typed(const scalar_t* x, int64_t M, const QuantWeight& w, scalar
       case 2: return tile_rows<2, BITS>(rows, q, m0, w, p, o, N);
       default: return tile_rows<1, BITS>(rows, q, m0, w, p, o, N);
     }
-  }, BITS == 4 ? 1 : 0);
+  }, 1);
 }
 
 }  // namespace
