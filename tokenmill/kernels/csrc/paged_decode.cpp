@@ -89,8 +89,11 @@ static void decode_kernel(const scalar_t* q, int64_t q_stride, const cache_t* ke
   // One chunk per work item, all its heads together: every cache line of a token's K/V row that is
   // fetched is used at once.
   at::parallel_for(0, first_item[num_seqs], 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(num_heads * head_dim), max_score(num_heads), scores;
-    std::vector<int64_t> slots;  // the chunk's tokens' cache slots
+    // Each thread's own scratch (thread_locals named here are per thread), kept between calls.
+    thread_local std::vector<float> query, max_score, scores;
+    thread_local std::vector<int64_t> slots;  // the chunk's tokens' cache slots
+    query.resize(num_heads * head_dim);
+    max_score.resize(num_heads);
     int64_t seq = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
     int64_t loaded = -1;  // the sequence whose query is in `query`
     for (int64_t item = begin; item < end; ++item) {
@@ -203,7 +206,8 @@ static void decode_kernel(const scalar_t* q, int64_t q_stride, const cache_t* ke
   // Merge each sequence's chunks in order: out = sum_c (w_c / W) out_c with w_c = l_c e^(m_c - m), W = sum_c w_c.
   // A single chunk has weight exactly 1: short contexts get the bits of one softmax over them.
   at::parallel_for(0, num_seqs, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(head_dim), weights;
+    thread_local std::vector<float> acc, weights;
+    acc.resize(head_dim);
     for (int64_t seq = begin; seq < end; ++seq)
       for (int64_t head = 0; head < num_heads; ++head) {
         const int64_t first = first_item[seq], count = first_item[seq + 1] - first;

@@ -58,10 +58,13 @@ struct QuantizedRows {  // x quantized per block of 64 inputs
   std::vector<float> xc;   // (M, G): sum over the group's blocks of xs * sum(xq)
 };
 
+// Fills q (its buffers are reused from call to call: fresh ones cost malloc work at every matrix).
 template <typename in_t>
-QuantizedRows quantize_rows(const in_t* x, int64_t M, int64_t K, int64_t blocks_per_group) {
+void quantize_rows(const in_t* x, int64_t M, int64_t K, int64_t blocks_per_group, QuantizedRows& q) {
   const int64_t B = K / kBlock, G = B / blocks_per_group;
-  QuantizedRows q{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * G, 0.f)};
+  q.xq.resize(M * K);
+  q.xs.resize(M * B);
+  q.xc.assign(M * G, 0.f);
   at::parallel_for(0, M, 16, [&](int64_t m_begin, int64_t m_end) {
     for (int64_t m = m_begin; m < m_end; ++m)
       for (int64_t b = 0; b < B; ++b) {
@@ -85,7 +88,6 @@ QuantizedRows quantize_rows(const in_t* x, int64_t M, int64_t K, int64_t blocks_
         q.xc[m * G + b / blocks_per_group] += scale * static_cast<float>(_mm512_reduce_add_epi32(sum));
       }
   });
-  return q;
 }
 
 // MR rows of x times NP panels (16 NP outputs) into out (MR rows, ld apart).
@@ -204,7 +206,9 @@ void tile_rows(int mr, const QuantizedRows& q, int64_t m0, const QuantWeight& w,
 template <int BITS, typename scalar_t>
 void panel_gemm_typed(const scalar_t* x, int64_t M, const QuantWeight& w, scalar_t* out) {
   const int64_t K = w.in_features, N = w.out_features, panels = N / kLanes;
-  const QuantizedRows q = quantize_rows(x, M, K, std::min(w.group_size, K) / kBlock);
+  thread_local QuantizedRows rows_buffer;  // the calling thread's; the tiles read it through this reference
+  QuantizedRows& q = rows_buffer;
+  quantize_rows(x, M, K, std::min(w.group_size, K) / kBlock, q);
   // One or two rows: one panel per tile, so that each thread reads its panels as one stream in address
   // order. Several panels side by side restart several short streams per tile (a 4-bit panel of 576
   // inputs is 4.6 KB, an 8-bit one 9.2 KB): in a decode step's 120 small matrices that cost ~17% of
