@@ -106,9 +106,9 @@ def _head(kernels, model: nn.Module):
     the model's ``compute_logits`` does more than apply it (a subclass's own) or the head has no C++ form."""
     from tokenmill.models.llama import LlamaForCausalLM
 
-    head = model.lm_head
+    head = model.lm_head  # one rank's whole head: the step is never built under tensor parallelism
     spec = None
-    if type(model).compute_logits is LlamaForCausalLM.compute_logits and not head.parallel:
+    if type(model).compute_logits is LlamaForCausalLM.compute_logits:
         spec = head.quant_method.decode_spec(head, kernels)
     return spec if spec is not None else kernels.LinearSpec()
 
