@@ -94,3 +94,23 @@ def test_models_without_a_cpp_twin_run_the_python_forward(arch, kwargs, why, che
 def test_the_switch_turns_the_cpp_step_off(checkpoint, make_llm, monkeypatch):
     monkeypatch.setenv("TOKENMILL_NO_CPU_DECODE_STEP", "1")
     assert make_llm(checkpoint("llama"), dtype="float32").engine.core.runner.decode_step is None
+
+
+def test_cpu_decode_step_outputs_outlive_the_next_step(checkpoint, make_llm):
+    """The step keeps its intermediate activations in buffers between steps (reallocated when the batch
+    size changes); the hidden states and logits it returns are the caller's, untouched by later steps."""
+    llm = make_llm(checkpoint("llama3"), block_size=4, dtype="bfloat16", quantization="int4",
+                   quantization_group_size=64)
+    runner = llm.engine.core.runner
+    step, kept = runner.decode_step, []
+
+    def keep(input_ids, positions, metadata):
+        hidden, logits = step(input_ids, positions, metadata)
+        kept.append((hidden, logits, hidden.clone(), logits.clone()))
+        return hidden, logits
+
+    runner.decode_step = keep
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (3, 8, 5)]
+    llm.generate(_prompts(3), params, use_tqdm=False)
+    assert len(kept) >= 7 and len({hidden.shape[0] for hidden, *_ in kept}) > 1, "steps of several batch sizes"
+    assert all(torch.equal(h, h0) and torch.equal(lg, lg0) for h, lg, h0, lg0 in kept), "a later step overwrote them"

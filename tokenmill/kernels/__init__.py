@@ -17,7 +17,7 @@ logger = get_logger(__name__)
 _SOURCES = [Path(__file__).parent / "csrc" / name
             for name in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp", "quant_linear.cpp",
                          "quant_linear_vnni.cpp", "quant_gemm_vnni.cpp", "dense_panels.cpp",
-                         "decode_step.cpp")]
+                         "decode_step.cpp", "kv_write.cpp")]
 
 
 @functools.lru_cache(maxsize=1)

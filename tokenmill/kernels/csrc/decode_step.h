@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <string>
 #include <vector>
+#include "quant_weight.h"
 
 // One linear layer as its linear method holds it: "dense" (weight (N, K)), "packed" (a oneDNN-prepacked
 // weight), "panels" (weight in dense_panels.cpp's layout) or "quantized" (codes, scales, zeros and
@@ -14,6 +15,10 @@ struct LinearSpec {
   torch::Tensor codes, scales, zeros;
   int64_t group_size = 0, bits = 0;
   double scale_unit = 1.0;
+  // Filled by DecodeStep: whether the product can be written into a given buffer (panels), and the
+  // quantized codes' checked view.
+  bool writes_into = false;
+  tokenmill_quant::QuantWeight quant_view{};
 };
 
 struct DecodeLayer {
@@ -23,6 +28,9 @@ struct DecodeLayer {
   torch::Tensor kv_scales;  // the int8 cache's (2, blocks, block_size, nkv) float16 scales; undefined otherwise
 };
 
+// Not reentrant: one step at a time (the engine's runner steps sequentially). A step's intermediate
+// activations live in buffers kept between steps (reallocated when the batch size changes), so the ~10
+// allocations per layer that the Python ops make are gone; the two outputs are fresh tensors.
 class DecodeStep {
  public:
   // embedding (V, H); head: the LM head, or kind "" where the model's own compute_logits must run.
@@ -36,8 +44,13 @@ class DecodeStep {
       torch::Tensor seq_lens) const;
 
  private:
-  torch::Tensor attend(size_t index, const torch::Tensor& qkv, const torch::Tensor& slot_mapping,
-                       const torch::Tensor& block_tables, const torch::Tensor& seq_lens) const;
+  // The step's buffers, one per intermediate activation (the layers share them).
+  enum Slot { kNormed, kQkv, kAttention, kAttentionOut, kGateUp, kActivation, kDown, kNumSlots };
+  torch::Tensor& buffer(Slot slot, int64_t rows, int64_t cols, at::ScalarType dtype) const;
+  const torch::Tensor& linear(const LinearSpec& spec, const torch::Tensor& x, Slot slot) const;
+  const torch::Tensor& attend(size_t index, const torch::Tensor& qkv, const torch::Tensor& slot_mapping,
+                              const torch::Tensor& block_tables, const torch::Tensor& seq_lens) const;
+  mutable torch::Tensor buffers_[kNumSlots];
   std::vector<DecodeLayer> layers_;
   std::vector<torch::Tensor> key_caches_, value_caches_;  // each layer's kv_cache[0] and [1], viewed once
   torch::Tensor final_norm_, cos_, sin_, embedding_;

@@ -119,22 +119,21 @@ bool dense_panels_available(at::ScalarType dtype) {
   return false;
 }
 
-// x (..., K) -> (..., N) in x's dtype; panels as packed by packing.pack_dense_panels, in x's dtype.
-torch::Tensor dense_panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias) {
+// x (M, K) contiguous -> out (M, N) contiguous, both in the panels' dtype; panels as packed by
+// packing.pack_dense_panels. Allocates nothing (unless bias needs a cast).
+void dense_panel_linear_out(const torch::Tensor& x, const torch::Tensor& panels,
+                            const c10::optional<torch::Tensor>& bias, torch::Tensor& out) {
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dense_panels_available(dtype), "dense panels: no kernel for ", dtype, " in this build");
   TORCH_CHECK(panels.scalar_type() == dtype && panels.is_contiguous(), "dense panels must be contiguous ", dtype);
   const bool bf16 = dtype == at::kBFloat16;
   TORCH_CHECK(panels.dim() == (bf16 ? 4 : 3) && panels.size(2) == 16 && (!bf16 || panels.size(3) == 2),
               "dense panels must be (N / 16, K, 16) float32 or (N / 16, K / 2, 16, 2) bf16");
-  const int64_t K = x.size(-1), N = panels.size(0) * 16;
+  const int64_t K = x.size(-1), N = panels.size(0) * 16, M = x.numel() / K;
   TORCH_CHECK(panels.size(1) * (bf16 ? 2 : 1) == K, "dense panels hold ", panels.size(1) * (bf16 ? 2 : 1),
               " inputs; x has ", K);
-  const int64_t M = x.numel() / K;
-  const auto x2 = x.reshape({M, K}).contiguous();
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = N;
-  auto out = torch::empty({M, N}, x.options());
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.scalar_type() == dtype && out.numel() == M * N,
+              "dense panels: x (M, K) and out (M, ", N, ") must be contiguous, of one dtype");
   torch::Tensor b;
   if (bias.has_value()) {
     b = bias->to(dtype).contiguous();
@@ -142,16 +141,26 @@ torch::Tensor dense_panel_linear(torch::Tensor x, torch::Tensor panels, c10::opt
   }
 #if defined(TOKENMILL_PANEL_IO)
   if (!bf16) {
-    panel_linear(x2.data_ptr<float>(), M, K, panels.data_ptr<float>(), N, b.defined() ? b.data_ptr<float>() : nullptr,
+    panel_linear(x.data_ptr<float>(), M, K, panels.data_ptr<float>(), N, b.defined() ? b.data_ptr<float>() : nullptr,
                  out.data_ptr<float>());
   }
 #if defined(__AVX512BF16__)
   if (bf16) {
     using bf = at::BFloat16;
-    panel_linear(x2.data_ptr<bf>(), M, K, panels.data_ptr<bf>(), N, b.defined() ? b.data_ptr<bf>() : nullptr,
+    panel_linear(x.data_ptr<bf>(), M, K, panels.data_ptr<bf>(), N, b.defined() ? b.data_ptr<bf>() : nullptr,
                  out.data_ptr<bf>());
   }
 #endif
 #endif
+}
+
+// x (..., K) -> (..., N) in x's dtype; panels as packed by packing.pack_dense_panels, in x's dtype.
+torch::Tensor dense_panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias) {
+  const int64_t K = x.size(-1), N = panels.dim() >= 3 ? panels.size(0) * 16 : 0, M = x.numel() / K;
+  const auto x2 = x.reshape({M, K}).contiguous();
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  auto out = torch::empty({M, N}, x.options());
+  dense_panel_linear_out(x2, panels, bias, out);
   return out.view(out_sizes);
 }

@@ -26,37 +26,51 @@ static void add_rms_rows(float* residual, const in_t* delta, const float* weight
   });
 }
 
-// residual (T, H) float32, updated in place to residual + delta when delta is given;
-// returns RMSNorm(residual) * weight in out_dtype.
-torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> delta, torch::Tensor weight,
-                           double eps, at::ScalarType out_dtype) {
+// residual (T, H) float32, updated in place to residual + delta when delta is given (contiguous, T x H);
+// out (T, H) contiguous, any float dtype = RMSNorm(residual) * weight. Allocates nothing.
+void add_rms_norm_out(const torch::Tensor& residual, const torch::Tensor* delta, const torch::Tensor& weight,
+                      double eps, torch::Tensor& out) {
   TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous(), "residual must be contiguous float32");
   TORCH_CHECK(weight.scalar_type() == at::kFloat, "weight must be float32");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == residual.numel(), "add_rms_norm: out must match the residual");
+  TORCH_CHECK(delta == nullptr || (delta->is_contiguous() && delta->numel() == residual.numel()),
+              "add_rms_norm: delta must be contiguous and match the residual");
   const int64_t hidden = residual.size(-1), rows = residual.numel() / hidden;
-  auto out = torch::empty(residual.sizes(), residual.options().dtype(out_dtype));
-  torch::Tensor d = delta.has_value() ? delta->contiguous() : torch::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "add_rms_norm_out", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "add_rms_norm_out", [&] {
     using out_t = scalar_t;
-    if (!d.defined()) {
+    if (delta == nullptr) {
       add_rms_rows<float, out_t>(residual.data_ptr<float>(), nullptr, weight.data_ptr<float>(),
                                  out.data_ptr<out_t>(), rows, hidden, static_cast<float>(eps));
       return;
     }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, d.scalar_type(), "add_rms_norm_in", [&] {
-      add_rms_rows<scalar_t, out_t>(residual.data_ptr<float>(), d.data_ptr<scalar_t>(), weight.data_ptr<float>(),
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, delta->scalar_type(), "add_rms_norm_in", [&] {
+      add_rms_rows<scalar_t, out_t>(residual.data_ptr<float>(), delta->data_ptr<scalar_t>(), weight.data_ptr<float>(),
                                     out.data_ptr<out_t>(), rows, hidden, static_cast<float>(eps));
     });
   });
+}
+
+// residual (T, H) float32, updated in place to residual + delta when delta is given;
+// returns RMSNorm(residual) * weight in out_dtype.
+torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> delta, torch::Tensor weight,
+                           double eps, at::ScalarType out_dtype) {
+  auto out = torch::empty(residual.sizes(), residual.options().dtype(out_dtype));
+  if (!delta.has_value()) {
+    add_rms_norm_out(residual, nullptr, weight, eps, out);
+    return out;
+  }
+  const torch::Tensor d = delta->contiguous();
+  add_rms_norm_out(residual, &d, weight, eps, out);
   return out;
 }
 
-// gate_up (T, 2I) holding [gate | up] -> (T, I) = silu(gate) * up, same dtype.
-torch::Tensor silu_and_mul(torch::Tensor gate_up) {
-  gate_up = gate_up.contiguous();
+// gate_up (T, 2I) contiguous, holding [gate | up] -> out (T, I) contiguous = silu(gate) * up, same dtype.
+// Allocates nothing.
+void silu_and_mul_out(const torch::Tensor& gate_up, torch::Tensor& out) {
+  TORCH_CHECK(gate_up.is_contiguous() && out.is_contiguous() && out.scalar_type() == gate_up.scalar_type() &&
+                  2 * out.numel() == gate_up.numel(),
+              "silu_and_mul: gate_up (T, 2I) and out (T, I) must be contiguous, of one dtype");
   const int64_t width = gate_up.size(-1) / 2, rows = gate_up.numel() / gate_up.size(-1);
-  auto sizes = gate_up.sizes().vec();
-  sizes.back() = width;
-  auto out = torch::empty(sizes, gate_up.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_and_mul", [&] {
     const scalar_t* in = gate_up.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -73,6 +87,15 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
       }
     });
   });
+}
+
+// gate_up (T, 2I) holding [gate | up] -> (T, I) = silu(gate) * up, same dtype.
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  gate_up = gate_up.contiguous();
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() /= 2;
+  auto out = torch::empty(sizes, gate_up.options());
+  silu_and_mul_out(gate_up, out);
   return out;
 }
 

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 #include "attention_simd.h"
+#include "cpu_ops.h"
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -323,71 +324,33 @@ torch::Tensor paged_decode_attention_fp8(torch::Tensor q, torch::Tensor key_byte
   return out;
 }
 
-// The float KV cache's write: each new token's K and V rows (all KV heads) copied to its slot in
-// key_cache/value_cache (blocks, bs, nkv, d); slots < 0 (padding) are skipped. What index_copy_ does,
-// without its per-call dispatch and checks (the C++ decode step calls this once per layer).
-void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor key_cache, torch::Tensor value_cache,
-              torch::Tensor slot_mapping) {
-  TORCH_CHECK(k.dim() == 3 && key_cache.dim() == 4 && k.scalar_type() == key_cache.scalar_type() &&
-                  v.scalar_type() == value_cache.scalar_type() &&
-                  k.size(1) * k.size(2) == key_cache.size(2) * key_cache.size(3),
-              "write_kv: k, v (T, nkv, d) and caches (blocks, bs, nkv, d) of one dtype expected");
-  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "KV caches must be contiguous");
-  // Rows may sit apart (k and v are slices of the fused qkv output); each row's heads must be packed.
-  const auto packed_rows = [](const torch::Tensor& x) {
-    return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
-  };
-  k = packed_rows(k);
-  v = packed_rows(v);
-  slot_mapping = slot_mapping.contiguous();
-  const int64_t row_bytes = k.size(1) * k.size(2) * k.element_size();
-  const int64_t k_stride = k.stride(0) * k.element_size(), v_stride = v.stride(0) * v.element_size();
-  const int64_t slots = key_cache.size(0) * key_cache.size(1);
-  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
-  const auto* sources = static_cast<const char*>(k.data_ptr());
-  const auto* value_sources = static_cast<const char*>(v.data_ptr());
-  auto* keys = static_cast<char*>(key_cache.data_ptr());
-  auto* values = static_cast<char*>(value_cache.data_ptr());
-  for (int64_t t = 0; t < k.size(0); ++t) {
-    if (slot[t] < 0) continue;
-    TORCH_CHECK(slot[t] < slots, "write_kv: slot ", slot[t], " is past the cache's ", slots, " slots");
-    std::memcpy(keys + slot[t] * row_bytes, sources + t * k_stride, row_bytes);
-    std::memcpy(values + slot[t] * row_bytes, value_sources + t * v_stride, row_bytes);
-  }
-}
-
-// The int8 KV cache's write: each new token's K and V rows, per KV head, scaled by a float16
-// max|x| / 127 (at least 2^-14) and rounded half to even, into codes (blocks, bs, nkv, d) int8 and
-// scales (blocks, bs, nkv) float16 at slot_mapping (T,). One pass instead of ~20 small tensor ops.
-void write_kv_int8(torch::Tensor k, torch::Tensor v, torch::Tensor key_codes, torch::Tensor value_codes,
-                   torch::Tensor key_scales, torch::Tensor value_scales, torch::Tensor slot_mapping) {
-  TORCH_CHECK(k.dim() == 3 && key_codes.scalar_type() == at::kChar && key_scales.scalar_type() == at::kHalf,
-              "write_kv_int8: k (T, nkv, d), int8 codes and float16 scales expected");
-  for (const auto* t : {&key_codes, &value_codes, &key_scales, &value_scales})
-    TORCH_CHECK(t->is_contiguous(), "int8 KV cache tensors must be contiguous");
-  k = k.contiguous();
-  v = v.contiguous();
-  slot_mapping = slot_mapping.contiguous();
-  const int64_t num_tokens = k.size(0), num_kv_heads = k.size(1), head_dim = k.size(2);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "write_kv_int8", [&] {
-    const scalar_t* sources[2] = {k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>()};
-    int8_t* codes[2] = {key_codes.data_ptr<int8_t>(), value_codes.data_ptr<int8_t>()};
-    at::Half* scales[2] = {key_scales.data_ptr<at::Half>(), value_scales.data_ptr<at::Half>()};
-    for (int side = 0; side < 2; ++side)
-      for (int64_t t = 0; t < num_tokens; ++t) {
-        if (slots[t] < 0) continue;
-        for (int64_t h = 0; h < num_kv_heads; ++h) {
-          const scalar_t* x = sources[side] + (t * num_kv_heads + h) * head_dim;
-          float amax = 0.f;
-          for (int64_t i = 0; i < head_dim; ++i) amax = std::max(amax, std::fabs(static_cast<float>(x[i])));
-          const at::Half stored = static_cast<at::Half>(std::max(amax / 127.f, 6.103515625e-05f));
-          const float scale = static_cast<float>(stored);
-          int8_t* out = codes[side] + (slots[t] * num_kv_heads + h) * head_dim;
-          for (int64_t i = 0; i < head_dim; ++i)
-            out[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(static_cast<float>(x[i]) / scale))));
-          scales[side][slots[t] * num_kv_heads + h] = stored;
-        }
-      }
+// The C++ decode step's attention over a float cache, allocating nothing: qkv (M, (nh + 2 nkv) d) contiguous
+// holds each token's query, key and value heads; its keys and values are written to their slots (as
+// write_kv), then out (M, nh d) contiguous gets paged_decode_attention of its queries, read in place.
+void paged_decode_attention_from_qkv(const torch::Tensor& qkv, int64_t num_heads, const torch::Tensor& key_cache,
+                                     const torch::Tensor& value_cache, const torch::Tensor& slot_mapping,
+                                     const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
+                                     torch::Tensor& out) {
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
+                  value_cache.sizes() == key_cache.sizes(), "KV caches must be contiguous (blocks, bs, nkv, d)");
+  const int64_t M = qkv.size(0), nkv = key_cache.size(2), d = key_cache.size(3);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (num_heads + 2 * nkv) * d &&
+                  qkv.scalar_type() == key_cache.scalar_type() && value_cache.scalar_type() == key_cache.scalar_type(),
+              "qkv must be contiguous (M, (nh + 2 nkv) d) in the KV cache's dtype");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == qkv.scalar_type() && out.numel() == M * num_heads * d,
+              "attention out must be contiguous (M, nh d) in qkv's dtype");
+  TORCH_CHECK(slot_mapping.is_contiguous() && block_tables.is_contiguous() && seq_lens.is_contiguous() &&
+                  slot_mapping.numel() == M && seq_lens.numel() == M && block_tables.size(0) == M,
+              "slot_mapping, seq_lens (M,) and block_tables (M, W) must be contiguous int64");
+  const int64_t row_bytes = nkv * d * qkv.element_size(), stride = qkv.size(1) * qkv.element_size();
+  const char* rows = static_cast<const char*>(qkv.data_ptr());
+  copy_kv_rows(rows + num_heads * d * qkv.element_size(), stride, rows + (num_heads + nkv) * d * qkv.element_size(),
+               stride, row_bytes, M, slot_mapping.data_ptr<int64_t>(), key_cache.size(0) * key_cache.size(1),
+               static_cast<char*>(key_cache.data_ptr()), static_cast<char*>(value_cache.data_ptr()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "paged_decode_attention_from_qkv", [&] {
+    dispatch<scalar_t, scalar_t>(qkv.data_ptr<scalar_t>(), qkv.size(1), key_cache.data_ptr<scalar_t>(),
+                                 value_cache.data_ptr<scalar_t>(), nullptr, nullptr, block_tables.data_ptr<int64_t>(),
+                                 seq_lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), M, num_heads, nkv, d,
+                                 key_cache.size(1), block_tables.size(1), static_cast<float>(scale));
   });
 }

@@ -79,7 +79,9 @@ void for_each_tile(int64_t M, int64_t panels, const TileFn& tile, int narrow_wid
   // with its own takes tiles from the end of another's (DRAM serves the two cores unevenly, and
   // the faster one would otherwise wait several microseconds at the end of every matrix).
   struct alignas(64) Range { std::atomic<uint64_t> packed; };  // next tile (low 32 bits), end (high); a line each
-  std::vector<Range> ranges(threads);
+  thread_local std::vector<Range> ranges_buffer;  // the calling thread's, kept between calls
+  if (static_cast<int64_t>(ranges_buffer.size()) < threads) ranges_buffer = std::vector<Range>(threads);
+  std::vector<Range>& ranges = ranges_buffer;  // the workers reach it through this reference
   for (int64_t i = 0; i < threads; ++i) {
     const uint64_t begin = total * i / threads, stop = total * (i + 1) / threads;
     ranges[i].packed.store(begin | (stop << 32), std::memory_order_relaxed);

@@ -196,10 +196,13 @@ void dequantize_rows(const QuantWeight& w, int64_t n_begin, int64_t n_end, out_t
   });
 }
 
+}  // namespace
+
 // Rows: scales and zeros are float32 (N, G), zeros holding scale * (zero - centre). Panels: (N / 16, G, 16)
 // float16 scales in units of scale_unit and uint8 zero points (quant_gemm_vnni.cpp).
-QuantWeight view_weight(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& zeros,
-                        int64_t in_features, int64_t group_size, int64_t bits, double scale_unit) {
+QuantWeight tokenmill_quant::view_weight(const torch::Tensor& codes, const torch::Tensor& scales,
+                                         const torch::Tensor& zeros, int64_t in_features, int64_t group_size,
+                                         int64_t bits, double scale_unit) {
   TORCH_CHECK(bits == 4 || bits == 8, "quant_linear: bits must be 4 or 8, got ", bits);
   const bool panels = codes.dim() == 4;
   const int64_t N = panels ? codes.size(0) * codes.size(2) : codes.size(0), G = (in_features + group_size - 1) / group_size;
@@ -233,13 +236,21 @@ QuantWeight view_weight(const torch::Tensor& codes, const torch::Tensor& scales,
           in_features, group_size, G, bits};
 }
 
-}  // namespace
+void tokenmill_quant::panel_linear_out(const torch::Tensor& x, const QuantWeight& w,
+                                       const c10::optional<torch::Tensor>& bias, torch::Tensor& out) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.scalar_type() == x.scalar_type() &&
+                  x.size(-1) == w.in_features && out.numel() == x.numel() / w.in_features * w.out_features,
+              "quantized panels: x (M, ", w.in_features, ") and out (M, ", w.out_features,
+              ") must be contiguous, of one dtype");
+  tokenmill_quant::panel_gemm(x, w, out);
+  if (bias.has_value()) out.add_(*bias);
+}
 
 // x (..., K) float32/bfloat16/float16 -> (..., N) in x's dtype.
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
                            int64_t group_size, int64_t bits, double scale_unit, c10::optional<torch::Tensor> bias) {
   const int64_t K = x.size(-1);
-  const QuantWeight w = view_weight(codes, scales, zeros, K, group_size, bits, scale_unit);
+  const QuantWeight w = tokenmill_quant::view_weight(codes, scales, zeros, K, group_size, bits, scale_unit);
   const int64_t M = x.numel() / K, N = w.out_features;
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = N;
@@ -247,7 +258,8 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   if (codes.dim() == 4) {  // panels: int8 activations at every batch size
     const auto x2 = x.reshape({M, K}).contiguous();  // (M, K)
     out = torch::empty({M, N}, x.options());
-    tokenmill_quant::panel_gemm(x2, w, out);
+    tokenmill_quant::panel_linear_out(x2, w, bias, out);
+    return out.view(out_sizes);
   } else if (M > kGemvMaxRows) {
     const auto x2 = x.reshape({M, K});
     out = torch::empty({M, N}, x.options());
@@ -293,7 +305,7 @@ bool quant_panels_available() { return tokenmill_quant::panel_gemm_available(); 
 torch::Tensor quant_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
                                int64_t in_features, int64_t group_size, int64_t bits) {
   TORCH_CHECK(codes.dim() == 2, "quant_dequantize reads the row layout; panels are unpacked in Python");
-  const QuantWeight w = view_weight(codes, scales, zeros, in_features, group_size, bits, 1.0);
+  const QuantWeight w = tokenmill_quant::view_weight(codes, scales, zeros, in_features, group_size, bits, 1.0);
   auto out = torch::empty({w.out_features, in_features}, scales.options());
   dequantize_rows<float>(w, 0, w.out_features, out.data_ptr<float>());
   return out;

@@ -25,6 +25,17 @@ inline float code_at(const uint8_t* row, int64_t k, int64_t bits) {
   return static_cast<float>((lane < 16 ? (byte & 0xF) : (byte >> 4)) - 8);
 }
 
+// A view of codes, scales and zeros as quant_linear receives them (checked: layout, dtypes, shapes). Rows:
+// scales and zeros float32 (N, G), zeros holding scale * (zero - centre); panels (codes 4-D): see
+// quant_gemm_vnni.cpp. The tensors must outlive the view.
+QuantWeight view_weight(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& zeros,
+                        int64_t in_features, int64_t group_size, int64_t bits, double scale_unit);
+
+// out (M, N) = x (M, K) W^T (+ bias) for codes in the panel layout: quant_linear's panel path with the
+// view and the output given (the C++ decode step keeps both between steps). x, out contiguous, one dtype.
+void panel_linear_out(const torch::Tensor& x, const QuantWeight& w, const c10::optional<torch::Tensor>& bias,
+                      torch::Tensor& out);
+
 // Whether the int8-activation (AVX512-VNNI) path can run this weight: this build has VNNI, and
 // activation blocks of 64 inputs fit the weight's groups.
 bool vnni_supported(const QuantWeight& w);
