@@ -146,6 +146,23 @@ def test_write_kv_copies_rows_to_their_slots_and_skips_padding(cpu_backend):
         kernels.write_kv(k, v, key_cache, value_cache, torch.tensor([0, 1, 12]))
 
 
+def test_write_kv_int8_quantizes_rows_into_their_slots_and_checks_them(cpu_backend):
+    kernels = cpu_backend.kernels
+    codes = torch.zeros(2, 3, 4, 2, 8, dtype=torch.int8)  # (K/V, blocks, bs, nkv, d)
+    scales = torch.zeros(2, 3, 4, 2, dtype=torch.float16)
+    qkv = torch.randn(3, 5 * 16, dtype=torch.bfloat16)  # k and v are strided slices of the rows
+    k, v = qkv[:, 16:32].view(3, 2, 8), qkv[:, 32:48].view(3, 2, 8)
+    kernels.write_kv_int8(k, v, codes[0], codes[1], scales[0], scales[1], torch.tensor([5, -1, 11]))
+    flat_codes, flat_scales = codes.view(2, 12, 2, 8), scales.view(2, 12, 2)
+    for side, x in ((0, k), (1, v)):
+        for slot, row in ((5, 0), (11, 2)):
+            restored = flat_codes[side, slot].float() * flat_scales[side, slot, :, None].float()
+            assert torch.allclose(restored, x[row].float(), atol=float(x[row].abs().max()) / 127)
+    assert int((flat_scales != 0).sum()) == 2 * 2 * 2  # two slots, two heads, K and V
+    with pytest.raises(RuntimeError, match="slot 12 is past the cache's 12 slots"):
+        kernels.write_kv_int8(k, v, codes[0], codes[1], scales[0], scales[1], torch.tensor([0, 1, 12]))
+
+
 def test_cpu_backend_writes_the_float_cache_through_write_kv(cpu_backend):
     """The Python forward of the cpu backend (prompts, and decodes outside the C++ step) writes new rows
     with the kernel the C++ step uses, and they land where the portable backend's index_copy_ puts them."""

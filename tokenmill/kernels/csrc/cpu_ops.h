@@ -12,7 +12,8 @@ torch::Tensor paged_decode_attention_fp8(torch::Tensor q, torch::Tensor key_byte
                                          double k_scale, double v_scale, torch::Tensor block_tables,
                                          torch::Tensor seq_lens, double scale);
 void paged_decode_attention_from_qkv(const torch::Tensor& qkv, int64_t num_heads, const torch::Tensor& key_cache,
-                                     const torch::Tensor& value_cache, const torch::Tensor& slot_mapping,
+                                     const torch::Tensor& value_cache, const torch::Tensor& key_scales,
+                                     const torch::Tensor& value_scales, const torch::Tensor& slot_mapping,
                                      const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
                                      torch::Tensor& out);
 // Copies T rows of row_bytes each (source rows k_stride / v_stride bytes apart) to their slots' rows of
@@ -21,6 +22,9 @@ void copy_kv_rows(const char* k, int64_t k_stride, const char* v, int64_t v_stri
                   const int64_t* slot, int64_t num_slots, char* keys, char* values);
 void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor key_cache, torch::Tensor value_cache,
               torch::Tensor slot_mapping);
+void write_kv_int8_from_qkv(const torch::Tensor& qkv, int64_t num_heads, const torch::Tensor& key_codes,
+                            const torch::Tensor& value_codes, const torch::Tensor& key_scales,
+                            const torch::Tensor& value_scales, const torch::Tensor& slot_mapping);
 void write_kv_int8(torch::Tensor k, torch::Tensor v, torch::Tensor key_codes, torch::Tensor value_codes,
                    torch::Tensor key_scales, torch::Tensor value_scales, torch::Tensor slot_mapping);
 torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> delta, torch::Tensor weight,

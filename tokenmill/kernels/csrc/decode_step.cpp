@@ -78,6 +78,9 @@ DecodeStep::DecodeStep(std::vector<DecodeLayer> layers, torch::Tensor final_norm
     TORCH_CHECK(layer.kv_cache.dim() == 5 && layer.kv_cache.size(0) == 2, "kv_cache must be (2, blocks, bs, nkv, d)");
     key_caches_.push_back(layer.kv_cache.select(0, 0));  // (blocks, bs, nkv, d)
     value_caches_.push_back(layer.kv_cache.select(0, 1));
+    const bool int8 = layer.kv_scales.defined();  // (2, blocks, bs, nkv) float16
+    key_scales_.push_back(int8 ? layer.kv_scales.select(0, 0) : torch::Tensor());
+    value_scales_.push_back(int8 ? layer.kv_scales.select(0, 1) : torch::Tensor());
   }
 }
 
@@ -99,29 +102,14 @@ const torch::Tensor& DecodeStep::linear(const LinearSpec& spec, const torch::Ten
   return out;
 }
 
-// Layer `index`'s attention for qkv (M, (nh + 2 nkv) d): the new K/V rows written to the cache, then
-// each row's query is read in place from its qkv row (the float cache's K/V rows too) -> (M, nh d).
+// Layer `index`'s attention for qkv (M, (nh + 2 nkv) d): the new K/V rows written to the cache (int8: quantized),
+// then each row's query read in place from its qkv row -> (M, nh d).
 const torch::Tensor& DecodeStep::attend(size_t index, const torch::Tensor& qkv, const torch::Tensor& slot_mapping,
                                         const torch::Tensor& block_tables, const torch::Tensor& seq_lens) const {
-  const int64_t M = qkv.size(0);
-  const auto& key_cache = key_caches_[index];
-  const auto& value_cache = value_caches_[index];
-  const auto& kv_scales = layers_[index].kv_scales;
-  if (!kv_scales.defined()) {
-    auto& out = buffer(kAttention, M, num_heads_ * head_dim_, qkv.scalar_type());
-    paged_decode_attention_from_qkv(qkv, num_heads_, key_cache, value_cache, slot_mapping, block_tables, seq_lens,
-                                    scale_, out);
-    return out;
-  }
-  // int8: quantize-and-write, then read codes and scales in place
-  const auto heads = qkv.view({M, num_heads_ + 2 * num_kv_heads_, head_dim_});
-  const auto q = heads.narrow(1, 0, num_heads_);
-  const auto k = heads.narrow(1, num_heads_, num_kv_heads_);
-  const auto v = heads.narrow(1, num_heads_ + num_kv_heads_, num_kv_heads_);
-  const auto key_scales = kv_scales.select(0, 0), value_scales = kv_scales.select(0, 1);
-  write_kv_int8(k, v, key_cache, value_cache, key_scales, value_scales, slot_mapping);
-  return buffers_[kAttention] = paged_decode_attention_int8(q, key_cache, value_cache, key_scales, value_scales,
-                                                            block_tables, seq_lens, scale_).view({M, -1});
+  auto& out = buffer(kAttention, qkv.size(0), num_heads_ * head_dim_, qkv.scalar_type());
+  paged_decode_attention_from_qkv(qkv, num_heads_, key_caches_[index], value_caches_[index], key_scales_[index],
+                                  value_scales_[index], slot_mapping, block_tables, seq_lens, scale_, out);
+  return out;
 }
 
 std::tuple<torch::Tensor, c10::optional<torch::Tensor>> DecodeStep::forward(

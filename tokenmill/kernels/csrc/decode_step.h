@@ -53,6 +53,7 @@ class DecodeStep {
   mutable torch::Tensor buffers_[kNumSlots];
   std::vector<DecodeLayer> layers_;
   std::vector<torch::Tensor> key_caches_, value_caches_;  // each layer's kv_cache[0] and [1], viewed once
+  std::vector<torch::Tensor> key_scales_, value_scales_;  // the int8 cache's kv_scales[0] and [1]; undefined otherwise
   torch::Tensor final_norm_, cos_, sin_, embedding_;
   LinearSpec head_;
   int64_t num_heads_, num_kv_heads_, head_dim_;

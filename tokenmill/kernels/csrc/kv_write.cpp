@@ -40,38 +40,75 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor key_cache, torch::
                static_cast<char*>(key_cache.data_ptr()), static_cast<char*>(value_cache.data_ptr()));
 }
 
-// The int8 KV cache's write: each new token's K and V rows, per KV head, scaled by a float16
-// max|x| / 127 (at least 2^-14) and rounded half to even, into codes (blocks, bs, nkv, d) int8 and
-// scales (blocks, bs, nkv) float16 at slot_mapping (T,). One pass instead of ~20 small tensor ops.
-void write_kv_int8(torch::Tensor k, torch::Tensor v, torch::Tensor key_codes, torch::Tensor value_codes,
-                   torch::Tensor key_scales, torch::Tensor value_scales, torch::Tensor slot_mapping) {
-  TORCH_CHECK(k.dim() == 3 && key_codes.scalar_type() == at::kChar && key_scales.scalar_type() == at::kHalf,
-              "write_kv_int8: k (T, nkv, d), int8 codes and float16 scales expected");
+// Quantizes T rows of nkv heads x d values (row t at src + t * stride) into codes (num_slots, nkv, d) and
+// float16 scales (num_slots, nkv) at each row's slot: per head, scale = max|x| / 127 rounded to float16 (at
+// least 2^-14), codes rounded half to even. Slots < 0 (padding) are skipped.
+template <typename scalar_t>
+static void quantize_kv_rows(const scalar_t* src, int64_t stride, int64_t T, int64_t nkv, int64_t d,
+                             const int64_t* slots, int64_t num_slots, int8_t* codes, at::Half* scales) {
+  for (int64_t t = 0; t < T; ++t) {
+    if (slots[t] < 0) continue;
+    TORCH_CHECK(slots[t] < num_slots, "write_kv_int8: slot ", slots[t], " is past the cache's ", num_slots, " slots");
+    for (int64_t h = 0; h < nkv; ++h) {
+      const scalar_t* x = src + t * stride + h * d;
+      float amax = 0.f;
+      for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(static_cast<float>(x[i])));
+      const at::Half stored = static_cast<at::Half>(std::max(amax / 127.f, 6.103515625e-05f));
+      const float scale = static_cast<float>(stored);
+      int8_t* out = codes + (slots[t] * nkv + h) * d;
+      for (int64_t i = 0; i < d; ++i)
+        out[i] = static_cast<int8_t>(
+            std::max(-127.f, std::min(127.f, std::nearbyint(static_cast<float>(x[i]) / scale))));
+      scales[slots[t] * nkv + h] = stored;
+    }
+  }
+}
+
+static void check_int8_cache(const torch::Tensor& key_codes, const torch::Tensor& value_codes,
+                             const torch::Tensor& key_scales, const torch::Tensor& value_scales) {
+  TORCH_CHECK(key_codes.scalar_type() == at::kChar && value_codes.scalar_type() == at::kChar &&
+                  key_scales.scalar_type() == at::kHalf && value_scales.scalar_type() == at::kHalf,
+              "write_kv_int8: int8 codes and float16 scales expected");
   for (const auto* t : {&key_codes, &value_codes, &key_scales, &value_scales})
     TORCH_CHECK(t->is_contiguous(), "int8 KV cache tensors must be contiguous");
+}
+
+// The int8 KV cache's write: each new token's K and V rows, per KV head, into codes (blocks, bs, nkv, d)
+// int8 and scales (blocks, bs, nkv) float16 at slot_mapping (T,). One pass instead of ~20 small tensor ops.
+void write_kv_int8(torch::Tensor k, torch::Tensor v, torch::Tensor key_codes, torch::Tensor value_codes,
+                   torch::Tensor key_scales, torch::Tensor value_scales, torch::Tensor slot_mapping) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
+              "write_kv_int8: k and v (T, nkv, d) of one dtype expected");
+  check_int8_cache(key_codes, value_codes, key_scales, value_scales);
   k = k.contiguous();
   v = v.contiguous();
   slot_mapping = slot_mapping.contiguous();
-  const int64_t num_tokens = k.size(0), num_kv_heads = k.size(1), head_dim = k.size(2);
+  const int64_t T = k.size(0), nkv = k.size(1), d = k.size(2), num_slots = key_codes.numel() / (nkv * d);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "write_kv_int8", [&] {
-    const scalar_t* sources[2] = {k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>()};
-    int8_t* codes[2] = {key_codes.data_ptr<int8_t>(), value_codes.data_ptr<int8_t>()};
-    at::Half* scales[2] = {key_scales.data_ptr<at::Half>(), value_scales.data_ptr<at::Half>()};
-    for (int side = 0; side < 2; ++side)
-      for (int64_t t = 0; t < num_tokens; ++t) {
-        if (slots[t] < 0) continue;
-        for (int64_t h = 0; h < num_kv_heads; ++h) {
-          const scalar_t* x = sources[side] + (t * num_kv_heads + h) * head_dim;
-          float amax = 0.f;
-          for (int64_t i = 0; i < head_dim; ++i) amax = std::max(amax, std::fabs(static_cast<float>(x[i])));
-          const at::Half stored = static_cast<at::Half>(std::max(amax / 127.f, 6.103515625e-05f));
-          const float scale = static_cast<float>(stored);
-          int8_t* out = codes[side] + (slots[t] * num_kv_heads + h) * head_dim;
-          for (int64_t i = 0; i < head_dim; ++i)
-            out[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(static_cast<float>(x[i]) / scale))));
-          scales[side][slots[t] * num_kv_heads + h] = stored;
-        }
-      }
+    quantize_kv_rows(k.data_ptr<scalar_t>(), nkv * d, T, nkv, d, slots, num_slots, key_codes.data_ptr<int8_t>(),
+                     key_scales.data_ptr<at::Half>());
+    quantize_kv_rows(v.data_ptr<scalar_t>(), nkv * d, T, nkv, d, slots, num_slots, value_codes.data_ptr<int8_t>(),
+                     value_scales.data_ptr<at::Half>());
+  });
+}
+
+void write_kv_int8_from_qkv(const torch::Tensor& qkv, int64_t num_heads, const torch::Tensor& key_codes,
+                            const torch::Tensor& value_codes, const torch::Tensor& key_scales,
+                            const torch::Tensor& value_scales, const torch::Tensor& slot_mapping) {
+  check_int8_cache(key_codes, value_codes, key_scales, value_scales);
+  TORCH_CHECK(key_codes.dim() == 4, "int8 KV codes must be (blocks, bs, nkv, d)");
+  const int64_t T = qkv.size(0), nkv = key_codes.size(2), d = key_codes.size(3);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (num_heads + 2 * nkv) * d,
+              "write_kv_int8: qkv must be contiguous (T, (nh + 2 nkv) d)");
+  TORCH_CHECK(slot_mapping.is_contiguous() && slot_mapping.numel() == T, "slot_mapping must be contiguous (T,)");
+  const int64_t num_slots = key_codes.numel() / (nkv * d);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "write_kv_int8_from_qkv", [&] {
+    const scalar_t* rows = qkv.data_ptr<scalar_t>();
+    quantize_kv_rows(rows + num_heads * d, qkv.size(1), T, nkv, d, slots, num_slots, key_codes.data_ptr<int8_t>(),
+                     key_scales.data_ptr<at::Half>());
+    quantize_kv_rows(rows + (num_heads + nkv) * d, qkv.size(1), T, nkv, d, slots, num_slots,
+                     value_codes.data_ptr<int8_t>(), value_scales.data_ptr<at::Half>());
   });
 }

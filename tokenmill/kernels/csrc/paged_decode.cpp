@@ -324,33 +324,50 @@ torch::Tensor paged_decode_attention_fp8(torch::Tensor q, torch::Tensor key_byte
   return out;
 }
 
-// The C++ decode step's attention over a float cache, allocating nothing: qkv (M, (nh + 2 nkv) d) contiguous
-// holds each token's query, key and value heads; its keys and values are written to their slots (as
-// write_kv), then out (M, nh d) contiguous gets paged_decode_attention of its queries, read in place.
+// The C++ decode step's attention, allocating nothing: qkv (M, (nh + 2 nkv) d) contiguous holds each token's
+// query, key and value heads; its keys and values are written to their slots (as write_kv, or as
+// write_kv_int8 when key_scales/value_scales (blocks, bs, nkv) are given for an int8 cache), then out
+// (M, nh d) contiguous gets paged_decode_attention (or _int8) of its queries, read in place.
 void paged_decode_attention_from_qkv(const torch::Tensor& qkv, int64_t num_heads, const torch::Tensor& key_cache,
-                                     const torch::Tensor& value_cache, const torch::Tensor& slot_mapping,
+                                     const torch::Tensor& value_cache, const torch::Tensor& key_scales,
+                                     const torch::Tensor& value_scales, const torch::Tensor& slot_mapping,
                                      const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
                                      torch::Tensor& out) {
+  const bool int8 = key_scales.defined();
   TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
                   value_cache.sizes() == key_cache.sizes(), "KV caches must be contiguous (blocks, bs, nkv, d)");
   const int64_t M = qkv.size(0), nkv = key_cache.size(2), d = key_cache.size(3);
-  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (num_heads + 2 * nkv) * d &&
-                  qkv.scalar_type() == key_cache.scalar_type() && value_cache.scalar_type() == key_cache.scalar_type(),
-              "qkv must be contiguous (M, (nh + 2 nkv) d) in the KV cache's dtype");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (num_heads + 2 * nkv) * d,
+              "qkv must be contiguous (M, (nh + 2 nkv) d)");
+  const auto cache_dtype = int8 ? at::kChar : qkv.scalar_type();
+  TORCH_CHECK(key_cache.scalar_type() == cache_dtype && value_cache.scalar_type() == cache_dtype,
+              "the KV cache must hold qkv's dtype, or int8 codes with scales");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == qkv.scalar_type() && out.numel() == M * num_heads * d,
               "attention out must be contiguous (M, nh d) in qkv's dtype");
   TORCH_CHECK(slot_mapping.is_contiguous() && block_tables.is_contiguous() && seq_lens.is_contiguous() &&
                   slot_mapping.numel() == M && seq_lens.numel() == M && block_tables.size(0) == M,
               "slot_mapping, seq_lens (M,) and block_tables (M, W) must be contiguous int64");
-  const int64_t row_bytes = nkv * d * qkv.element_size(), stride = qkv.size(1) * qkv.element_size();
-  const char* rows = static_cast<const char*>(qkv.data_ptr());
-  copy_kv_rows(rows + num_heads * d * qkv.element_size(), stride, rows + (num_heads + nkv) * d * qkv.element_size(),
-               stride, row_bytes, M, slot_mapping.data_ptr<int64_t>(), key_cache.size(0) * key_cache.size(1),
-               static_cast<char*>(key_cache.data_ptr()), static_cast<char*>(value_cache.data_ptr()));
+  if (int8) {
+    write_kv_int8_from_qkv(qkv, num_heads, key_cache, value_cache, key_scales, value_scales, slot_mapping);
+  } else {
+    const int64_t row_bytes = nkv * d * qkv.element_size(), stride = qkv.size(1) * qkv.element_size();
+    const char* rows = static_cast<const char*>(qkv.data_ptr());
+    copy_kv_rows(rows + num_heads * d * qkv.element_size(), stride, rows + (num_heads + nkv) * d * qkv.element_size(),
+                 stride, row_bytes, M, slot_mapping.data_ptr<int64_t>(), key_cache.size(0) * key_cache.size(1),
+                 static_cast<char*>(key_cache.data_ptr()), static_cast<char*>(value_cache.data_ptr()));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "paged_decode_attention_from_qkv", [&] {
-    dispatch<scalar_t, scalar_t>(qkv.data_ptr<scalar_t>(), qkv.size(1), key_cache.data_ptr<scalar_t>(),
-                                 value_cache.data_ptr<scalar_t>(), nullptr, nullptr, block_tables.data_ptr<int64_t>(),
-                                 seq_lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), M, num_heads, nkv, d,
-                                 key_cache.size(1), block_tables.size(1), static_cast<float>(scale));
+    const auto run = [&](const auto* keys, const auto* values, const at::Half* ks, const at::Half* vs) {
+      using cache_t = std::remove_const_t<std::remove_pointer_t<decltype(keys)>>;
+      dispatch<scalar_t, cache_t>(qkv.data_ptr<scalar_t>(), qkv.size(1), keys, values, ks, vs,
+                                  block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                                  out.data_ptr<scalar_t>(), M, num_heads, nkv, d, key_cache.size(1),
+                                  block_tables.size(1), static_cast<float>(scale));
+    };
+    if (int8)
+      run(key_cache.data_ptr<int8_t>(), value_cache.data_ptr<int8_t>(), key_scales.data_ptr<at::Half>(),
+          value_scales.data_ptr<at::Half>());
+    else
+      run(key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(), nullptr, nullptr);
   });
 }
