@@ -7,7 +7,8 @@
 // prepacked linear, rotary_inplace, paged decode attention), in the same order and dtypes, and
 // write_kv copies the rows index_copy_ copies there, so its output is bit-identical to the Python
 // forward; only the interpreter is gone. The activations between the kernels stay in buffers kept from
-// step to step (the kernels' `_out` forms write into them), which took int4 batch-1 decode from 5.52 to
+// step to step (the kernels' `_out` forms write into them; oneDNN-packed and plain dense weights, which
+// have none, still allocate their products), which took int4 batch-1 decode from 5.52 to
 // 4.78 ms per token and bf16 from 10.83 to 10.11 (medians of paired runs, 2026-11-27): a fresh tensor per
 // op cost allocator work, page faults and cache lines at every one of the ~300 ops of a step.
 #include "decode_step.h"

@@ -30,7 +30,8 @@ struct DecodeLayer {
 
 // Not reentrant: one step at a time (the engine's runner steps sequentially). A step's intermediate
 // activations live in buffers kept between steps (reallocated when the batch size changes), so the ~10
-// allocations per layer that the Python ops make are gone; the two outputs are fresh tensors.
+// allocations per layer that the Python ops make are gone (but for the products of "packed" and "dense"
+// weights); the two outputs are fresh tensors.
 class DecodeStep {
  public:
   // embedding (V, H); head: the LM head, or kind "" where the model's own compute_logits must run.
