@@ -64,7 +64,6 @@ def test_bf16_panels_equal_float32_products_rounded_once(num_rows):
     assert torch.equal(kernels.dense_panel_linear(x[:1], pack_dense_panels(weight), bias), got[:1])
 
 
-
 @pytest.mark.parametrize("num_rows", [1, 2])
 def test_every_panel_is_computed_once_whatever_the_thread_count(num_rows):
     """At 1-2 rows the threads claim tiles from their own share and take the rest from the end of the
@@ -95,6 +94,7 @@ def test_every_panel_is_computed_once_whatever_the_thread_count(num_rows):
     for name, (one, two, three) in results.items():
         assert torch.isfinite(one.float()).all(), name
         assert torch.equal(one, two) and torch.equal(one, three), name
+
 
 def test_kernel_refuses_mismatched_inputs():
     kernels = _kernels(torch.float32)
