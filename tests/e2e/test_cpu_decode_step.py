@@ -60,8 +60,9 @@ def test_cpu_decode_step_equals_the_python_forward(case, checkpoint, make_llm, m
     llm = make_llm(checkpoint(arch), block_size=4, **kwargs)
     runner = llm.engine.core.runner
     if case in FLOAT_FORMS:  # the weight form under test
-        panels = cpu_kernels().dense_panels_available(getattr(torch, kwargs["dtype"]))
-        expected = FLOAT_FORMS[case] if panels else "packed"
+        dtype = getattr(torch, kwargs["dtype"])
+        onednn = dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        expected = FLOAT_FORMS[case] if cpu_kernels().dense_panels_available(dtype) else "packed" if onednn else "dense"
         gate_up = runner.model.model.layers[0].mlp.gate_up_proj
         assert gate_up.quant_method.decode_spec(gate_up, cpu_kernels()).kind == expected
     assert runner.decode_step is not None, f"{case}: the C++ decode step should have been built"

@@ -112,12 +112,12 @@ def test_an_idle_engine_outlives_the_collective_timeout(tp, pp, checkpoint):
 
     config = dataclasses.replace(engine_config(str(checkpoint("llama")), dtype="float32", device="cpu",
                                                kv_cache_memory="8MiB", tensor_parallel_size=tp,
-                                               pipeline_parallel_size=pp), distributed_timeout_s=2)
+                                               pipeline_parallel_size=pp), distributed_timeout_s=5)
     llm = LLM.from_engine_config(config)
     try:
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         first = tokens(llm.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False))
-        time.sleep(5)
+        time.sleep(8)  # the timeout (5 s) also bounds the workers' start-up: importing torch alone takes 2-3 s
         assert all(p.is_alive() for p in llm.engine.core.executor.processes)
         assert tokens(llm.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False)) == first
     finally:

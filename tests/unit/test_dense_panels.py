@@ -121,7 +121,28 @@ def test_linear_layers_hold_panels_where_they_fit(dtype, monkeypatch):
     expected = F.linear(x.float(), unpack_dense_panels(layer.packed_weight).float())
     torch.testing.assert_close(layer(x).float(), expected, atol=0.05, rtol=0.02)
     assert layer.read_bytes() == 48 * 64 * torch.empty((), dtype=dtype).element_size()
-    # 40 outputs do not fill panels of 16: oneDNN's prepacked layout.
-    assert _processed(40, dtype).packed_weight.layout == torch._mkldnn
+    # 40 outputs do not fill panels of 16: oneDNN's prepacked layout where oneDNN runs the dtype fast (bf16:
+    # AVX512-BF16 or AMX), else the plain weight.
+    onednn = dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    unfit = _processed(40, dtype)
+    assert unfit.packed_weight.layout == torch._mkldnn if onednn else unfit.packed_weight is None
     monkeypatch.setenv("TOKENMILL_NO_DENSE_PANELS", "1")
-    assert _processed(48, dtype).packed_weight.layout == torch._mkldnn
+    layer = _processed(48, dtype)
+    assert layer.packed_weight.layout == torch._mkldnn if onednn else layer.packed_weight is None
+
+
+def test_every_cpu_with_avx2_has_the_panel_kernels():
+    """AVX2 (two 256-bit halves per panel vector, simd16.h) is enough for float32, bf16 and quantized
+    panels: CPUs without AVX-512 get the same kernels instead of PyTorch's scalar fallbacks."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if not {"avx2", "fma", "f16c"} <= set(flags):
+        pytest.skip("not an x86 CPU with AVX2, FMA and F16C (or no /proc/cpuinfo)")
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("the C++ CPU kernels are not built here")
+    assert kernels.dense_panels_available(torch.float32) and kernels.dense_panels_available(torch.bfloat16)
+    assert kernels.quant_panels_available()

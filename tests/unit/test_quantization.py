@@ -160,7 +160,7 @@ def test_4_bit_panels_hold_8_inputs_per_byte_pair_of_nibbles():
 def _panels_or_skip():
     kernels = cpu_kernels()
     if kernels is None or not kernels.quant_panels_available():
-        pytest.skip("the C++ CPU kernels have no AVX512-VNNI panel path here")
+        pytest.skip("the C++ CPU kernels have no panel path here (they need AVX2 or AVX-512)")
 
 
 def _int8_activation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -206,6 +206,26 @@ def test_panel_kernel_equals_int8_rounded_activations_times_the_weight(bits, gro
         assert torch.equal(matrix(x16), matrix(x16.float()).to(half))
     # Each row's result is independent of the others in the batch, bit for bit.
     torch.testing.assert_close(matrix(x[-1:]), got[-1:], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_panel_kernel_is_exact_at_the_ends_of_the_code_range(bits):
+    """Codes at both ends of their range against activations that round to +-127: the byte products whose
+    pair sums overflow int16 (2 * 255 * 127 > 32767), where CPUs without VNNI multiply bytes through
+    vpmaddubsw (simd16.h), come out exact."""
+    _panels_or_skip()
+    top = 2**bits - 1
+    codes = torch.zeros(32, 256, dtype=torch.int64)
+    codes[:16] = top                    # outputs 0-15: the largest code everywhere
+    codes[16:, ::2] = top               # outputs 16-31: alternating ends
+    scales, zeros = torch.full((32, 4), 0.01), torch.zeros(32, 4)
+    zeros[:, 1] = top // 2 + 1          # a zero point mid-range in one group
+    matrix = QuantizedMatrix(codes, scales, zeros, bits, 64, int8_activations=True)
+    assert matrix.panels
+    x = torch.ones(2, 256)  # every block rounds to +127 (row 0) or, alternating sign, +-127 (row 1)
+    x[1, 1::2] = -1.0
+    expected = x @ matrix.dequantize().T
+    torch.testing.assert_close(matrix(x), expected, atol=1e-4, rtol=1e-5)
 
 
 def test_panels_hold_float16_scales_in_a_power_of_two_unit_and_byte_zero_points():

@@ -9,12 +9,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
-#include "panel_io.h"
-
-#if defined(TOKENMILL_PANEL_IO)
-#define TOKENMILL_ATTENTION_SIMD 1
+#include "simd16.h"
 
 namespace tokenmill_attention {
+
+#if defined(TOKENMILL_AVX512)
 
 // sum16(a)[t] == _mm512_reduce_add_ps(a[t]) bit for bit. That reduction adds the upper 256 bits to the
 // lower, then the upper 128 of that to the lower, then lanes {2, 3} to {0, 1}, then lane 1 to lane 0;
@@ -36,15 +35,11 @@ inline __m512 sum16(const __m512 (&a)[16]) {
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   return _mm512_permutexvar_ps(order, sums);
 }
+#endif
 
-// 16 elements of a cached row as float32.
-template <typename cache_t>
-inline __m512 load16_cached(const cache_t* p) {
-  if constexpr (std::is_same_v<cache_t, int8_t>)
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  else
-    return tokenmill_panels::load16(p);
-}
+#if defined(TOKENMILL_SIMD16)
+using tokenmill_simd::Floats16;
+
 
 template <typename cache_t>
 constexpr bool values_in_registers(int head_dim, int group) {
@@ -60,28 +55,35 @@ template <int HEAD_DIM, int GROUP, typename cache_t, typename RowFn>
 inline void accumulate_values(int64_t t0, int64_t t1, bool first, const RowFn& row, const float* probs,
                               int64_t probs_stride, float* out, int64_t out_stride) {
   constexpr int V = HEAD_DIM / 16;
-  constexpr int HEADS = std::max(1, std::min(GROUP, 24 / V));  // query heads per pass: 24 accumulators at most
+  // Query heads per pass: as many accumulators as the registers hold (AVX-512 32, AVX2 16 of half the width).
+#if defined(TOKENMILL_AVX512)
+  constexpr int kAccumulators = 24;
+#else
+  constexpr int kAccumulators = 12;
+#endif
+  constexpr int HEADS = std::max(1, std::min(GROUP, kAccumulators / V));
   for (int g0 = 0; g0 < GROUP; g0 += HEADS) {
-    __m512 acc[HEADS][V];
+    Floats16 acc[HEADS][V];
     for (int g = 0; g < HEADS; ++g)
       for (int i = 0; i < V; ++i)
-        acc[g][i] = first || g0 + g >= GROUP ? _mm512_setzero_ps()
-                                             : _mm512_loadu_ps(out + (g0 + g) * out_stride + 16 * i);
+        acc[g][i] = first || g0 + g >= GROUP ? tokenmill_simd::zeros()
+                                             : tokenmill_simd::load16(out + (g0 + g) * out_stride + 16 * i);
     for (int64_t t = t0; t < t1; ++t) {
       float v_scale;
       const cache_t* v = row(t, v_scale);
-      __m512 values[V];
-      for (int i = 0; i < V; ++i) values[i] = load16_cached(v + 16 * i);
+      Floats16 values[V];
+      for (int i = 0; i < V; ++i) values[i] = tokenmill_simd::load16(v + 16 * i);
       for (int g = 0; g < HEADS; ++g) {
         if (g0 + g >= GROUP) break;
-        const __m512 p = _mm512_set1_ps(probs[(g0 + g) * probs_stride + t] * v_scale);
-        for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(p, values[i], acc[g][i]);
+        const Floats16 p = tokenmill_simd::broadcast(probs[(g0 + g) * probs_stride + t] * v_scale);
+        for (int i = 0; i < V; ++i) acc[g][i] = tokenmill_simd::fmadd(p, values[i], acc[g][i]);
       }
     }
     for (int g = 0; g < HEADS && g0 + g < GROUP; ++g)
-      for (int i = 0; i < V; ++i) _mm512_storeu_ps(out + (g0 + g) * out_stride + 16 * i, acc[g][i]);
+      for (int i = 0; i < V; ++i) tokenmill_simd::store16(out + (g0 + g) * out_stride + 16 * i, acc[g][i]);
   }
 }
 
-}  // namespace tokenmill_attention
 #endif
+
+}  // namespace tokenmill_attention

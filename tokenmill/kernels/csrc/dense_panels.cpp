@@ -16,8 +16,7 @@
 namespace {
 
 using tokenmill_panels::kLanes;
-using tokenmill_panels::load16;
-using tokenmill_panels::store16;
+using namespace tokenmill_simd;
 
 // Inputs per partial sum: each output sums blocks of kSumBlock products, then the blocks, so float32
 // rounding grows with K / kSumBlock + kSumBlock rather than with K (as oneDNN's blocked sums do).
@@ -26,23 +25,24 @@ constexpr int64_t kSumBlock = 64;
 // acc[m][j] += x[m] . W over inputs [k0, k1) of the panel tile: float32 weights, one input per step.
 template <int MR, int NP>
 inline void accumulate(const float* x, int64_t K, int64_t k0, int64_t k1, const float* w, int64_t panel_elems,
-                       __m512 (&acc)[MR][NP]) {
+                       Floats16 (&acc)[MR][NP]) {
 #pragma GCC unroll 4
   for (int64_t k = k0; k < k1; ++k) {
-    __m512 wv[NP];
-    for (int j = 0; j < NP; ++j) wv[j] = _mm512_loadu_ps(w + j * panel_elems + k * kLanes);
+    Floats16 wv[NP];
+    for (int j = 0; j < NP; ++j) wv[j] = load16(w + j * panel_elems + k * kLanes);
     for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_set1_ps(x[m * K + k]);
-      for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_fmadd_ps(wv[j], xv, acc[m][j]);
+      const Floats16 xv = broadcast(x[m * K + k]);
+      for (int j = 0; j < NP; ++j) acc[m][j] = fmadd(wv[j], xv, acc[m][j]);
     }
   }
 }
 
-#if defined(__AVX512BF16__)
-// bf16 weights: a pair of inputs per step.
+// bf16 weights: a pair of inputs per step. With AVX512-BF16 one vdpbf16ps takes both products of a lane;
+// elsewhere the pair becomes two float vectors and two FMAs, the first input's product first.
 template <int MR, int NP>
 inline void accumulate(const at::BFloat16* x, int64_t K, int64_t k0, int64_t k1, const at::BFloat16* w,
-                       int64_t panel_elems, __m512 (&acc)[MR][NP]) {
+                       int64_t panel_elems, Floats16 (&acc)[MR][NP]) {
+#if defined(TOKENMILL_AVX512) && defined(__AVX512BF16__)
   const int32_t* pairs = reinterpret_cast<const int32_t*>(x);
 #pragma GCC unroll 4
   for (int64_t k2 = k0 / 2; k2 < k1 / 2; ++k2) {
@@ -50,25 +50,37 @@ inline void accumulate(const at::BFloat16* x, int64_t K, int64_t k0, int64_t k1,
     for (int j = 0; j < NP; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + j * panel_elems + k2 * 2 * kLanes);
     for (int m = 0; m < MR; ++m) {
       const __m512bh xv = (__m512bh)_mm512_set1_epi32(pairs[m * K / 2 + k2]);
-      for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
+      for (int j = 0; j < NP; ++j) acc[m][j].v = _mm512_dpbf16_ps(acc[m][j].v, wv[j], xv);
     }
   }
-}
+#else
+#pragma GCC unroll 2
+  for (int64_t k2 = k0 / 2; k2 < k1 / 2; ++k2) {
+    Floats16 first[NP], second[NP];
+    for (int j = 0; j < NP; ++j) tokenmill_panels::prefetch_ahead(w + j * panel_elems + k2 * 2 * kLanes);
+    for (int j = 0; j < NP; ++j) load_bf16_pairs(w + j * panel_elems + k2 * 2 * kLanes, first[j], second[j]);
+    for (int m = 0; m < MR; ++m) {
+      const Floats16 x0 = broadcast(static_cast<float>(x[m * K + 2 * k2]));
+      const Floats16 x1 = broadcast(static_cast<float>(x[m * K + 2 * k2 + 1]));
+      for (int j = 0; j < NP; ++j) acc[m][j] = fmadd(second[j], x1, fmadd(first[j], x0, acc[m][j]));
+    }
+  }
 #endif
+}
 
 template <int MR, int NP, typename scalar_t>
 void tile(const scalar_t* x, int64_t K, const scalar_t* w, const scalar_t* bias, scalar_t* out, int64_t ld) {
-  __m512 total[MR][NP], acc[MR][NP];
+  Floats16 total[MR][NP], acc[MR][NP];
   for (int j = 0; j < NP; ++j) {
-    const __m512 b = bias == nullptr ? _mm512_setzero_ps() : load16(bias + j * kLanes);
+    const Floats16 b = bias == nullptr ? zeros() : load16(bias + j * kLanes);
     for (int m = 0; m < MR; ++m) total[m][j] = b;
   }
   for (int64_t k0 = 0; k0 < K; k0 += kSumBlock) {
     for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_setzero_ps();
+      for (int j = 0; j < NP; ++j) acc[m][j] = zeros();
     accumulate<MR, NP>(x, K, k0, std::min(K, k0 + kSumBlock), w, K * kLanes, acc);
     for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < NP; ++j) total[m][j] = _mm512_add_ps(total[m][j], acc[m][j]);
+      for (int j = 0; j < NP; ++j) total[m][j] = add(total[m][j], acc[m][j]);
   }
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NP; ++j) store16(out + m * ld + j * kLanes, total[m][j]);
@@ -97,8 +109,10 @@ void panel_linear(const scalar_t* x, int64_t M, int64_t K, const scalar_t* w, in
     scalar_t* o = out + m0 * N + p * kLanes;
     const scalar_t* wp = w + p * panel_elems;
     switch (width) {
+#if defined(TOKENMILL_AVX512)
       case 4: return tile_rows<4>(rows, xm, K, wp, b, o, N);
       case 3: return tile_rows<3>(rows, xm, K, wp, b, o, N);
+#endif
       case 2: return tile_rows<2>(rows, xm, K, wp, b, o, N);
       default: return tile_rows<1>(rows, xm, K, wp, b, o, N);
     }
@@ -110,13 +124,11 @@ void panel_linear(const scalar_t* x, int64_t M, int64_t K, const scalar_t* w, in
 
 bool dense_panels_available(at::ScalarType dtype) {
 #if defined(TOKENMILL_PANEL_IO)
-  if (dtype == at::kFloat) return true;
-#if defined(__AVX512BF16__)
-  if (dtype == at::kBFloat16) return true;
-#endif
-#endif
+  return dtype == at::kFloat || dtype == at::kBFloat16;
+#else
   (void)dtype;
   return false;
+#endif
 }
 
 // x (M, K) contiguous -> out (M, N) contiguous, both in the panels' dtype; panels as packed by
@@ -143,14 +155,11 @@ void dense_panel_linear_out(const torch::Tensor& x, const torch::Tensor& panels,
   if (!bf16) {
     panel_linear(x.data_ptr<float>(), M, K, panels.data_ptr<float>(), N, b.defined() ? b.data_ptr<float>() : nullptr,
                  out.data_ptr<float>());
-  }
-#if defined(__AVX512BF16__)
-  if (bf16) {
+  } else {
     using bf = at::BFloat16;
     panel_linear(x.data_ptr<bf>(), M, K, panels.data_ptr<bf>(), N, b.defined() ? b.data_ptr<bf>() : nullptr,
                  out.data_ptr<bf>());
   }
-#endif
 #endif
 }
 

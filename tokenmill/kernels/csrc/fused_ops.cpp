@@ -5,7 +5,7 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
-#include "panel_io.h"
+#include "simd16.h"
 
 template <typename in_t, typename out_t>
 static void add_rms_rows(float* residual, const in_t* delta, const float* weight, out_t* out, int64_t rows,
@@ -142,12 +142,12 @@ template <typename scalar_t>
 static int64_t first_argmax(const scalar_t* x, int64_t n) {
   float best = -INFINITY;
   int64_t i = 0;
-#if defined(TOKENMILL_PANEL_IO)
+#if defined(TOKENMILL_AVX512)
   {
     __m512 top = _mm512_set1_ps(-INFINITY);
     const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), inf_bits = _mm512_set1_epi32(0x7F800000);
     for (; i + 16 <= n; i += 16) {
-      const __m512 v = tokenmill_panels::load16(x + i);
+      const __m512 v = tokenmill_simd::load16(x + i).v;
       const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), abs_mask), inf_bits);
       if (nan) return i + __builtin_ctz(nan);
       top = _mm512_max_ps(top, v);
@@ -161,11 +161,11 @@ static int64_t first_argmax(const scalar_t* x, int64_t n) {
     best = std::max(best, v);
   }
   i = 0;
-#if defined(TOKENMILL_PANEL_IO)
+#if defined(TOKENMILL_AVX512)
   {
     const __m512 target = _mm512_set1_ps(best);
     for (; i + 16 <= n; i += 16) {
-      const __mmask16 hit = _mm512_cmp_ps_mask(tokenmill_panels::load16(x + i), target, _CMP_EQ_OQ);
+      const __mmask16 hit = _mm512_cmp_ps_mask(tokenmill_simd::load16(x + i).v, target, _CMP_EQ_OQ);
       if (hit) return i + __builtin_ctz(hit);
     }
   }

@@ -118,7 +118,7 @@ static void decode_kernel(const scalar_t* q, int64_t q_stride, const cache_t* ke
       }
       std::fill(max_score.begin(), max_score.end(), -INFINITY);
       int64_t scored = 0;  // tokens scored 16 at a time; the rest one by one
-#if defined(TOKENMILL_ATTENTION_SIMD)
+#if defined(TOKENMILL_AVX512) && defined(__AVX512BF16__)
       if constexpr (dots_in_bf16<cache_t, HEAD_DIM>() && GROUP > 0) {
         // 16 tokens at a time, read in address order: each (token, head) product vector is parked in L1,
         // then each head's 16 are summed side by side (the bits of dot_qk's products and sums).
@@ -172,7 +172,7 @@ static void decode_kernel(const scalar_t* q, int64_t q_stride, const cache_t* ke
         part[head * part_size] = max_score[head];
         part[head * part_size + 1] = total;
       }
-#if defined(TOKENMILL_ATTENTION_SIMD)
+#if defined(TOKENMILL_SIMD16)
       if constexpr (tokenmill_attention::values_in_registers<cache_t>(HEAD_DIM, GROUP)) {
         // Windows of 16 tokens (their rows stay in L1), each visited one KV head at a time.
         for (int64_t w = 0; w < n_tokens; w += 16) {

@@ -17,7 +17,7 @@
 // batches (prompts) dequantize a panel of rows at a time into the activation dtype and hand it to
 // the BLAS GEMM, which is compute-bound there anyway. Small batches of bf16/fp16 activations take
 // the int8-activation path of quant_linear_vnni.cpp instead, on CPUs with AVX512-VNNI. Codes of
-// bf16/fp16 models held in the panel layout (codes 4-D) take quant_gemm_vnni.cpp at every batch size.
+// bf16/fp16 models held in the panel layout (codes 4-D) take quant_panels.cpp at every batch size.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -199,7 +199,7 @@ void dequantize_rows(const QuantWeight& w, int64_t n_begin, int64_t n_end, out_t
 }  // namespace
 
 // Rows: scales and zeros are float32 (N, G), zeros holding scale * (zero - centre). Panels: (N / 16, G, 16)
-// float16 scales in units of scale_unit and uint8 zero points (quant_gemm_vnni.cpp).
+// float16 scales in units of scale_unit and uint8 zero points (quant_panels.cpp).
 QuantWeight tokenmill_quant::view_weight(const torch::Tensor& codes, const torch::Tensor& scales,
                                          const torch::Tensor& zeros, int64_t in_features, int64_t group_size,
                                          int64_t bits, double scale_unit) {

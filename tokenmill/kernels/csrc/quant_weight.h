@@ -7,7 +7,7 @@
 namespace tokenmill_quant {
 
 struct QuantWeight {
-  const uint8_t* codes;      // int8 for 8-bit, viewed as bytes; panels: see quant_gemm_vnni.cpp
+  const uint8_t* codes;      // int8 for 8-bit, viewed as bytes; panels: see quant_panels.cpp
   const float* scales;       // rows: (N, G) float32; panels: null
   const float* scaled_zeros; // rows: (N, G) float32 scale * (zero - centre); panels: null
   int64_t out_features, in_features, group_size, num_groups, bits;
@@ -27,7 +27,7 @@ inline float code_at(const uint8_t* row, int64_t k, int64_t bits) {
 
 // A view of codes, scales and zeros as quant_linear receives them (checked: layout, dtypes, shapes). Rows:
 // scales and zeros float32 (N, G), zeros holding scale * (zero - centre); panels (codes 4-D): see
-// quant_gemm_vnni.cpp. The tensors must outlive the view.
+// quant_panels.cpp. The tensors must outlive the view.
 QuantWeight view_weight(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& zeros,
                         int64_t in_features, int64_t group_size, int64_t bits, double scale_unit);
 
@@ -43,7 +43,7 @@ bool vnni_supported(const QuantWeight& w);
 // out (M, N) float32 = x (M, K) W^T with x quantized to int8 per block of 64 inputs.
 void vnni_linear(const float* x, int64_t M, const QuantWeight& w, float* out);
 
-// Whether this build can multiply codes in the panel layout (quant_gemm_vnni.cpp).
+// Whether this build can multiply codes in the panel layout (quant_panels.cpp).
 bool panel_gemm_available();
 
 // out (M, N) = x (M, K) W^T for 8- or 4-bit codes in the panel layout, x quantized to int8 per block of 64

@@ -9,7 +9,7 @@ tokenmill's 4-bit layout (what ``kernels/csrc/quant_linear.cpp`` reads): (N, K /
 chunks of 32 inputs; byte ``16 c + j`` of a row holds input ``32 c + j`` in its low nibble and
 input ``32 c + 16 + j`` in its high nibble.
 
-tokenmill's quantized panel layout (``kernels/csrc/quant_gemm_vnni.cpp``): 8-bit (N / 16, K / 4, 16, 4)
+tokenmill's quantized panel layout (``kernels/csrc/quant_panels.cpp``): 8-bit (N / 16, K / 4, 16, 4)
 uint8, the unsigned code of output ``16 p + j``, input ``4 k4 + i`` at ``[p, k4, j, i]``: 16 outputs x 4
 inputs per 64 bytes, what one AVX512-VNNI instruction multiplies; 4-bit (N / 16, K / 8, 16, 4), two
 such groups of 4 inputs per byte (low nibble, high nibble).

@@ -1,5 +1,5 @@
-// 8- and 4-bit weights in a VNNI panel layout, multiplied by int8 activations: one kernel for every
-// batch size, from decode (1 row) to prompts (thousands).
+// 8- and 4-bit weights in a panel layout, multiplied by int8 activations: one kernel for every batch
+// size, from decode (1 row) to prompts (thousands), on AVX-512 (with or without VNNI) and AVX2 (simd16.h).
 //
 // Layout ("panels"), 8-bit: codes (N / 16, K / 4, 16, 4) uint8 holding code + 128, so that byte
 // [p, k4, j, i] is the weight of output 16 p + j, input 4 k4 + i. One 64-byte load is 16 outputs x 4
@@ -7,14 +7,15 @@
 // 64 multiply-adds per instruction, accumulated in 16 int32 lanes, one lane per output.
 // 4-bit: (N / 16, K / 8, 16, 4) uint8 holding code + 8 (the stored nibble); byte [p, k8, j, i] has input
 // 8 k8 + i in its low nibble and 8 k8 + 4 + i in its high one, so one 64-byte load masked and shifted
-// gives two vpdpbusd operands (16 outputs x 4 inputs each). A block of 64
-// inputs takes 16 of them; then the block's int32 sums become float and are scaled by the
+// gives two vpdpbusd operands (16 outputs x 4 inputs each). Without VNNI each vpdpbusd becomes
+// vpmaddubsw + vpmaddwd + vpaddd on each half (AVX2) or the whole (AVX-512). A block of 64 inputs takes 16 of them; then the block's int32 sums become float and are scaled by the
 // activation's block scale, so the conversion costs 2 instructions per 16 products (the row layout of
 // quant_linear_vnni.cpp pays 2 per product, and reduces across lanes at the end).
 //
 // x is quantized per block of 64 inputs: x[m, k] ~ xs[m, b] * xq[m, k]. With u the stored unsigned code
 // (code + 128 for 8 bits, the nibble for 4) and z the zero point on the same unsigned scale, W = s (u - z) and
 //   y[m, n] = sum_g s[g, n] * sum_{b in g} xs[m, b] * dot_b(u[n], xq[m])  -  sum_g s[g, n] z[g, n] * xc[m, g]
+// (8-bit dots without VNNI sum (u - 128) x instead, and z - 128 takes z's place: simd16.h).
 //   xc[m, g] = sum_{b in g} xs[m, b] * sum(xq[m, b])
 // Scales are float16 in units of a power of two per matrix (scale_unit, applied to each output at the
 // end, so that any matrix's scales sit in float16's normal range) and zero points uint8, both in panel
@@ -27,9 +28,6 @@
 #include <vector>
 #include "panel_io.h"
 #include "quant_weight.h"
-#if defined(__AVX512VNNI__) && defined(TOKENMILL_PANEL_IO)
-#define TOKENMILL_VNNI_GEMM 1
-#endif
 
 namespace tokenmill_quant {
 
@@ -38,19 +36,18 @@ constexpr int64_t kBlock = 64;  // inputs per activation scale
 }  // namespace
 
 bool panel_gemm_available() {
-#if defined(TOKENMILL_VNNI_GEMM)
+#if defined(TOKENMILL_PANEL_IO)
   return true;
 #else
   return false;
 #endif
 }
 
-#if defined(TOKENMILL_VNNI_GEMM)
+#if defined(TOKENMILL_PANEL_IO)
 namespace {
 
 using tokenmill_panels::kLanes;
-using tokenmill_panels::load16;
-using tokenmill_panels::store16;
+using namespace tokenmill_simd;
 
 struct QuantizedRows {  // x quantized per block of 64 inputs
   std::vector<int8_t> xq;  // (M, K)
@@ -69,23 +66,22 @@ void quantize_rows(const in_t* x, int64_t M, int64_t K, int64_t blocks_per_group
     for (int64_t m = m_begin; m < m_end; ++m)
       for (int64_t b = 0; b < B; ++b) {
         const in_t* xb = x + m * K + b * kBlock;
-        __m512 v[4], amax = _mm512_setzero_ps();
+        Floats16 v[4], amax = zeros();
         for (int i = 0; i < 4; ++i) {
           v[i] = load16(xb + 16 * i);
-          amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+          amax = max(amax, abs(v[i]));
         }
-        const float a = _mm512_reduce_max_ps(amax);
-        const __m512 inv = _mm512_set1_ps(a > 0.f ? 127.f / a : 0.f);
-        __m512i sum = _mm512_setzero_si512();
+        const float a = reduce_max(amax);
+        const Floats16 inv = broadcast(a > 0.f ? 127.f / a : 0.f);
+        Ints16 sum = zero_ints();
         for (int i = 0; i < 4; ++i) {
-          const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));  // round to nearest even
-          sum = _mm512_add_epi32(sum, codes);
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(q.xq.data() + m * K + b * kBlock + 16 * i),
-                           _mm512_cvtsepi32_epi8(codes));
+          const Ints16 codes = round_to_ints(mul(v[i], inv));  // to nearest even
+          sum = add(sum, codes);
+          store_saturated_bytes(q.xq.data() + m * K + b * kBlock + 16 * i, codes);
         }
         const float scale = a / 127.f;
         q.xs[m * B + b] = scale;
-        q.xc[m * G + b / blocks_per_group] += scale * static_cast<float>(_mm512_reduce_add_epi32(sum));
+        q.xc[m * G + b / blocks_per_group] += scale * static_cast<float>(reduce_add(sum));
       }
   });
 }
@@ -95,100 +91,101 @@ void quantize_rows(const in_t* x, int64_t M, int64_t K, int64_t blocks_per_group
 // A tile of one or two accumulators (one panel at decode) splits each into two chains, even and odd
 // steps, so that vpdpbusd's latency does not bound the stream; integer sums are exact in any order.
 template <int MR, int NP, int BITS>
-inline void block_dot(const int8_t* xq, int64_t K, const uint8_t* block, int64_t panel_bytes, __m512i (&acc)[MR][NP]) {
+inline void block_dot(const int8_t* xq, int64_t K, const uint8_t* block, int64_t panel_bytes, Ints16 (&acc)[MR][NP]) {
   constexpr bool kSplit = MR * NP <= 2;
-  __m512i odd_steps[MR][NP];
+  Ints16 odd_steps[MR][NP];
   if constexpr (kSplit)
     for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < NP; ++j) odd_steps[m][j] = _mm512_setzero_si512();
-  auto& odd = [&]() -> __m512i (&)[MR][NP] {
+      for (int j = 0; j < NP; ++j) odd_steps[m][j] = zero_ints();
+  auto& odd = [&]() -> Ints16 (&)[MR][NP] {
     if constexpr (kSplit) return odd_steps;
     else return acc;
   }();
   if constexpr (BITS == 8) {
 #pragma GCC unroll 2
     for (int k4 = 0; k4 < kBlock / 4; k4 += 2) {
-      __m512i even_w[NP], odd_w[NP];
+      Bytes64 even_w[NP], odd_w[NP];
       for (int j = 0; j < NP; ++j) {
-        even_w[j] = _mm512_loadu_si512(block + j * panel_bytes + k4 * 64);
-        odd_w[j] = _mm512_loadu_si512(block + j * panel_bytes + (k4 + 1) * 64);
+        tokenmill_panels::prefetch_ahead(block + j * panel_bytes + k4 * 64);
+        tokenmill_panels::prefetch_ahead(block + j * panel_bytes + (k4 + 1) * 64);
+        even_w[j] = load_bytes(block + j * panel_bytes + k4 * 64);
+        odd_w[j] = load_bytes(block + j * panel_bytes + (k4 + 1) * 64);
       }
       for (int m = 0; m < MR; ++m) {
         const int32_t* quads = reinterpret_cast<const int32_t*>(xq + m * K + k4 * 4);
-        const __m512i x_even = _mm512_set1_epi32(quads[0]), x_odd = _mm512_set1_epi32(quads[1]);
+        const Bytes64 x_even = broadcast_quad(quads[0]), x_odd = broadcast_quad(quads[1]);
         for (int j = 0; j < NP; ++j) {
-          acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], even_w[j], x_even);
-          odd[m][j] = _mm512_dpbusd_epi32(odd[m][j], odd_w[j], x_odd);
+          acc[m][j] = dot_bytes(acc[m][j], even_w[j], x_even);
+          odd[m][j] = dot_bytes(odd[m][j], odd_w[j], x_odd);
         }
       }
     }
   } else {
-    const __m512i low = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 2
     for (int k8 = 0; k8 < kBlock / 8; ++k8) {
-      __m512i lo[NP], hi[NP];
+      Bytes64 lo[NP], hi[NP];
       for (int j = 0; j < NP; ++j) {
-        const __m512i bytes = _mm512_loadu_si512(block + j * panel_bytes + k8 * 64);
-        lo[j] = _mm512_and_si512(bytes, low);
-        hi[j] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+        tokenmill_panels::prefetch_ahead(block + j * panel_bytes + k8 * 64);
+        const Bytes64 bytes = load_bytes(block + j * panel_bytes + k8 * 64);
+        lo[j] = low_nibbles(bytes);
+        hi[j] = high_nibbles(bytes);
       }
       for (int m = 0; m < MR; ++m) {
         const int32_t* pairs = reinterpret_cast<const int32_t*>(xq + m * K + k8 * 8);
-        const __m512i x_lo = _mm512_set1_epi32(pairs[0]), x_hi = _mm512_set1_epi32(pairs[1]);
+        const Bytes64 x_lo = broadcast_quad(pairs[0]), x_hi = broadcast_quad(pairs[1]);
         for (int j = 0; j < NP; ++j) {
-          acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], lo[j], x_lo);
-          odd[m][j] = _mm512_dpbusd_epi32(odd[m][j], hi[j], x_hi);
+          acc[m][j] = dot_small(acc[m][j], lo[j], x_lo);
+          odd[m][j] = dot_small(odd[m][j], hi[j], x_hi);
         }
       }
     }
   }
   if constexpr (kSplit)
     for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_add_epi32(acc[m][j], odd_steps[m][j]);
+      for (int j = 0; j < NP; ++j) acc[m][j] = add(acc[m][j], odd_steps[m][j]);
 }
 
 template <int MR, int NP, int BITS, typename out_t>
 void tile(const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, out_t* out, int64_t ld) {
-  const int64_t K = w.in_features, N = w.out_features, B = K / kBlock;
+  const int64_t K = w.in_features, B = K / kBlock;
   const int64_t blocks_per_group = std::min(w.group_size, K) / kBlock, G = w.num_groups;
   const int64_t panel_bytes = K * kLanes * BITS / 8;
   const uint8_t* panels = w.codes + p0 * panel_bytes;
   const int8_t* xq = q.xq.data() + m0 * K;
   const float* xs = q.xs.data() + m0 * B;
-  __m512 total[MR][NP];
+  Floats16 total[MR][NP];
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NP; ++j) total[m][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NP; ++j) total[m][j] = zeros();
   for (int64_t g = 0; g < G; ++g) {
-    __m512 group_acc[MR][NP];
+    Floats16 group_acc[MR][NP];
     for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < NP; ++j) group_acc[m][j] = _mm512_setzero_ps();
+      for (int j = 0; j < NP; ++j) group_acc[m][j] = zeros();
     for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
-      __m512i acc[MR][NP];
+      Ints16 acc[MR][NP];
       for (int m = 0; m < MR; ++m)
-        for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_setzero_si512();
+        for (int j = 0; j < NP; ++j) acc[m][j] = zero_ints();
       block_dot<MR, NP, BITS>(xq + b * kBlock, K, panels + b * kBlock * kLanes * BITS / 8, panel_bytes, acc);
       for (int m = 0; m < MR; ++m) {
-        const __m512 scale = _mm512_set1_ps(xs[m * B + b]);
-        for (int j = 0; j < NP; ++j)
-          group_acc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][j]), scale, group_acc[m][j]);
+        const Floats16 scale = broadcast(xs[m * B + b]);
+        for (int j = 0; j < NP; ++j) group_acc[m][j] = fmadd(to_floats(acc[m][j]), scale, group_acc[m][j]);
       }
     }
     for (int j = 0; j < NP; ++j) {
-      const int64_t n = (p0 + j) * kLanes;
       const int64_t at = ((p0 + j) * G + g) * kLanes;  // scales in panel order: a panel's groups in a row
-      const __m512 s = load16(w.panel_scales + at);
-      const __m128i zero_bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.panel_zeros + at));
-      const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zero_bytes));
-      const __m512 off = _mm512_mul_ps(s, zero);
+      const Floats16 s = load16(w.panel_scales + at);
+      Floats16 zero = load16(w.panel_zeros + at);
+      // 8-bit dots sum (u - kBytesOffset) x (simd16.h): the zero points move with the codes.
+      if constexpr (BITS == 8 && kBytesOffset != 0) zero = add(zero, broadcast(-static_cast<float>(kBytesOffset)));
+      const Floats16 off = mul(s, zero);
       for (int m = 0; m < MR; ++m) {
-        const __m512 xc = _mm512_set1_ps(q.xc[(m0 + m) * G + g]);
-        total[m][j] = _mm512_fnmadd_ps(off, xc, _mm512_fmadd_ps(s, group_acc[m][j], total[m][j]));
+        const Floats16 xc = broadcast(q.xc[(m0 + m) * G + g]);
+        total[m][j] = fnmadd(off, xc, fmadd(s, group_acc[m][j], total[m][j]));
       }
     }
   }
-  const __m512 unit = _mm512_set1_ps(w.scale_unit);
+  const Floats16 unit = broadcast(w.scale_unit);
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NP; ++j) store16(out + m * ld + j * kLanes, _mm512_mul_ps(total[m][j], unit));
+    for (int j = 0; j < NP; ++j) store16(out + m * ld + j * kLanes, mul(total[m][j], unit));
 }
 
 template <int NP, int BITS, typename out_t>
@@ -216,8 +213,10 @@ void panel_gemm_typed(const scalar_t* x, int64_t M, const QuantWeight& w, scalar
   tokenmill_panels::for_each_tile(M, panels, [&](int64_t m0, int rows, int64_t p, int width) {
     scalar_t* o = out + m0 * N + p * kLanes;
     switch (width) {
+#if defined(TOKENMILL_AVX512)
       case 4: return tile_rows<4, BITS>(rows, q, m0, w, p, o, N);
       case 3: return tile_rows<3, BITS>(rows, q, m0, w, p, o, N);
+#endif
       case 2: return tile_rows<2, BITS>(rows, q, m0, w, p, o, N);
       default: return tile_rows<1, BITS>(rows, q, m0, w, p, o, N);
     }
