@@ -4,6 +4,8 @@ the batch, and linear layers choose panels only where they fit."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,3 +148,21 @@ def test_every_cpu_with_avx2_has_the_panel_kernels():
         pytest.skip("the C++ CPU kernels are not built here")
     assert kernels.dense_panels_available(torch.float32) and kernels.dense_panels_available(torch.bfloat16)
     assert kernels.quant_panels_available()
+
+
+def test_the_kernels_are_built_under_a_name_for_this_cpu(monkeypatch):
+    """The build uses -march=native: its name carries a digest of the CPU's flags, so a cached build from
+    another kind of CPU (AVX-512 code on an AVX2 machine) is never loaded."""
+    from tokenmill import kernels as kernel_module
+
+    built = cpu_kernels()
+    if built is None:
+        pytest.skip("the C++ CPU kernels are not built here")
+    assert built.__name__ == f"tokenmill_cpu_kernels_{kernel_module._cpu_tag()}"
+
+    def tag_for(flags: str) -> str:
+        with monkeypatch.context() as patch:
+            patch.setattr("builtins.open", lambda path, *a, **k: io.StringIO(f"flags\t\t: {flags}\n"))
+            return kernel_module._cpu_tag()
+
+    assert tag_for("fpu sse2 avx2 fma f16c") != tag_for("fpu sse2 avx2 fma f16c avx512f avx512bw")

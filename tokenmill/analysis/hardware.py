@@ -36,7 +36,7 @@ class Hardware:
     """Host-to-device copies, bytes/s: what a x16 link of the card's PCIe generation reaches in practice."""
     quant_panels: bool = False
     """The engine holds 16-bit models' quantized weights in the CPU panel layout here (this machine's
-    CPU with AVX512-VNNI kernels): a float16 scale and a byte zero per group instead of two float32s."""
+    CPU with AVX2 or AVX-512 kernels): a float16 scale and a byte zero per group instead of two float32s."""
     notes: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -44,7 +44,7 @@ def _can_prepack(weight: torch.Tensor) -> bool:
 
 def _panels_fit(weight: torch.Tensor) -> bool:
     """Whether a float weight can take the panel layout of ``kernels/csrc/dense_panels.cpp``: on CPU,
-    float32 (AVX-512) or bf16 (AVX512-BF16), outputs a multiple of 16 (bf16: inputs even). Panels
+    float32 or bf16 (AVX2 or AVX-512), outputs a multiple of 16 (bf16: inputs even). Panels
     stream a row of x through the weights at ~31 GB/s where oneDNN's prepacked GEMV reaches ~18-21,
     and match oneDNN within ~10% at hundreds of rows."""
     rows, in_features = weight.shape

@@ -11,8 +11,8 @@ input ``32 c + 16 + j`` in its high nibble.
 
 tokenmill's quantized panel layout (``kernels/csrc/quant_panels.cpp``): 8-bit (N / 16, K / 4, 16, 4)
 uint8, the unsigned code of output ``16 p + j``, input ``4 k4 + i`` at ``[p, k4, j, i]``: 16 outputs x 4
-inputs per 64 bytes, what one AVX512-VNNI instruction multiplies; 4-bit (N / 16, K / 8, 16, 4), two
-such groups of 4 inputs per byte (low nibble, high nibble).
+inputs per 64 bytes, what one AVX512-VNNI instruction (or two AVX2 vpmaddubsw/vpmaddwd pairs) multiplies;
+4-bit (N / 16, K / 8, 16, 4), two such groups of 4 inputs per byte (low nibble, high nibble).
 
 Float weights' panel layout (``kernels/csrc/dense_panels.cpp``): float32 (N / 16, K, 16) and bf16
 (N / 16, K / 2, 16, 2), W[16 p + j, k] at [p, k, j] (bf16: [p, k // 2, j, k % 2]).

@@ -7,8 +7,8 @@ group's inputs are contiguous). CUDA: the Triton kernel in ``kernels/triton_quan
 CPU: the C++ kernel in ``kernels/csrc/quant_linear.cpp``. Without either: dequantize and
 ``F.linear`` (correct, not fast).
 
-8- and 4-bit codes of a bf16/fp16 model (``int8_activations``) are held in the VNNI panel layout
-where the CPU kernels can multiply it (AVX512-VNNI): activations are then rounded to int8 per block of 64
+8- and 4-bit codes of a bf16/fp16 model (``int8_activations``) are held in the panel layout
+where the CPU kernels can multiply it (AVX2 or AVX-512): activations are then rounded to int8 per block of 64
 inputs, as llama.cpp rounds them for its q8_0 dot products, and every batch size runs on integer dot
 products. Panels hold each scale in float16 (in units of a power of two per matrix, so no scale
 leaves float16's normal range) and each zero point in a byte, as llama.cpp holds its block scales:
@@ -139,7 +139,7 @@ def _scale_unit(scales: torch.Tensor) -> float:
 
 def _panels_fit(codes: torch.Tensor, zeros: torch.Tensor, group_size: int) -> bool:
     """Whether (N, K) codes on this device can take the panel layout: CPU kernels with
-    AVX512-VNNI (and no Triton interpreter, which runs the row layout), N a multiple of 16, K and
+    AVX2 or AVX-512 (and no Triton interpreter, which runs the row layout), N a multiple of 16, K and
     the group size of 64, zero points whole numbers a byte holds (as RTN and GPTQ make them)."""
     out_features, in_features = codes.shape
     if codes.device.type != "cpu" or out_features % 16 or in_features % 64 or min(group_size, in_features) % 64:
