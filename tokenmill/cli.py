@@ -54,6 +54,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-offload-folder", help="a KV tier on disk (after the memory tier): one checksummed file per "
                                                "evicted prefix block")
     p.add_argument("--kv-offload-disk-space", default="4GiB", help="the most the --kv-offload-folder files take")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: no CUDA graphs; every decode step runs the Python forward")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --tensor-parallel-size: place whole experts of MoE layers on the ranks")
 
@@ -69,7 +71,8 @@ def _engine_kwargs(args) -> dict:
                 pipeline_parallel_size=args.pipeline_parallel_size, cpu_offload_gb=args.cpu_offload_gb,
                 offload_folder=args.offload_folder, max_weight_memory=args.max_weight_memory,
                 offload_prefetch=not args.no_offload_prefetch, kv_offload_memory=args.kv_offload_memory,
-                kv_offload_folder=args.kv_offload_folder, kv_offload_disk_space=args.kv_offload_disk_space)
+                kv_offload_folder=args.kv_offload_folder, kv_offload_disk_space=args.kv_offload_disk_space,
+                enforce_eager=args.enforce_eager)
 
 
 def _make_llm(args, skip_tokenizer_init: bool = False):

@@ -343,6 +343,9 @@ class EngineConfig:
     """With ``offload_folder``: the most weight bytes kept resident."""
     offload_prefetch: bool = True
     """Start moving the next offloaded unit while the current one computes (off: when it is needed)."""
+    enforce_eager: bool = False
+    """CUDA: run every step's Python forward; off, decode-only steps replay CUDA graphs (one per batch-size
+    bucket, captured at start-up)."""
     distributed_timeout_s: float = 120.0
     """How long a rank waits for the others (to join, in a collective, for a step's result) before failing."""
 

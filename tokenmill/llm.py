@@ -30,7 +30,7 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
                   pipeline_parallel_size: int = 1, cpu_offload_gb: float = 0.0, offload_folder: str | None = None,
                   max_weight_memory: int | float | str | None = None, offload_prefetch: bool = True,
                   kv_offload_memory: int | float | str | None = None, kv_offload_folder: str | None = None,
-                  kv_offload_disk_space: int | float | str = 4 * 2**30) -> EngineConfig:
+                  kv_offload_disk_space: int | float | str = 4 * 2**30, enforce_eager: bool = False) -> EngineConfig:
     """An EngineConfig from the flat options of ``LLM`` (and the CLI); see ``LLM`` for their meaning.
     A known model name (``smollm2-135m-instruct``) becomes its local file, fetched on first use."""
     from tokenmill.models.fetch import resolve_model
@@ -49,7 +49,7 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
         pipeline_parallel_size=pipeline_parallel_size, cpu_offload_gb=cpu_offload_gb,
         offload_folder=None if offload_folder is None else str(offload_folder),
         max_weight_memory=None if max_weight_memory is None else parse_memory(max_weight_memory, "max_weight_memory"),
-        offload_prefetch=offload_prefetch)
+        offload_prefetch=offload_prefetch, enforce_eager=enforce_eager)
 
 
 class LLM:
@@ -90,6 +90,7 @@ class LLM:
             the device pool evicts wait there and are loaded back on a later prefix hit.
         kv_offload_folder, kv_offload_disk_space: a KV tier on disk (after the memory tier), one
             checksummed file per block, within that many bytes (default 4 GiB).
+        enforce_eager: CUDA: no CUDA graphs (each decode step runs the Python forward).
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",
@@ -102,14 +103,15 @@ class LLM:
                  enable_expert_parallel: bool = False, pipeline_parallel_size: int = 1, cpu_offload_gb: float = 0.0,
                  offload_folder: str | None = None, max_weight_memory: int | float | str | None = None,
                  offload_prefetch: bool = True, kv_offload_memory: int | float | str | None = None,
-                 kv_offload_folder: str | None = None, kv_offload_disk_space: int | float | str = 4 * 2**30):
+                 kv_offload_folder: str | None = None, kv_offload_disk_space: int | float | str = 4 * 2**30,
+                 enforce_eager: bool = False):
         config = engine_config(model, tokenizer, dtype, kv_cache_memory, block_size, max_num_seqs,
                                max_num_batched_tokens, max_model_len, enable_prefix_caching, enable_chunked_prefill,
                                seed, attention_backend, skip_tokenizer_init, device, quantization,
                                quantization_group_size, quantize_lm_head, kv_cache_dtype, tensor_parallel_size,
                                enable_expert_parallel, pipeline_parallel_size, cpu_offload_gb, offload_folder,
                                max_weight_memory, offload_prefetch, kv_offload_memory, kv_offload_folder,
-                               kv_offload_disk_space)
+                               kv_offload_disk_space, enforce_eager)
         self.engine = LLMEngine(config)
 
     @classmethod

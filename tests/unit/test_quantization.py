@@ -138,6 +138,34 @@ def test_triton_kernel_equals_the_reference_formula(bits, group_size, in_feature
     torch.testing.assert_close(matrix(x, bias).float(), reference, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("config", [
+    dict(block_m=16, block_n=16, block_k=32, split_k=2), dict(block_m=16, block_n=32, block_k=64, split_k=3),
+    dict(block_m=1, block_n=16, block_k=32, use_dot=False), dict(block_m=2, block_n=32, block_k=64, split_k=2,
+                                                                  use_dot=False)])
+@pytest.mark.parametrize("bits, group_size, in_features", [(8, -1, 192), (4, 32, 192), (4, 64, 256), (8, 64, 128)])
+def test_triton_kernel_tilings_give_the_reference_formula(config, bits, group_size, in_features, monkeypatch):
+    """Decode tilings: inputs split across programs (float32 partial sums added in order, the bias
+    once) and the multiply-and-sum form for a few rows, against the formula; splits that do not
+    divide the inputs evenly (3 splits of 192 inputs in tiles of 64) included."""
+    pytest.importorskip("triton", reason="the triton package is not installed")
+    from helpers.devices import TRITON_DEVICE
+    from tokenmill.kernels.triton_quant_linear import QuantLinearConfig, quant_linear
+
+    if TRITON_DEVICE == "cpu":
+        monkeypatch.setenv("TOKENMILL_TRITON_OPS", "1")
+    torch.manual_seed(5)
+    codes, scales, zeros = quantize_rtn(torch.randn(48, in_features) * 0.05, bits, group_size, sym=False)
+    matrix = QuantizedMatrix(codes, scales, zeros, bits, group_size).to(TRITON_DEVICE)
+    x = torch.randn(3, in_features, device=TRITON_DEVICE)
+    bias = torch.randn(48, device=TRITON_DEVICE)
+    reference = x @ matrix.dequantize().T + bias
+    for with_bias in (bias, None):
+        got = quant_linear(x, matrix.codes, matrix.scales, matrix.scaled_zeros, matrix.group_size, bits, with_bias,
+                           QuantLinearConfig(**config))
+        want = reference if with_bias is not None else reference - bias
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_panel_layout_round_trips_and_holds_16_outputs_by_4_inputs():
     codes = torch.randint(0, 256, (32, 128), dtype=torch.int16)
     panels = pack_panels(codes, 8)

@@ -19,6 +19,7 @@ from tokenmill.offload.block_store import KVTierStats
 from tokenmill.offload.kv_tiers import build_block_store
 from tokenmill.outputs import EngineCoreOutput, SchedulerOutput
 from tokenmill.request import Request, RequestStatus
+from tokenmill.runner.cuda_graphs import GraphLimits
 from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.scheduler.kv_cache_manager import KVCacheManager
@@ -128,8 +129,11 @@ class EngineCore:
                     model_config.head_dim, " on each rank" if executor is not None else "")
         backend = create_backend(config.attention_backend, device)
         logger.info("attention backend: %s", backend.name)
+        one_process = config.tensor_parallel_size * config.pipeline_parallel_size == 1
+        graphs = (GraphLimits(config.scheduler.max_num_seqs, self.max_model_len, block_size)
+                  if one_process and not config.enforce_eager else None)
         self.runner = ModelRunner(model, backend, self.num_blocks, block_size, dtype, device,
-                                  list(eos_token_ids), kv_cache_dtype)
+                                  list(eos_token_ids), kv_cache_dtype, graphs)
         self.executor = executor
         if executor is not None:
             self.runner = executor.runner(self.runner, self.num_blocks, dtype, list(eos_token_ids))

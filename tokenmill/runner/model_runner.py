@@ -12,6 +12,7 @@ from tokenmill.distributed.parallel_state import WHOLE_MODEL
 from tokenmill.models.pipeline import StageTensors
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.runner.cpu_decode_step import CpuDecodeStep
+from tokenmill.runner.cuda_graphs import CudaGraphDecodeStep, GraphLimits
 from tokenmill.runner.input_batch import RunnerRequestState, build_step_inputs
 from tokenmill.runner.kv_transfer import KVBlockTransfer
 from tokenmill.sample.sampler import Sampler
@@ -19,7 +20,9 @@ from tokenmill.sample.sampler import Sampler
 
 class ModelRunner:
     def __init__(self, model: nn.Module, backend: AttentionBackend, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype, device: torch.device, eos_token_ids: list[int], kv_cache_dtype: str = "auto"):
+                 kv_dtype: torch.dtype, device: torch.device, eos_token_ids: list[int], kv_cache_dtype: str = "auto",
+                 graphs: GraphLimits | None = None):
+        """``graphs``: the batch and context bounds for CUDA graphs of decode steps (None: none)."""
         self.model = model
         self.stage = getattr(model, "stage", WHOLE_MODEL)
         self.backend = backend
@@ -36,7 +39,9 @@ class ModelRunner:
             cache = make_kv_cache(kv_cache_dtype, shape, kv_dtype, device)
             layer.bind_kv_cache(backend, cache)
             self.kv_caches.append(cache)
-        self.decode_step = CpuDecodeStep.build(model, backend.name, self.kv_caches)  # None: Python forward only
+        # Decode-only steps in one call: the C++ step on CPU, CUDA graphs on a GPU (None: the Python forward).
+        self.decode_step = (CpuDecodeStep.build(model, backend.name, self.kv_caches)
+                            or CudaGraphDecodeStep.build(model, backend.name, self.kv_caches, graphs, device))
         self.kv_transfer = KVBlockTransfer(self.kv_caches, device)
         self.block_store = None  # the KV tiers, once attached
 
@@ -83,8 +88,9 @@ class ModelRunner:
         inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device,
                                    self.model.config.vocab_size)
         if self.decode_step is not None and not inputs.attention.prefills:
-            hidden, logits = self.decode_step(inputs.input_ids, inputs.positions, inputs.attention)  # (T, H), (T, V)
-            return inputs, hidden, logits
+            stepped = self.decode_step(inputs.input_ids, inputs.positions, inputs.attention)  # (T, H), (T, V)
+            if stepped is not None:  # None: outside what the graphs hold
+                return inputs, *stepped
         with forward_context(inputs.attention):
             hidden = self.model(inputs.input_ids, inputs.positions, received)  # (T, H)
         return inputs, hidden, None
