@@ -116,23 +116,28 @@ def test_quantization_config_errors_name_the_value():
         QuantizationConfig.load_time("int8", 64)
 
 
-@pytest.mark.parametrize("bits, group_size, in_features", [  # per-element scales, then one scale per tile
-    (8, -1, 96), (8, 32, 96), (4, 32, 64), (4, -1, 96), (8, 64, 128), (4, 64, 192), (4, 128, 256), (4, -1, 128)])
-@pytest.mark.parametrize("num_rows", [5, 40])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_kernel_equals_the_reference_formula(bits, group_size, in_features, num_rows, dtype, monkeypatch):
-    """The CUDA path, run by Triton's interpreter on CPU tensors (fp32 and fp16: no bf16 dots there)."""
+def _triton_matrix(monkeypatch, out_features: int, in_features: int, bits: int, group_size: int, seed: int):
+    """A random RTN QuantizedMatrix on the device the Triton path runs on (CPU: its interpreter), and that device."""
     pytest.importorskip("triton", reason="the triton package is not installed")
     from helpers.devices import TRITON_DEVICE
 
     if TRITON_DEVICE == "cpu":
         monkeypatch.setenv("TOKENMILL_TRITON_OPS", "1")
-    torch.manual_seed(4)
-    codes, scales, zeros = quantize_rtn(torch.randn(70, in_features) * 0.05, bits, group_size, sym=False)
-    matrix = QuantizedMatrix(codes, scales, zeros, bits, group_size).to(TRITON_DEVICE)
+    torch.manual_seed(seed)
+    codes, scales, zeros = quantize_rtn(torch.randn(out_features, in_features) * 0.05, bits, group_size, sym=False)
+    return QuantizedMatrix(codes, scales, zeros, bits, group_size).to(TRITON_DEVICE), TRITON_DEVICE
+
+
+@pytest.mark.parametrize("bits, group_size, in_features", [  # per-element scales, then one scale per tile
+    (8, -1, 96), (8, 32, 96), (4, 32, 64), (4, -1, 96), (8, 64, 128), (4, 64, 192), (4, 128, 256), (4, -1, 128)])
+@pytest.mark.parametrize("num_rows", [1, 5, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_kernel_equals_the_reference_formula(bits, group_size, in_features, num_rows, dtype, monkeypatch):
+    """The CUDA path, run by Triton's interpreter on CPU tensors (fp32 and fp16: no bf16 dots there)."""
+    matrix, device = _triton_matrix(monkeypatch, 70, in_features, bits, group_size, seed=4)
     assert matrix.storage_bits == bits  # the packed 4-bit layout is the one under test
-    x = torch.randn(num_rows, in_features, device=TRITON_DEVICE).to(dtype)
-    bias = torch.randn(70, device=TRITON_DEVICE).to(dtype)
+    x = torch.randn(num_rows, in_features, device=device).to(dtype)
+    bias = torch.randn(70, device=device).to(dtype)
     reference = x.float() @ matrix.dequantize().T + bias.float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(matrix(x, bias).float(), reference, atol=tol, rtol=tol)
@@ -147,17 +152,11 @@ def test_triton_kernel_tilings_give_the_reference_formula(config, bits, group_si
     """Decode tilings: inputs split across programs (float32 partial sums added in order, the bias
     once) and the multiply-and-sum form for a few rows, against the formula; splits that do not
     divide the inputs evenly (3 splits of 192 inputs in tiles of 64) included."""
-    pytest.importorskip("triton", reason="the triton package is not installed")
-    from helpers.devices import TRITON_DEVICE
+    matrix, device = _triton_matrix(monkeypatch, 48, in_features, bits, group_size, seed=5)
     from tokenmill.kernels.triton_quant_linear import QuantLinearConfig, quant_linear
 
-    if TRITON_DEVICE == "cpu":
-        monkeypatch.setenv("TOKENMILL_TRITON_OPS", "1")
-    torch.manual_seed(5)
-    codes, scales, zeros = quantize_rtn(torch.randn(48, in_features) * 0.05, bits, group_size, sym=False)
-    matrix = QuantizedMatrix(codes, scales, zeros, bits, group_size).to(TRITON_DEVICE)
-    x = torch.randn(3, in_features, device=TRITON_DEVICE)
-    bias = torch.randn(48, device=TRITON_DEVICE)
+    x = torch.randn(3, in_features, device=device)
+    bias = torch.randn(48, device=device)
     reference = x @ matrix.dequantize().T + bias
     for with_bias in (bias, None):
         got = quant_linear(x, matrix.codes, matrix.scales, matrix.scaled_zeros, matrix.group_size, bits, with_bias,

@@ -14,7 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("greedy_argmax", &greedy_argmax, "each row's first maximum (or first NaN), as Tensor.max(-1).indices");
   m.def("rotary_inplace", &rotary_inplace, "rotary embedding, in place");
   m.def("quant_linear", &quant_linear, "weight-only 8/4-bit linear");
-  m.def("quant_panels_available", &quant_panels_available, "whether 8-bit panels (AVX512-VNNI) can be multiplied");
+  m.def("quant_panels_available", &quant_panels_available, "whether quantized panels can be multiplied (AVX2 or AVX-512 builds)");
   m.def("dense_panels_available", &dense_panels_available, "whether float weights of this dtype can be panels");
   m.def("dense_panel_linear", &dense_panel_linear, "float32/bf16 linear over weights in the panel layout");
   m.def("quant_dequantize", &quant_dequantize, "8/4-bit codes -> float weight");

@@ -121,23 +121,42 @@ inline void block_dot(const int8_t* xq, int64_t K, const uint8_t* block, int64_t
       }
     }
   } else {
+    // Low and high nibbles in two chains of small sums (one when the tile has more accumulators),
+    // widened into acc / odd whenever a chain has taken kSmallSumSteps steps, and at the end.
+    constexpr int kSteps = kSplit ? 1 : 2;  // small dots a chain takes per pass of 8 inputs
+    constexpr int kPasses = kBlock / 8, kFlushEvery = std::min(kPasses, kSmallSumSteps / kSteps);
+    static_assert(kPasses % kFlushEvery == 0, "a block's passes split evenly between widenings");
+    SmallSums lo_sums[MR][NP], hi_sums_storage[MR][NP];
+    auto& hi_sums = [&]() -> SmallSums (&)[MR][NP] {
+      if constexpr (kSplit) return hi_sums_storage;
+      else return lo_sums;
+    }();
+    for (int pass0 = 0; pass0 < kPasses; pass0 += kFlushEvery) {
+      for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < NP; ++j) lo_sums[m][j] = hi_sums[m][j] = small_zero();
 #pragma GCC unroll 2
-    for (int k8 = 0; k8 < kBlock / 8; ++k8) {
-      Bytes64 lo[NP], hi[NP];
-      for (int j = 0; j < NP; ++j) {
-        tokenmill_panels::prefetch_ahead(block + j * panel_bytes + k8 * 64);
-        const Bytes64 bytes = load_bytes(block + j * panel_bytes + k8 * 64);
-        lo[j] = low_nibbles(bytes);
-        hi[j] = high_nibbles(bytes);
-      }
-      for (int m = 0; m < MR; ++m) {
-        const int32_t* pairs = reinterpret_cast<const int32_t*>(xq + m * K + k8 * 8);
-        const Bytes64 x_lo = broadcast_quad(pairs[0]), x_hi = broadcast_quad(pairs[1]);
+      for (int k8 = pass0; k8 < pass0 + kFlushEvery; ++k8) {
+        Bytes64 lo[NP], hi[NP];
         for (int j = 0; j < NP; ++j) {
-          acc[m][j] = dot_small(acc[m][j], lo[j], x_lo);
-          odd[m][j] = dot_small(odd[m][j], hi[j], x_hi);
+          tokenmill_panels::prefetch_ahead(block + j * panel_bytes + k8 * 64);
+          const Bytes64 bytes = load_bytes(block + j * panel_bytes + k8 * 64);
+          lo[j] = low_nibbles(bytes);
+          hi[j] = high_nibbles(bytes);
+        }
+        for (int m = 0; m < MR; ++m) {
+          const int32_t* pairs = reinterpret_cast<const int32_t*>(xq + m * K + k8 * 8);
+          const Bytes64 x_lo = broadcast_quad(pairs[0]), x_hi = broadcast_quad(pairs[1]);
+          for (int j = 0; j < NP; ++j) {
+            lo_sums[m][j] = small_dot(lo_sums[m][j], lo[j], x_lo);
+            hi_sums[m][j] = small_dot(hi_sums[m][j], hi[j], x_hi);
+          }
         }
       }
+      for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < NP; ++j) {
+          acc[m][j] = widen_add(acc[m][j], lo_sums[m][j]);
+          if constexpr (kSplit) odd[m][j] = widen_add(odd[m][j], hi_sums[m][j]);
+        }
     }
   }
   if constexpr (kSplit)

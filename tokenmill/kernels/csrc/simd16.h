@@ -12,6 +12,11 @@
 // but 8-bit ones (u <= 255) can, so dot_bytes, for any u, adds sum_i (u - kBytesOffset) x_i: with VNNI
 // the plain sum (offset 0), without it the sum of (u - 128) x, as |u - 128| times x carrying the sign of
 // u - 128 (at most 2 * 128 * 127 = 32512 per pair). Integer sums are exact, so only the offset differs.
+//
+// SmallSums add up small-code dots (u <= 15) over several steps the way each ISA does it fastest: with
+// VNNI one vpdpbusd per step into int32 lanes; without it the int16 pair sums of vpmaddubsw are added as
+// they are (vpaddw), each at most 2 * 15 * 127 = 3810, so kSmallSumSteps = 8 steps stay below 32767, and
+// widen_add turns them into int32 lane sums (one vpmaddwd) only then: two instructions a step, not three.
 #pragma once
 #include <cstdint>
 #include <c10/util/BFloat16.h>
@@ -76,7 +81,6 @@ inline void load_bf16_pairs(const at::BFloat16* p, Floats16& first, Floats16& se
 }
 
 inline Ints16 zero_ints() { return {_mm512_setzero_si512()}; }
-inline Ints16 broadcast_int(int32_t x) { return {_mm512_set1_epi32(x)}; }
 inline Ints16 add(Ints16 a, Ints16 b) { return {_mm512_add_epi32(a.v, b.v)}; }
 inline Floats16 to_floats(Ints16 a) { return {_mm512_cvtepi32_ps(a.v)}; }
 inline Ints16 round_to_ints(Floats16 a) { return {_mm512_cvtps_epi32(a.v)}; }  // to nearest even
@@ -94,10 +98,24 @@ inline Bytes64 high_nibbles(Bytes64 b) { return {_mm512_and_si512(_mm512_srli_ep
 constexpr int kBytesOffset = 0;
 inline Ints16 dot_small(Ints16 acc, Bytes64 u, Bytes64 x) { return {_mm512_dpbusd_epi32(acc.v, u.v, x.v)}; }
 inline Ints16 dot_bytes(Ints16 acc, Bytes64 u, Bytes64 x) { return {_mm512_dpbusd_epi32(acc.v, u.v, x.v)}; }
+struct SmallSums { Ints16 v; };
+constexpr int kSmallSumSteps = 1 << 20;
+inline SmallSums small_zero() { return {zero_ints()}; }
+inline SmallSums small_dot(SmallSums s, Bytes64 u, Bytes64 x) { return {dot_small(s.v, u, x)}; }
+inline Ints16 widen_add(Ints16 acc, SmallSums s) { return add(acc, s.v); }
 #else
 constexpr int kBytesOffset = 128;
 inline Ints16 dot_small(Ints16 acc, Bytes64 u, Bytes64 x) {
   return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(_mm512_maddubs_epi16(u.v, x.v), _mm512_set1_epi16(1)))};
+}
+struct SmallSums { __m512i v; };  // int16 pair sums (see kSmallSumSteps)
+constexpr int kSmallSumSteps = 8;
+inline SmallSums small_zero() { return {_mm512_setzero_si512()}; }
+inline SmallSums small_dot(SmallSums s, Bytes64 u, Bytes64 x) {
+  return {_mm512_add_epi16(s.v, _mm512_maddubs_epi16(u.v, x.v))};
+}
+inline Ints16 widen_add(Ints16 acc, SmallSums s) {
+  return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(s.v, _mm512_set1_epi16(1)))};
 }
 inline Ints16 dot_bytes(Ints16 acc, Bytes64 u, Bytes64 x) {
   const __m512i codes = _mm512_xor_si512(u.v, _mm512_set1_epi8(static_cast<char>(0x80)));  // u - 128, signed
@@ -187,7 +205,6 @@ inline void load_bf16_pairs(const at::BFloat16* p, Floats16& first, Floats16& se
 }
 
 inline Ints16 zero_ints() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
-inline Ints16 broadcast_int(int32_t x) { const __m256i v = _mm256_set1_epi32(x); return {v, v}; }
 inline Ints16 add(Ints16 a, Ints16 b) { return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)}; }
 inline Floats16 to_floats(Ints16 a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
 inline Ints16 round_to_ints(Floats16 a) { return {_mm256_cvtps_epi32(a.lo), _mm256_cvtps_epi32(a.hi)}; }
@@ -222,6 +239,16 @@ inline __m256i dot_half(__m256i acc, __m256i u, __m256i x) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
 }
 inline Ints16 dot_small(Ints16 acc, Bytes64 u, Bytes64 x) { return {dot_half(acc.lo, u.lo, x.lo), dot_half(acc.hi, u.hi, x.hi)}; }
+struct SmallSums { __m256i lo, hi; };  // int16 pair sums (see kSmallSumSteps)
+constexpr int kSmallSumSteps = 8;
+inline SmallSums small_zero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline SmallSums small_dot(SmallSums s, Bytes64 u, Bytes64 x) {
+  return {_mm256_add_epi16(s.lo, _mm256_maddubs_epi16(u.lo, x.lo)), _mm256_add_epi16(s.hi, _mm256_maddubs_epi16(u.hi, x.hi))};
+}
+inline Ints16 widen_add(Ints16 acc, SmallSums s) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(s.lo, ones)), _mm256_add_epi32(acc.hi, _mm256_madd_epi16(s.hi, ones))};
+}
 constexpr int kBytesOffset = 128;
 inline Ints16 dot_bytes(Ints16 acc, Bytes64 u, Bytes64 x) {
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
