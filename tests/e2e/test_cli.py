@@ -45,10 +45,18 @@ def test_bench_throughput_and_latency_write_json(checkpoint, tmp_path):
     assert "output tokens/s" in result.stdout
     lat = tmp_path / "lat.json"
     result = _run("bench", "latency", model, "--input-len", "16", "--output-len", "8", "--num-iters", "1",
-                  "--output-json", str(lat), "--kv-cache-memory", "8MiB")
+                  "--output-json", str(lat), "--kv-cache-memory", "8MiB", "--profile", str(tmp_path / "prof"))
     assert result.returncode == 0, result.stderr
     data = json.loads(lat.read_text())
     assert data["tpot_ms"] > 0 and data["bandwidth_floor_ms"] > 0 and data["weight_bytes"] > 0
+    # --profile: a trace, the profiler's table, and time per output token by operator and engine phase
+    assert json.loads((tmp_path / "prof" / "trace.json").read_text())["traceEvents"]
+    assert "Self CPU" in (tmp_path / "prof" / "ops.txt").read_text()
+    ops = {op["name"]: op for op in data["profile"]["ops"]}
+    assert ops["tokenmill.sample"]["calls_per_token"] == 1.0  # 8 output tokens, one sampling step each
+    assert ops["tokenmill.decode_step"]["calls_per_token"] == 7 / 8  # the 7 steps after the prompt's
+    assert any(name.startswith("aten::") and op["us_per_token"] > 0 for name, op in ops.items())
+    assert "profile: operator CPU time" in result.stdout
 
 
 def test_demo_chats_with_the_real_default_model():

@@ -50,8 +50,8 @@ def test_graphs_are_built_only_on_cuda_with_the_triton_backend(checkpoint, make_
     if TRITON_DEVICE == "cpu":
         assert runner.decode_step is None  # no C++ step with the Triton backend, and no graphs
     limits = GraphLimits(max_num_seqs=4, max_model_len=64, block_size=16)
-    assert CudaGraphDecodeStep.build(runner.model, "triton", runner.kv_caches, limits, torch.device("cpu")) is None
-    assert CudaGraphDecodeStep.build(runner.model, "triton", runner.kv_caches, None, torch.device("cuda")) is None
+    assert CudaGraphDecodeStep.build(runner.model, "triton", limits, torch.device("cpu")) is None
+    assert CudaGraphDecodeStep.build(runner.model, "triton", None, torch.device("cuda")) is None
 
 
 class _Watched:
@@ -70,12 +70,14 @@ class _Watched:
         return out
 
 
-def test_static_buffers_and_padded_buckets_give_the_python_forwards_tokens(checkpoint, make_llm):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8_e4m3"])
+def test_static_buffers_and_padded_buckets_give_the_python_forwards_tokens(kv_cache_dtype, checkpoint, make_llm):
     """Six requests of different lengths: the decode batch shrinks 6 -> 5 -> ... -> 1 through buckets of 8,
-    4, 2 and 1 rows, so padding rows follow rows that held a live request a step before."""
+    4, 2 and 1 rows, so padding rows follow rows that held a live request a step before. Each KV cache form's
+    write must skip the padding rows' slot -1."""
     folder = checkpoint("llama")
     options = dict(dtype="float32", attention_backend="triton", block_size=4, max_num_seqs=8, max_model_len=96,
-                   device=TRITON_DEVICE, enforce_eager=True)
+                   device=TRITON_DEVICE, enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
     prompts, params = _prompts(6), _greedy([3, 5, 6, 8, 9, 11])
     eager = make_llm(folder, **options)
     expected = _tokens_and_logprobs(eager.generate(prompts, params, use_tqdm=False))
@@ -120,6 +122,7 @@ GPU_CASES = {
     "llama-int8": ("llama3", dict(dtype="float32", quantization="int8")),
     "llama-int4": ("llama3", dict(dtype="float32", quantization="int4", quantization_group_size=32)),
     "llama-int8kv": ("mistral", dict(dtype="float32", kv_cache_dtype="int8")),
+    "llama-fp8kv": ("llama", dict(dtype="float32", kv_cache_dtype="fp8_e4m3")),
     "qwen3-fp32": ("qwen3", dict(dtype="float32")),
     "gpt2-fp32": ("gpt2", dict(dtype="float32")),
 }
@@ -161,8 +164,7 @@ def test_cuda_graph_outputs_outlive_the_next_replay(checkpoint, make_llm):
 
 
 @cuda
-@pytest.mark.parametrize("arch, kwargs", [("mixtral", {}), ("llama", dict(kv_cache_dtype="fp8_e4m3")),
-                                          ("llama", dict(attention_backend="torch"))])
+@pytest.mark.parametrize("arch, kwargs", [("mixtral", {}), ("llama", dict(attention_backend="torch"))])
 def test_models_graphs_cannot_hold_run_eagerly_on_cuda(arch, kwargs, checkpoint, make_llm):
     llm = make_llm(checkpoint(arch), device="cuda", dtype="float32", **kwargs)
     assert llm.engine.core.runner.decode_step is None

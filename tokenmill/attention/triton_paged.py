@@ -19,7 +19,7 @@ import os
 import torch
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
-from tokenmill.attention.kv_quant import Fp8KVCache, Int8KVCache
+from tokenmill.attention.kv_quant import Fp8KVCache, Int8KVCache, to_fp8_bytes
 from tokenmill.attention.torch_paged import TorchPagedAttention
 
 
@@ -61,8 +61,10 @@ class TritonPagedAttention(AttentionBackend):
         if isinstance(kv_cache, Int8KVCache):  # quantized as written; the attention kernels dequantize as they read
             self.kernels.write_kv_int8(k, v, kv_cache, metadata.slot_mapping)
             num_kv_heads = kv_cache.codes.shape[3]
-        elif isinstance(kv_cache, Fp8KVCache):  # a cast and a row copy in PyTorch
-            kv_cache.write(metadata.slot_mapping, k, v, round_trip=False)
+        elif isinstance(kv_cache, Fp8KVCache):  # cast to float8 bytes, then the same row copy (slots < 0 skipped)
+            k_scale, v_scale = kv_cache.scales
+            self.kernels.write_kv(to_fp8_bytes(k, k_scale), to_fp8_bytes(v, v_scale), kv_cache.codes,
+                                  metadata.slot_mapping)
             num_kv_heads = kv_cache.codes.shape[3]
         else:
             self.kernels.write_kv(k, v, kv_cache, metadata.slot_mapping)

@@ -34,6 +34,8 @@ def add_bench_commands(sub, engine_args: Callable[[argparse.ArgumentParser], Non
     lat.add_argument("--input-len", type=int, default=128)
     lat.add_argument("--output-len", type=int, default=128)
     lat.add_argument("--num-iters", type=int, default=3)
+    lat.add_argument("--profile", metavar="DIR", help="after timing, run the request once more under torch.profiler: "
+                     "DIR/trace.json, DIR/ops.txt and a table of time per output token by kernel or operator")
     lat.add_argument("--output-json")
     lat.set_defaults(func=lambda args: _bench(args, make_llm))
     sui = bench_sub.add_parser("suite", help="the whole comparison with HF on this device in one run: batch-1 "

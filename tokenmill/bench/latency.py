@@ -63,5 +63,11 @@ def run_latency(llm: LLM, args) -> dict[str, Any]:
         ("weights held (MB)", result["weight_bytes"] / 1e6), ("weights read per token (MB)", num_bytes / 1e6),
         ("measured read bandwidth (GB/s)", result["read_bandwidth_gb_s"]),
         ("bandwidth floor (ms/token)", floor_ms), ("floor / measured", result["fraction_of_floor"])])
+    if getattr(args, "profile", None):
+        from tokenmill.bench.profile import print_profile, profile_request
+
+        ops = profile_request(llm, prompt, params, args.profile)
+        print_profile(ops, args.profile, llm.engine.device.type == "cuda")
+        result["profile"] = {"dir": args.profile, "ops": [vars(op) for op in ops]}
     write_json(args.output_json, result)
     return result

@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionMetadata
-from tokenmill.attention.kv_quant import Fp8KVCache
 from tokenmill.attention.layer import forward_context
 from tokenmill.logger import get_logger
 
@@ -117,11 +116,11 @@ class CudaGraphDecodeStep:
                 self.graphs[size] = graph_type(self._forward_fn(size), pool)
 
     @classmethod
-    def build(cls, model: nn.Module, backend_name: str, kv_caches: list, limits: GraphLimits | None,
+    def build(cls, model: nn.Module, backend_name: str, limits: GraphLimits | None,
               device: torch.device) -> CudaGraphDecodeStep | None:
         """Graphs for ``model`` on ``device``, or None (with the reason logged) where the step cannot be
         captured or graphs are off (``limits`` None)."""
-        reason = _unsupported(model, backend_name, kv_caches, limits, device)
+        reason = _unsupported(model, backend_name, limits, device)
         if reason is not None:
             logger.debug("CUDA graphs off: %s", reason)
             return None
@@ -169,8 +168,7 @@ class CudaGraphDecodeStep:
         return hidden[:n].clone(), logits[:n].clone()
 
 
-def _unsupported(model: nn.Module, backend_name: str, kv_caches: list, limits: GraphLimits | None,
-                 device: torch.device) -> str | None:
+def _unsupported(model: nn.Module, backend_name: str, limits: GraphLimits | None, device: torch.device) -> str | None:
     """Why decode steps of ``model`` cannot be graphs, or None."""
     if limits is None:
         return "enforce_eager, or several ranks (their collectives go through gloo and host memory)"
@@ -185,6 +183,4 @@ def _unsupported(model: nn.Module, backend_name: str, kv_caches: list, limits: G
         return "one stage of a pipeline"
     if getattr(model.config, "moe", None) is not None:
         return "mixture-of-experts layers (rows per expert are counted on the host)"
-    if any(isinstance(cache, Fp8KVCache) for cache in kv_caches):
-        return "the fp8 KV cache (its write is PyTorch indexing, which cannot skip padded rows)"
     return None

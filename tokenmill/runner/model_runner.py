@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.kv_quant import QuantizedKVCache, make_kv_cache
@@ -41,7 +42,7 @@ class ModelRunner:
             self.kv_caches.append(cache)
         # Decode-only steps in one call: the C++ step on CPU, CUDA graphs on a GPU (None: the Python forward).
         self.decode_step = (CpuDecodeStep.build(model, backend.name, self.kv_caches)
-                            or CudaGraphDecodeStep.build(model, backend.name, self.kv_caches, graphs, device))
+                            or CudaGraphDecodeStep.build(model, backend.name, graphs, device))
         self.kv_transfer = KVBlockTransfer(self.kv_caches, device)
         self.block_store = None  # the KV tiers, once attached
 
@@ -85,13 +86,15 @@ class ModelRunner:
         a pipeline. Logits come only from the C++ decode step (each of its rows is a request's last token)."""
         self._update_states(so)
         states = [self.requests[request_id] for request_id in so.num_scheduled_tokens]
-        inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device,
-                                   self.model.config.vocab_size)
+        with record_function("tokenmill.step_inputs"):
+            inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device,
+                                       self.model.config.vocab_size)
         if self.decode_step is not None and not inputs.attention.prefills:
-            stepped = self.decode_step(inputs.input_ids, inputs.positions, inputs.attention)  # (T, H), (T, V)
+            with record_function("tokenmill.decode_step"):
+                stepped = self.decode_step(inputs.input_ids, inputs.positions, inputs.attention)  # (T, H), (T, V)
             if stepped is not None:  # None: outside what the graphs hold
                 return inputs, *stepped
-        with forward_context(inputs.attention):
+        with forward_context(inputs.attention), record_function("tokenmill.forward"):
             hidden = self.model(inputs.input_ids, inputs.positions, received)  # (T, H)
         return inputs, hidden, None
 
@@ -153,7 +156,8 @@ class ModelRunner:
             if any(self.requests[rid].sampling_params.prompt_logprobs is not None for rid in inputs.request_ids):
                 self._prompt_logprobs(inputs, hidden)
             return ModelRunnerOutput({})
-        sampled = self.sampler(logits, inputs.sampling)
+        with record_function("tokenmill.sample"):
+            sampled = self.sampler(logits, inputs.sampling)
         token_ids = sampled.token_ids.tolist()  # the step's one host sync
         logprobs = {}
         if sampled.logprob_token_ids is not None:  # a second sync, only for steps with logprob requests
