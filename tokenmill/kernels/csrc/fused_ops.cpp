@@ -142,17 +142,16 @@ template <typename scalar_t>
 static int64_t first_argmax(const scalar_t* x, int64_t n) {
   float best = -INFINITY;
   int64_t i = 0;
-#if defined(TOKENMILL_AVX512)
+#if defined(TOKENMILL_SIMD16)
+  namespace simd = tokenmill_simd;
   {
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), inf_bits = _mm512_set1_epi32(0x7F800000);
+    simd::Floats16 top = simd::broadcast(-INFINITY);
     for (; i + 16 <= n; i += 16) {
-      const __m512 v = tokenmill_simd::load16(x + i).v;
-      const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), abs_mask), inf_bits);
-      if (nan) return i + __builtin_ctz(nan);
-      top = _mm512_max_ps(top, v);
+      const simd::Floats16 v = simd::load16(x + i);
+      if (const uint32_t nan = simd::nan_lanes(v)) return i + __builtin_ctz(nan);
+      top = simd::max(top, v);
     }
-    best = _mm512_reduce_max_ps(top);
+    best = simd::reduce_max(top);
   }
 #endif
   for (; i < n; ++i) {
@@ -161,13 +160,11 @@ static int64_t first_argmax(const scalar_t* x, int64_t n) {
     best = std::max(best, v);
   }
   i = 0;
-#if defined(TOKENMILL_AVX512)
+#if defined(TOKENMILL_SIMD16)
   {
-    const __m512 target = _mm512_set1_ps(best);
-    for (; i + 16 <= n; i += 16) {
-      const __mmask16 hit = _mm512_cmp_ps_mask(tokenmill_simd::load16(x + i).v, target, _CMP_EQ_OQ);
-      if (hit) return i + __builtin_ctz(hit);
-    }
+    const simd::Floats16 target = simd::broadcast(best);
+    for (; i + 16 <= n; i += 16)
+      if (const uint32_t hit = simd::equal_lanes(simd::load16(x + i), target)) return i + __builtin_ctz(hit);
   }
 #endif
   for (; i < n; ++i)

@@ -48,6 +48,12 @@ inline Floats16 fnmadd(Floats16 a, Floats16 b, Floats16 c) { return {_mm512_fnma
 inline Floats16 abs(Floats16 a) { return {_mm512_abs_ps(a.v)}; }
 inline Floats16 max(Floats16 a, Floats16 b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline float reduce_max(Floats16 a) { return _mm512_reduce_max_ps(a.v); }
+// Lane masks (bit j: lane j). NaN lanes from the bits, since -ffast-math lets the compiler assume x == x.
+inline uint32_t nan_lanes(Floats16 a) {
+  const __m512i magnitude = _mm512_and_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(0x7FFFFFFF));
+  return _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(0x7F800000));
+}
+inline uint32_t equal_lanes(Floats16 a, Floats16 b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
 
 inline Floats16 load16(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline Floats16 load16(const at::BFloat16* p) {
@@ -150,6 +156,19 @@ inline float reduce_max(Floats16 a) {
   q = _mm_max_ps(q, _mm_movehl_ps(q, q));
   q = _mm_max_ss(q, _mm_movehdup_ps(q));
   return _mm_cvtss_f32(q);
+}
+inline uint32_t lane_bits(__m256 lo, __m256 hi) {  // the sign bits of two halves as a 16-lane mask
+  return static_cast<uint32_t>(_mm256_movemask_ps(lo)) | (static_cast<uint32_t>(_mm256_movemask_ps(hi)) << 8);
+}
+inline uint32_t nan_lanes(Floats16 a) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), inf_bits = _mm256_set1_epi32(0x7F800000);
+  const auto nan = [&](__m256 x) {
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(_mm256_castps_si256(x), abs_mask), inf_bits));
+  };
+  return lane_bits(nan(a.lo), nan(a.hi));
+}
+inline uint32_t equal_lanes(Floats16 a, Floats16 b) {
+  return lane_bits(_mm256_cmp_ps(a.lo, b.lo, _CMP_EQ_OQ), _mm256_cmp_ps(a.hi, b.hi, _CMP_EQ_OQ));
 }
 
 inline Floats16 load16(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
