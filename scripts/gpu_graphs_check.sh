@@ -7,7 +7,7 @@ source "$(dirname "$0")/gpu_env.sh"
 export PYTHONUNBUFFERED=1
 (timeout 200 python3 -m pytest -q -p no:cacheprovider -n 4 -rfEs tests/e2e/test_cuda_graphs.py > "$out/tests.txt" 2>&1) &
 tests=$!
-timeout 60 python3 scripts/quant_linear_bench.py --rows 1 8 32 2>&1 | tee "$out/quant_linear.txt"
+timeout 120 python3 scripts/quant_linear_bench.py --rows 1 8 32 128 2>&1 | tee "$out/quant_linear.txt"
 wait $tests
 tail -8 "$out/tests.txt"
 for variant in "--enforce-eager" "" "--quantization int8" "--quantization int4" "--kv-cache-dtype int8" \

@@ -6,7 +6,10 @@ The `llama-1b` projections (qkv 3072x2048, o 2048x2048, gate_up 16384x2048, down
 128256x2048), bf16 activations, int4 in groups of 64. Each time is one call's mean over a CUDA graph
 of calls (``triton.testing.do_bench_cudagraph``): the kernel without launch overhead, as a decode
 step replays it. ``--sweep`` also times a grid of tilings per shape and prints the best beside the
-default (``choose_config``), in GB/s of weight bytes read.
+default (``choose_config``), in GB/s of weight bytes read. Beside them, torch's own CUDA int4 matmul
+(``aten._weight_int4pack_mm``, "tinygemm", as gpt-fast and torchao use it; same groups, bf16 scales
+and zeros), a candidate kernel for 4-bit decode: its time at each row count says what it would cost
+prompts as well as decode.
 """
 
 from __future__ import annotations
@@ -35,6 +38,18 @@ def weights(bits: int, n: int, k: int):
     scales = torch.rand(n, k // group, device="cuda") * 0.01
     szeros = torch.rand(n, k // group, device="cuda") * 0.01
     return codes, scales, szeros, group
+
+
+def tinygemm_time(x: torch.Tensor, n: int, k: int) -> float | None:
+    """Microseconds per call of torch's int4 matmul at this shape (None where this torch or GPU lacks it)."""
+    try:
+        nibbles = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, 8)
+        scales_and_zeros = (torch.rand(k // GROUP, n, 2, device="cuda") * 0.01).to(torch.bfloat16)
+        return timed(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scales_and_zeros))
+    except (RuntimeError, AttributeError) as error:
+        print(f"  torch int4 matmul unavailable: {type(error).__name__}: {str(error).splitlines()[0]}", flush=True)
+        return None
 
 
 def timed(fn) -> float:
@@ -75,6 +90,9 @@ def main() -> None:
                     except Exception as error:  # a tiling this GPU cannot hold: skip it
                         print(f"  skipped {config}: {type(error).__name__}", flush=True)
                 line.append(f"best {best[0]:6.1f} us {best[1]}")
+        tinygemm = tinygemm_time(x, n, k)
+        if tinygemm is not None:
+            line.append(f"torch int4 {tinygemm:7.1f} us ({base / tinygemm:4.2f}x)")
         print(" | ".join(line), f"| default {choose_config(rows, n, k, GROUP, sms)}", flush=True)
 
 
