@@ -59,7 +59,8 @@ def step_seed(seed: int, num_output_tokens: int) -> int:
 
 def build_step_inputs(states: list[RunnerRequestState], num_scheduled: dict[str, int], block_size: int,
                       device: torch.device, vocab_size: int) -> StepInputs:
-    """Packs the scheduled requests (decodes first) into device tensors; one host->device copy each."""
+    """Packs the scheduled requests (decodes first) into device tensors: the int64 ones are views of one
+    tensor, copied to the device at once (prompt chunks' block tables aside)."""
     decodes = [s for s in states if num_scheduled[s.request_id] == 1]
     prefills = [s for s in states if num_scheduled[s.request_id] > 1]
     ordered = decodes + prefills
@@ -82,24 +83,29 @@ def build_step_inputs(states: list[RunnerRequestState], num_scheduled: dict[str,
             spans.append(PrefillSpan(query_start, query_start + n, start,
                                       torch.tensor(state.block_ids[:num_blocks], device=device)))
 
+    # Every int64 array of the step in one host tensor and one copy to the device, then views of it:
+    # [input_ids (T) | positions (T) | slots (T) | logits_index (B) | decode lens (D) | decode tables (D, W)]
+    lens = [s.num_computed_tokens + 1 for s in decodes]
+    width = max((len(s.block_ids) for s in decodes), default=0)
+    packed = input_ids + positions + slots + logits_index + lens
+    for state in decodes:
+        packed += state.block_ids
+        packed += [0] * (width - len(state.block_ids))
+    on_device = torch.tensor(packed, dtype=torch.int64).to(device)
+    num_tokens, num_rows = len(input_ids), len(logits_index)
+    views = on_device.split([num_tokens, num_tokens, num_tokens, num_rows, len(lens), len(lens) * width])
     decode_tables = decode_lens = decode_mask = None
-    max_decode_len = 0
+    max_decode_len = max(lens, default=0)
     if decodes:
-        width = max(len(s.block_ids) for s in decodes)
-        decode_tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes],
-                                     device=device)
-        lens = [s.num_computed_tokens + 1 for s in decodes]
-        max_decode_len = max(lens)
-        decode_lens = torch.tensor(lens, device=device)
+        decode_lens, decode_tables = views[4], views[5].view(len(decodes), width)
         if min(lens) < max_decode_len:  # equal lengths (always so at batch 1) need no mask
             decode_mask = (torch.arange(max_decode_len, device=device) < decode_lens[:, None])[:, None, None, :]
     attention = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, device=device), num_decodes=len(decodes),
-        decode_block_tables=decode_tables, decode_seq_lens=decode_lens, max_decode_seq_len=max_decode_len,
-        decode_mask=decode_mask, prefills=tuple(spans), prefill_batch=_prefill_batch(prefills, spans, device))
+        slot_mapping=views[2], num_decodes=len(decodes), decode_block_tables=decode_tables, decode_seq_lens=decode_lens,
+        max_decode_seq_len=max_decode_len, decode_mask=decode_mask, prefills=tuple(spans),
+        prefill_batch=_prefill_batch(prefills, spans, device))
     return StepInputs(
-        input_ids=torch.tensor(input_ids, device=device), positions=torch.tensor(positions, device=device),
-        attention=attention, logits_index=torch.tensor(logits_index, device=device),
+        input_ids=views[0], positions=views[1], attention=attention, logits_index=views[3],
         query_starts=[0] + [i + 1 for i in logits_index[:-1]],
         request_ids=[s.request_id for s in ordered], sampling=build_sampling_metadata(ordered, device, vocab_size))
 
