@@ -23,9 +23,7 @@
 #include <algorithm>
 #include <vector>
 #include "quant_weight.h"
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd16.h"
 
 namespace {
 
@@ -39,54 +37,54 @@ constexpr int64_t kGemvMaxRows = 16;      // above this, dequantize panels and c
 // x * code; at the group's end they are scaled into MR * NR running totals (still vectors), so a
 // horizontal sum happens once per output, not once per group, and the NR independent FMA chains
 // hide the FMA latency even for one row of x.
+#if defined(TOKENMILL_AVX512)
 constexpr int kTileRows = 4;  // NR: weight rows per tile
+#else
+constexpr int kTileRows = 2;  // AVX2: half the registers, each holding half the lanes
+#endif
 
-#if defined(__AVX512F__)
+#if defined(TOKENMILL_SIMD16)
+// One tile in vectors of 16 lanes (AVX-512, or two AVX2 halves: simd16.h).
 template <int MR, int NR>
-inline void tile_avx512(const float* x, int64_t K, const uint8_t* const* rows, const QuantWeight& w, int64_t n0,
-                        float* out_tile /* MR x NR */) {
+inline void tile_simd(const float* x, int64_t K, const uint8_t* const* rows, const QuantWeight& w, int64_t n0,
+                      float* out_tile /* MR x NR */) {
+  using namespace tokenmill_simd;
   const int64_t G = w.num_groups, group = w.group_size;
-  __m512 total[MR][NR];
+  Floats16 total[MR][NR];
   for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) total[m][n] = _mm512_setzero_ps();
-  const __m512i low_mask = _mm512_set1_epi32(0xF), eight = _mm512_set1_epi32(8);
+    for (int n = 0; n < NR; ++n) total[m][n] = zeros();
   const int64_t step = w.bits == 8 ? 16 : 32;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t k0 = g * group, k1 = std::min(K, k0 + group), vec_end = k0 + (k1 - k0) / step * step;
-    __m512 acc[MR][NR];
+    Floats16 acc[MR][NR];
     for (int m = 0; m < MR; ++m)
-      for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+      for (int n = 0; n < NR; ++n) acc[m][n] = zeros();
     if (w.bits == 8) {
       for (int64_t k = k0; k < vec_end; k += 16) {
-        __m512 xv[MR];
-        for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+        Floats16 xv[MR];
+        for (int m = 0; m < MR; ++m) xv[m] = load16(x + m * K + k);
         for (int n = 0; n < NR; ++n) {
-          const __m512 wv = _mm512_cvtepi32_ps(
-              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[n] + k))));
-          for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_fmadd_ps(xv[m], wv, acc[m][n]);
+          const Floats16 wv = load16(reinterpret_cast<const int8_t*>(rows[n]) + k);
+          for (int m = 0; m < MR; ++m) acc[m][n] = fmadd(xv[m], wv, acc[m][n]);
         }
       }
     } else {
       for (int64_t k = k0; k < vec_end; k += 32) {
-        __m512 xlo[MR], xhi[MR];
+        Floats16 xlo[MR], xhi[MR];
         for (int m = 0; m < MR; ++m) {
-          xlo[m] = _mm512_loadu_ps(x + m * K + k);
-          xhi[m] = _mm512_loadu_ps(x + m * K + k + 16);
+          xlo[m] = load16(x + m * K + k);
+          xhi[m] = load16(x + m * K + k + 16);
         }
         for (int n = 0; n < NR; ++n) {
-          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[n] + k / 2)));
-          const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, low_mask), eight));
-          const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), eight));
-          for (int m = 0; m < MR; ++m) {
-            acc[m][n] = _mm512_fmadd_ps(xlo[m], lo, acc[m][n]);
-            acc[m][n] = _mm512_fmadd_ps(xhi[m], hi, acc[m][n]);
-          }
+          Floats16 lo, hi;
+          load_nibbles16(rows[n] + k / 2, lo, hi);
+          for (int m = 0; m < MR; ++m) acc[m][n] = fmadd(xhi[m], hi, fmadd(xlo[m], lo, acc[m][n]));
         }
       }
     }
     for (int n = 0; n < NR; ++n) {
-      const __m512 scale = _mm512_set1_ps(w.scales[(n0 + n) * G + g]);
-      for (int m = 0; m < MR; ++m) total[m][n] = _mm512_fmadd_ps(scale, acc[m][n], total[m][n]);
+      const Floats16 scale = broadcast(w.scales[(n0 + n) * G + g]);
+      for (int m = 0; m < MR; ++m) total[m][n] = fmadd(scale, acc[m][n], total[m][n]);
     }
     if (vec_end < k1) {  // a tail shorter than one vector (8-bit codes only: 4-bit groups are multiples of 32)
       for (int n = 0; n < NR; ++n) {
@@ -100,11 +98,11 @@ inline void tile_avx512(const float* x, int64_t K, const uint8_t* const* rows, c
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) out_tile[m * NR + n] += _mm512_reduce_add_ps(total[m][n]);
+    for (int n = 0; n < NR; ++n) out_tile[m * NR + n] += reduce_add(total[m][n]);
 }
 #endif
 
-// Scalar version of one tile (builds without AVX-512).
+// Scalar version of one tile (builds without AVX2 or AVX-512).
 inline void tile_scalar(int MR, int NR, const float* x, int64_t K, const uint8_t* const* rows, const QuantWeight& w,
                         int64_t n0, float* out_tile) {
   const int64_t G = w.num_groups;
@@ -121,12 +119,12 @@ inline void tile_scalar(int MR, int NR, const float* x, int64_t K, const uint8_t
 template <int MR>
 void tile(int NR, const float* x, int64_t K, const uint8_t* const* rows, const QuantWeight& w, int64_t n0,
           float* out_tile) {
-#if defined(__AVX512F__)
+#if defined(TOKENMILL_SIMD16)
   switch (NR) {
-    case 4: return tile_avx512<MR, 4>(x, K, rows, w, n0, out_tile);
-    case 3: return tile_avx512<MR, 3>(x, K, rows, w, n0, out_tile);
-    case 2: return tile_avx512<MR, 2>(x, K, rows, w, n0, out_tile);
-    default: return tile_avx512<MR, 1>(x, K, rows, w, n0, out_tile);
+    case 4: return tile_simd<MR, 4>(x, K, rows, w, n0, out_tile);
+    case 3: return tile_simd<MR, 3>(x, K, rows, w, n0, out_tile);
+    case 2: return tile_simd<MR, 2>(x, K, rows, w, n0, out_tile);
+    default: return tile_simd<MR, 1>(x, K, rows, w, n0, out_tile);
   }
 #else
   tile_scalar(MR, NR, x, K, rows, w, n0, out_tile);

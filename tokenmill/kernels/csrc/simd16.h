@@ -67,6 +67,14 @@ inline Floats16 load16(const uint8_t* p) {  // 16 bytes, as float
 inline Floats16 load16(const int8_t* p) {
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
+// 16 bytes of nibbles as two centred code vectors: lane j of lo is (p[j] & 15) - 8, of hi (p[j] >> 4) - 8.
+inline void load_nibbles16(const uint8_t* p, Floats16& lo, Floats16& hi) {
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i eight = _mm512_set1_epi32(8);
+  lo = {_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF)), eight))};
+  hi = {_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), eight))};
+}
+inline float reduce_add(Floats16 a) { return _mm512_reduce_add_ps(a.v); }
 inline void store16(float* p, Floats16 v) { _mm512_storeu_ps(p, v.v); }
 // Rounded to nearest even, as Tensor.to rounds.
 inline void store16(at::BFloat16* p, Floats16 v) {
@@ -190,6 +198,22 @@ inline Floats16 load16(const uint8_t* p) {
 inline Floats16 load16(const int8_t* p) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)))};
+}
+inline void load_nibbles16(const uint8_t* p, Floats16& lo, Floats16& hi) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i first = _mm256_cvtepu8_epi32(bytes), second = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+  const __m256i mask = _mm256_set1_epi32(0xF), eight = _mm256_set1_epi32(8);
+  const auto low = [&](__m256i b) { return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, mask), eight)); };
+  const auto high = [&](__m256i b) { return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight)); };
+  lo = {low(first), low(second)};
+  hi = {high(first), high(second)};
+}
+inline float reduce_add(Floats16 a) {
+  const __m256 s = _mm256_add_ps(a.lo, a.hi);
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
 }
 inline void store16(float* p, Floats16 v) {
   _mm256_storeu_ps(p, v.lo);
