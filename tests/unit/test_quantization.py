@@ -203,7 +203,7 @@ def _int8_activation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 @pytest.mark.parametrize("bits, group_size, sym, out_features", [
     (8, -1, True, 48), (8, 64, True, 80), (8, 128, False, 64), (8, -1, False, 16), (4, 64, False, 48), (4, 128, False, 80),
-    (4, -1, True, 16)])
+    (4, -1, True, 16), (4, 32, False, 48), (8, 32, True, 32)])  # groups of 32: two per activation block
 @pytest.mark.parametrize("num_rows", [1, 2, 3, 7, 64, 200])  # 3-4-panel tiles, 6-row tiles and their tails, row chunks
 def test_panel_kernel_equals_int8_rounded_activations_times_the_weight(bits, group_size, sym, out_features, num_rows):
     """8- and 4-bit codes of a bf16 model in the panel layout: every batch size multiplies int8
@@ -277,9 +277,11 @@ def test_panels_only_where_they_fit():
     _panels_or_skip()
     codes8, scales, zeros = quantize_rtn(torch.randn(40, 128), 8, -1, sym=True)  # 40 outputs: not 16s
     assert not QuantizedMatrix(codes8, scales, zeros, 8, -1, int8_activations=True).panels
-    codes8, scales, zeros = quantize_rtn(torch.randn(32, 96), 8, 32, sym=True)  # groups of 32
+    codes8, scales, zeros = quantize_rtn(torch.randn(32, 96), 8, 32, sym=True)  # 96 inputs: not 64s
     assert not QuantizedMatrix(codes8, scales, zeros, 8, 32, int8_activations=True).panels
-    codes4, scales, zeros = quantize_rtn(torch.randn(32, 128), 4, 32, sym=False)  # 4-bit groups of 32
-    assert not QuantizedMatrix(codes4, scales, zeros, 4, 32, int8_activations=True).panels
+    codes4, scales, zeros = quantize_rtn(torch.randn(32, 192), 4, 96, sym=False)  # groups of 96: not 32 or 64s
+    assert not QuantizedMatrix(codes4, scales, zeros, 4, 96, int8_activations=True).panels
+    codes4, scales, zeros = quantize_rtn(torch.randn(32, 128), 4, 32, sym=False)  # groups of 32 fit (two a block)
+    assert QuantizedMatrix(codes4, scales, zeros, 4, 32, int8_activations=True).panels
     codes8, scales, zeros = quantize_rtn(torch.randn(32, 128), 8, -1, sym=True)
     assert not QuantizedMatrix(codes8, scales, zeros, 8, -1).panels

@@ -40,11 +40,13 @@ def quantized_matrix_bytes(out_features: int, in_features: int, bits: int, group
     """What the engine holds for one quantized (out, in) matrix: codes plus a float32 scale and zero
     per group, or the float matrix when its inputs are not a multiple of the group size or packing.
     ``panels``: the device holds 16-bit models' codes in the CPU panel layout where the shape allows
-    (outputs a multiple of 16, inputs and groups of 64), with a float16 scale and a byte zero per group."""
+    (outputs a multiple of 16, inputs of 64, groups of 32 or a multiple of 64), with a float16 scale and a
+    byte zero per group."""
     group = in_features if group_size == -1 else group_size
     if in_features % group or in_features % (32 // bits):
         return out_features * in_features * float_bytes
-    in_panels = panels and float_bytes == 2 and out_features % 16 == 0 and in_features % 64 == 0 and group % 64 == 0
+    in_panels = (panels and float_bytes == 2 and out_features % 16 == 0 and in_features % 64 == 0
+                 and (group == 32 or group % 64 == 0))
     return out_features * in_features * bits / 8 + (3 if in_panels else 8) * out_features * (in_features // group)
 
 

@@ -209,8 +209,10 @@ QuantWeight tokenmill_quant::view_weight(const torch::Tensor& codes, const torch
     TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(1) * inputs_per_step == in_features &&
                     codes.size(2) == 16 && codes.size(3) == 4,
                 bits, "-bit panels must be contiguous (N / 16, K / ", inputs_per_step, ", 16, 4) uint8 with K = ", in_features);
-    TORCH_CHECK(in_features % 64 == 0 && std::min(group_size, in_features) % 64 == 0,
-                "panels need inputs and groups in multiples of 64, got ", in_features, " and ", group_size);
+    const int64_t group = std::min(group_size, in_features);
+    TORCH_CHECK(in_features % 64 == 0 && (group == 32 || group % 64 == 0),
+                "panels need inputs in multiples of 64 and groups of 32 or multiples of 64, got ", in_features,
+                " and ", group_size);
     const std::vector<int64_t> shape{N / 16, G, 16};
     TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.sizes() == shape &&
                     zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == shape,

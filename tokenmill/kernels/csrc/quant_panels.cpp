@@ -12,6 +12,9 @@
 // activation's block scale, so the conversion costs 2 instructions per 16 products (the row layout of
 // quant_linear_vnni.cpp pays 2 per product, and reduces across lanes at the end).
 //
+// Weight groups are 32 inputs or a multiple of 64: a group of 32 is half an activation block, and the
+// integer dots then run over each half, each taking its own weight scale (groups of 32 came to panels on
+// 2026-11-27: before, they ran the row layout, with int8 activations only up to 16 rows on VNNI CPUs).
 // x is quantized per block of 64 inputs: x[m, k] ~ xs[m, b] * xq[m, k]. With u the stored unsigned code
 // (code + 128 for 8 bits, the nibble for 4) and z the zero point on the same unsigned scale, W = s (u - z) and
 //   y[m, n] = sum_g s[g, n] * sum_{b in g} xs[m, b] * dot_b(u[n], xq[m])  -  sum_g s[g, n] z[g, n] * xc[m, g]
@@ -57,8 +60,8 @@ struct QuantizedRows {  // x quantized per block of 64 inputs
 
 // Fills q (its buffers are reused from call to call: fresh ones cost malloc work at every matrix).
 template <typename in_t>
-void quantize_rows(const in_t* x, int64_t M, int64_t K, int64_t blocks_per_group, QuantizedRows& q) {
-  const int64_t B = K / kBlock, G = B / blocks_per_group;
+void quantize_rows(const in_t* x, int64_t M, int64_t K, int64_t group, QuantizedRows& q) {
+  const int64_t B = K / kBlock, G = K / group;  // group: 32 or a multiple of 64 inputs
   q.xq.resize(M * K);
   q.xs.resize(M * B);
   q.xc.assign(M * G, 0.f);
@@ -73,24 +76,31 @@ void quantize_rows(const in_t* x, int64_t M, int64_t K, int64_t blocks_per_group
         }
         const float a = reduce_max(amax);
         const Floats16 inv = broadcast(a > 0.f ? 127.f / a : 0.f);
-        Ints16 sum = zero_ints();
+        Ints16 halves[2] = {zero_ints(), zero_ints()};  // code sums of inputs 0-31 and 32-63
         for (int i = 0; i < 4; ++i) {
           const Ints16 codes = round_to_ints(mul(v[i], inv));  // to nearest even
-          sum = add(sum, codes);
+          halves[i / 2] = add(halves[i / 2], codes);
           store_saturated_bytes(q.xq.data() + m * K + b * kBlock + 16 * i, codes);
         }
         const float scale = a / 127.f;
         q.xs[m * B + b] = scale;
-        q.xc[m * G + b / blocks_per_group] += scale * static_cast<float>(reduce_add(sum));
+        const int32_t first = reduce_add(halves[0]), second = reduce_add(halves[1]);
+        if (group >= kBlock) {
+          q.xc[m * G + b * kBlock / group] += scale * static_cast<float>(first + second);
+        } else {  // groups of 32: the block's halves belong to two groups
+          q.xc[m * G + 2 * b] += scale * static_cast<float>(first);
+          q.xc[m * G + 2 * b + 1] += scale * static_cast<float>(second);
+        }
       }
   });
 }
 
 // MR rows of x times NP panels (16 NP outputs) into out (MR rows, ld apart).
-// acc[m][j] += dot(u, xq[m]) over one block of 64 inputs; block: the panel tile's codes of the block.
+// acc[m][j] += dot(u, xq[m]) over INPUTS inputs (a block of 64, or half of one where weight groups have
+// 32 inputs); block: the panel tile's codes of those inputs.
 // A tile of one or two accumulators (one panel at decode) splits each into two chains, even and odd
 // steps, so that vpdpbusd's latency does not bound the stream; integer sums are exact in any order.
-template <int MR, int NP, int BITS>
+template <int MR, int NP, int BITS, int INPUTS>
 inline void block_dot(const int8_t* xq, int64_t K, const uint8_t* block, int64_t panel_bytes, Ints16 (&acc)[MR][NP]) {
   constexpr bool kSplit = MR * NP <= 2;
   Ints16 odd_steps[MR][NP];
@@ -103,7 +113,7 @@ inline void block_dot(const int8_t* xq, int64_t K, const uint8_t* block, int64_t
   }();
   if constexpr (BITS == 8) {
 #pragma GCC unroll 2
-    for (int k4 = 0; k4 < kBlock / 4; k4 += 2) {
+    for (int k4 = 0; k4 < INPUTS / 4; k4 += 2) {
       Bytes64 even_w[NP], odd_w[NP];
       for (int j = 0; j < NP; ++j) {
         tokenmill_panels::prefetch_ahead(block + j * panel_bytes + k4 * 64);
@@ -124,7 +134,7 @@ inline void block_dot(const int8_t* xq, int64_t K, const uint8_t* block, int64_t
     // Low and high nibbles in two chains of small sums (one when the tile has more accumulators),
     // widened into acc / odd whenever a chain has taken kSmallSumSteps steps, and at the end.
     constexpr int kSteps = kSplit ? 1 : 2;  // small dots a chain takes per pass of 8 inputs
-    constexpr int kPasses = kBlock / 8, kFlushEvery = std::min(kPasses, kSmallSumSteps / kSteps);
+    constexpr int kPasses = INPUTS / 8, kFlushEvery = std::min(kPasses, kSmallSumSteps / kSteps);
     static_assert(kPasses % kFlushEvery == 0, "a block's passes split evenly between widenings");
     SmallSums lo_sums[MR][NP], hi_sums_storage[MR][NP];
     auto& hi_sums = [&]() -> SmallSums (&)[MR][NP] {
@@ -167,7 +177,9 @@ inline void block_dot(const int8_t* xq, int64_t K, const uint8_t* block, int64_t
 template <int MR, int NP, int BITS, typename out_t>
 void tile(const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, out_t* out, int64_t ld) {
   const int64_t K = w.in_features, B = K / kBlock;
-  const int64_t blocks_per_group = std::min(w.group_size, K) / kBlock, G = w.num_groups;
+  // Integer dots run over `dot_inputs` inputs: a 64-input block (one activation scale), or each half of
+  // one where groups have 32 inputs (each half then takes its own weight scale and zero).
+  const int64_t group = std::min(w.group_size, K), dot_inputs = std::min(group, kBlock), G = w.num_groups;
   const int64_t panel_bytes = K * kLanes * BITS / 8;
   const uint8_t* panels = w.codes + p0 * panel_bytes;
   const int8_t* xq = q.xq.data() + m0 * K;
@@ -179,11 +191,14 @@ void tile(const QuantizedRows& q, int64_t m0, const QuantWeight& w, int64_t p0, 
     Floats16 group_acc[MR][NP];
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < NP; ++j) group_acc[m][j] = zeros();
-    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
+    for (int64_t k = g * group; k < (g + 1) * group; k += dot_inputs) {
+      const int64_t b = k / kBlock;
       Ints16 acc[MR][NP];
       for (int m = 0; m < MR; ++m)
         for (int j = 0; j < NP; ++j) acc[m][j] = zero_ints();
-      block_dot<MR, NP, BITS>(xq + b * kBlock, K, panels + b * kBlock * kLanes * BITS / 8, panel_bytes, acc);
+      const uint8_t* codes = panels + k * kLanes * BITS / 8;
+      if (dot_inputs == kBlock) block_dot<MR, NP, BITS, kBlock>(xq + k, K, codes, panel_bytes, acc);
+      else block_dot<MR, NP, BITS, kBlock / 2>(xq + k, K, codes, panel_bytes, acc);
       for (int m = 0; m < MR; ++m) {
         const Floats16 scale = broadcast(xs[m * B + b]);
         for (int j = 0; j < NP; ++j) group_acc[m][j] = fmadd(to_floats(acc[m][j]), scale, group_acc[m][j]);
@@ -224,7 +239,7 @@ void panel_gemm_typed(const scalar_t* x, int64_t M, const QuantWeight& w, scalar
   const int64_t K = w.in_features, N = w.out_features, panels = N / kLanes;
   thread_local QuantizedRows rows_buffer;  // the calling thread's; the tiles read it through this reference
   QuantizedRows& q = rows_buffer;
-  quantize_rows(x, M, K, std::min(w.group_size, K) / kBlock, q);
+  quantize_rows(x, M, K, std::min(w.group_size, K), q);
   // One or two rows: one panel per tile, so that each thread reads its panels as one stream in address
   // order. Several panels side by side restart several short streams per tile (a 4-bit panel of 576
   // inputs is 4.6 KB, an 8-bit one 9.2 KB): in a decode step's 120 small matrices that cost ~17% of

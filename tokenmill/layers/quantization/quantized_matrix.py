@@ -139,10 +139,11 @@ def _scale_unit(scales: torch.Tensor) -> float:
 
 def _panels_fit(codes: torch.Tensor, zeros: torch.Tensor, group_size: int) -> bool:
     """Whether (N, K) codes on this device can take the panel layout: CPU kernels with
-    AVX2 or AVX-512 (and no Triton interpreter, which runs the row layout), N a multiple of 16, K and
-    the group size of 64, zero points whole numbers a byte holds (as RTN and GPTQ make them)."""
+    AVX2 or AVX-512 (and no Triton interpreter, which runs the row layout), N a multiple of 16, K of 64,
+    groups of 32 or a multiple of 64 inputs, zero points whole numbers a byte holds (as RTN and GPTQ make them)."""
     out_features, in_features = codes.shape
-    if codes.device.type != "cpu" or out_features % 16 or in_features % 64 or min(group_size, in_features) % 64:
+    group = min(group_size, in_features)
+    if codes.device.type != "cpu" or out_features % 16 or in_features % 64 or (group != 32 and group % 64):
         return False
     if zeros.numel() and not (torch.equal(zeros, zeros.round()) and zeros.min() >= 0 and zeros.max() <= 255):
         return False
