@@ -148,3 +148,21 @@ def test_analyze_counts_what_the_engine_allocates(arch, scheme, checkpoint, make
     report = memory_report(shape, 1, 16, 16, scheme, "fp16", 1e12, 1, quant_panels=panels)
     assert report.weight_bytes == weight_bytes(llm.engine.core.runner.model)
     assert kv_bytes_per_token(shape, "fp16") == engine_kv_bytes_per_token(llm.engine.model_config, torch.float16)
+
+
+def test_analyze_counts_groups_of_32_as_the_engine_holds_them(checkpoint, make_llm):
+    """int4 in groups of 32: where the CPU has panel kernels, such codes take panels too (a float16 scale
+    and a byte zero per group and output), and `analyze` counts the bytes the engine holds."""
+    import json
+
+    from tokenmill.analysis.memory import weight_bytes_quantized
+    from tokenmill.analysis.model_shape import ModelShape
+    from tokenmill.models.loader import weight_bytes
+
+    folder = checkpoint("llama3")
+    llm = make_llm(folder, dtype="float16", quantization="int4", quantization_group_size=32)
+    shape = ModelShape.from_hf(json.loads((folder / "config.json").read_text()))
+    kernels = cpu_kernels()
+    panels = kernels is not None and kernels.quant_panels_available()
+    expected = weight_bytes_quantized(shape, "int4", "fp16", group_size=32, panels=panels)
+    assert expected == weight_bytes(llm.engine.core.runner.model)
