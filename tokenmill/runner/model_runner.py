@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.profiler import record_function
 
 from tokenmill.attention.backend import AttentionBackend
 from tokenmill.attention.kv_quant import QuantizedKVCache, make_kv_cache
@@ -16,6 +15,7 @@ from tokenmill.runner.cpu_decode_step import CpuDecodeStep
 from tokenmill.runner.cuda_graphs import CudaGraphDecodeStep, GraphLimits
 from tokenmill.runner.input_batch import RunnerRequestState, build_step_inputs
 from tokenmill.runner.kv_transfer import KVBlockTransfer
+from tokenmill.runner.profiling import phase
 from tokenmill.sample.sampler import Sampler
 
 
@@ -86,15 +86,15 @@ class ModelRunner:
         a pipeline. Logits come only from the C++ decode step (each of its rows is a request's last token)."""
         self._update_states(so)
         states = [self.requests[request_id] for request_id in so.num_scheduled_tokens]
-        with record_function("tokenmill.step_inputs"):
+        with phase("tokenmill.step_inputs"):
             inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device,
                                        self.model.config.vocab_size)
         if self.decode_step is not None and not inputs.attention.prefills:
-            with record_function("tokenmill.decode_step"):
+            with phase("tokenmill.decode_step"):
                 stepped = self.decode_step(inputs.input_ids, inputs.positions, inputs.attention)  # (T, H), (T, V)
             if stepped is not None:  # None: outside what the graphs hold
                 return inputs, *stepped
-        with forward_context(inputs.attention), record_function("tokenmill.forward"):
+        with forward_context(inputs.attention), phase("tokenmill.forward"):
             hidden = self.model(inputs.input_ids, inputs.positions, received)  # (T, H)
         return inputs, hidden, None
 
@@ -156,7 +156,7 @@ class ModelRunner:
             if any(self.requests[rid].sampling_params.prompt_logprobs is not None for rid in inputs.request_ids):
                 self._prompt_logprobs(inputs, hidden)
             return ModelRunnerOutput({})
-        with record_function("tokenmill.sample"):
+        with phase("tokenmill.sample"):
             sampled = self.sampler(logits, inputs.sampling)
         token_ids = sampled.token_ids.tolist()  # the step's one host sync
         logprobs = {}

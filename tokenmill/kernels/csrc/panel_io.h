@@ -28,14 +28,16 @@ constexpr int kWideRows = 3, kWidePanels = 1, kMaxPanels = 2;
 // on DRAM (two thirds of the 4-bit kernel's samples on its loads): 1 KB ahead took decode to 0.82x (int4),
 // 0.85x (int8) and 0.86x (bf16) of the time without it (512 B: the same; 2 KB: 5% slower than 1 KB). float32
 // panels ran 13-15% slower with it (1 or 4 KB) and take none. AVX-512 builds, tuned on Zen 4 where the
-// panels streamed at ~34 GB/s without it, take none (not measured there).
+// panels streamed at ~34 GB/s without it, take none (not measured there). The non-temporal hint (NTA rather
+// than T0) keeps the stream from evicting what the step's other code and the interpreter use between steps:
+// on the same machine decode took 0.95-1.0x (int4), 0.92-0.94x (int8) and 0.95-0.97x (bf16) of T0's time.
 #if defined(TOKENMILL_AVX512)
 constexpr int64_t kPrefetchBytes = 0;
 #else
 constexpr int64_t kPrefetchBytes = 1024;
 #endif
 inline void prefetch_ahead(const void* p) {
-  if constexpr (kPrefetchBytes > 0) _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+  if constexpr (kPrefetchBytes > 0) _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_NTA);
 }
 
 // Panels per tile at one or two rows of x: kMaxPanels (4 or 2) independent streams of weights where that
