@@ -1,5 +1,5 @@
 """The C++ decode step (``runner/cpu_decode_step.py``) gives the Python forward's hidden states and
-logits bit for bit, on every decode step of real batched generations, for each weight form (float32/bf16 panels,
+logits bit for bit (and their greedy tokens), on every decode step of real batched generations, for each weight form (float32/bf16 panels,
 oneDNN-prepacked float32, dense float16, int8 panels, int4) and KV cache (float, int8); models and
 caches it cannot run fall back to the Python forward."""
 
@@ -39,11 +39,12 @@ class _Checked:
     def __call__(self, input_ids, positions, metadata):
         with forward_context(metadata):
             expected = self.model(input_ids, positions)  # writes the same K/V the C++ step rewrites
-        hidden, logits = self.step(input_ids, positions, metadata)
+        hidden, logits, greedy_tokens = self.step(input_ids, positions, metadata)
         assert logits is not None, "the C++ step should apply the LM head"
         same = torch.equal(hidden, expected) and torch.equal(logits, self.model.compute_logits(expected))
+        same = same and torch.equal(greedy_tokens, logits.max(-1).indices)
         self.agreed.append((input_ids.shape[0], same))
-        return hidden, logits
+        return hidden, logits, greedy_tokens
 
 
 def _prompts(n: int = 5, seed: int = 11) -> list[dict]:
@@ -106,12 +107,36 @@ def test_cpu_decode_step_outputs_outlive_the_next_step(checkpoint, make_llm):
     step, kept = runner.decode_step, []
 
     def keep(input_ids, positions, metadata):
-        hidden, logits = step(input_ids, positions, metadata)
+        hidden, logits, tokens = step(input_ids, positions, metadata)
         kept.append((hidden, logits, hidden.clone(), logits.clone()))
-        return hidden, logits
+        return hidden, logits, tokens
 
     runner.decode_step = keep
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (3, 8, 5)]
     llm.generate(_prompts(3), params, use_tqdm=False)
     assert len(kept) >= 7 and len({hidden.shape[0] for hidden, *_ in kept}) > 1, "steps of several batch sizes"
     assert all(torch.equal(h, h0) and torch.equal(lg, lg0) for h, lg, h0, lg0 in kept), "a later step overwrote them"
+
+
+def test_greedy_decode_steps_take_the_steps_argmax_without_the_sampler(checkpoint, make_llm, monkeypatch):
+    """All-greedy steps without processors or logprobs use the C++ step's argmax; the tokens are those the
+    sampler and the Python forward give, and the sampler still runs where a step needs it."""
+    prompts = _prompts(4, seed=3)
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    monkeypatch.setenv("TOKENMILL_NO_CPU_DECODE_STEP", "1")
+    reference = make_llm(checkpoint("llama"), block_size=4, dtype="float32").generate(prompts, greedy, use_tqdm=False)
+    monkeypatch.delenv("TOKENMILL_NO_CPU_DECODE_STEP")
+    llm = make_llm(checkpoint("llama"), block_size=4, dtype="float32")
+    runner = llm.engine.core.runner
+    assert runner.decode_step is not None
+    sampled_rows = []
+    sampler = runner.sampler
+    runner.sampler = lambda logits, md: sampled_rows.append(logits.shape[0]) or sampler(logits, md)
+    outputs = llm.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in reference]
+    assert len(sampled_rows) <= 4, f"only prompt steps should sample, got {len(sampled_rows)} sampler calls"
+    sampled_rows.clear()  # penalties (a processor) and logprobs need the sampler on decode steps too
+    for params in (SamplingParams(temperature=0.0, max_tokens=6, repetition_penalty=1.3, ignore_eos=True),
+                   SamplingParams(temperature=0.0, max_tokens=6, logprobs=2, ignore_eos=True)):
+        llm.generate(prompts[:1], params, use_tqdm=False)
+    assert len(sampled_rows) == 12

@@ -154,9 +154,9 @@ def test_cuda_graph_outputs_outlive_the_next_replay(checkpoint, make_llm):
     step, kept = runner.decode_step, []
 
     def keep(input_ids, positions, metadata):
-        hidden, logits = step(input_ids, positions, metadata)
+        hidden, logits, tokens = step(input_ids, positions, metadata)
         kept.append((logits, logits.clone()))
-        return hidden, logits
+        return hidden, logits, tokens
 
     runner.decode_step = keep
     llm.generate(_prompts(3), _greedy([3, 8, 5]), use_tqdm=False)

@@ -30,9 +30,9 @@ logger = get_logger(__name__)
 
 
 class CpuDecodeStep:
-    """``step(input_ids (M,), positions (M,), metadata) -> (hidden (M, H), logits (M, V) or None)`` for
-    decode-only steps: token ids in, every row's logits out (None where the model's own
-    ``compute_logits`` must run)."""
+    """``step(input_ids (M,), positions (M,), metadata) -> (hidden (M, H), logits (M, V) or None, greedy
+    tokens (M,) or None)`` for decode-only steps: token ids in, every row's logits and greedy token out
+    (None where the model's own ``compute_logits`` must run)."""
 
     def __init__(self, step):
         self._step = step
@@ -63,10 +63,10 @@ class CpuDecodeStep:
         return cls(step)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                 metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """One decode-only step (``metadata.prefills`` empty): writes each layer's new K/V into the cache
         and returns the final-normed hidden states (M, H) and the logits (M, V) (or None), in the model's
-        dtype."""
+        dtype, and each row's greedy token (M,) int64 (or None), the sampler's ``greedy_argmax`` of them."""
         return self._step.forward(input_ids, positions, metadata.slot_mapping, metadata.decode_block_tables,
                                   metadata.decode_seq_lens)
 

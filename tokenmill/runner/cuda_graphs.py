@@ -148,7 +148,9 @@ class CudaGraphDecodeStep:
         return forward
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                 metadata: AttentionMetadata) -> Outputs | None:
+                 metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, None] | None:
+        """(hidden (n, H), logits (n, V), None: no greedy tokens, the sampler picks them), or None where the
+        batch is outside what the graphs hold."""
         n = input_ids.shape[0]
         tables = metadata.decode_block_tables  # (n, w)
         if (n > self.sizes[-1] or metadata.max_decode_seq_len > self.context
@@ -165,7 +167,7 @@ class CudaGraphDecodeStep:
             self.seq_lens[n:size].fill_(0)
         hidden, logits = self.graphs[size].replay()
         # Copies: the graph overwrites its outputs at the next replay, and callers may keep these.
-        return hidden[:n].clone(), logits[:n].clone()
+        return hidden[:n].clone(), logits[:n].clone(), None
 
 
 def _unsupported(model: nn.Module, backend_name: str, limits: GraphLimits | None, device: torch.device) -> str | None:

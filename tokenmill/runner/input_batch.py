@@ -91,7 +91,7 @@ def build_step_inputs(states: list[RunnerRequestState], num_scheduled: dict[str,
     for state in decodes:
         packed += state.block_ids
         packed += [0] * (width - len(state.block_ids))
-    on_device = torch.tensor(packed, dtype=torch.int64).to(device)
+    on_device = torch.tensor(packed, dtype=torch.int64, device=device)
     num_tokens, num_rows = len(input_ids), len(logits_index)
     views = on_device.split([num_tokens, num_tokens, num_tokens, num_rows, len(lens), len(lens) * width])
     decode_tables = decode_lens = decode_mask = None
@@ -171,8 +171,8 @@ def build_sampling_metadata(states: list[RunnerRequestState], device: torch.devi
             [s.sampling_params.presence_penalty for s in chosen], [s.sampling_params.frequency_penalty for s in chosen],
             vocab_size, device)
     return SamplingMetadata(
-        temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32,
-                                 device=device),
+        temperature=None if step_seeds is None else torch.tensor(
+            [0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32, device=device),
         top_k=torch.tensor([min(p.top_k, vocab_size) for p in params], device=device) if use_top_k else None,
         top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device) if use_top_p else None,
         min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device) if use_min_p else None,

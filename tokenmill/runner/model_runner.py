@@ -16,7 +16,7 @@ from tokenmill.runner.cuda_graphs import CudaGraphDecodeStep, GraphLimits
 from tokenmill.runner.input_batch import RunnerRequestState, build_step_inputs
 from tokenmill.runner.kv_transfer import KVBlockTransfer
 from tokenmill.runner.profiling import phase
-from tokenmill.sample.sampler import Sampler
+from tokenmill.sample.sampler import Sampler, SamplerOutput
 
 
 class ModelRunner:
@@ -82,8 +82,9 @@ class ModelRunner:
                 cache[:, dst] = cache[:, src]
 
     def _run_model(self, so: SchedulerOutput, received: StageTensors | None):
-        """(inputs, hidden (T, H), logits (T, V) or None), or this stage's StageTensors for the next stage of
-        a pipeline. Logits come only from the C++ decode step (each of its rows is a request's last token)."""
+        """(inputs, hidden (T, H), logits (T, V) or None, greedy tokens (T,) or None), or this stage's
+        StageTensors for the next stage of a pipeline. Logits come only from a decode step (C++ or CUDA
+        graphs: each of its rows is a request's last token), greedy tokens only from the C++ one."""
         self._update_states(so)
         states = [self.requests[request_id] for request_id in so.num_scheduled_tokens]
         with phase("tokenmill.step_inputs"):
@@ -91,19 +92,20 @@ class ModelRunner:
                                        self.model.config.vocab_size)
         if self.decode_step is not None and not inputs.attention.prefills:
             with phase("tokenmill.decode_step"):
-                stepped = self.decode_step(inputs.input_ids, inputs.positions, inputs.attention)  # (T, H), (T, V)
+                stepped = self.decode_step(inputs.input_ids, inputs.positions, inputs.attention)
             if stepped is not None:  # None: outside what the graphs hold
-                return inputs, *stepped
+                return inputs, *stepped  # (T, H), (T, V), (T,) or None
         with forward_context(inputs.attention), phase("tokenmill.forward"):
             hidden = self.model(inputs.input_ids, inputs.positions, received)  # (T, H)
-        return inputs, hidden, None
+        return inputs, hidden, None, None
 
     def _forward(self, so: SchedulerOutput, all_positions: bool = False, received: StageTensors | None = None):
-        inputs, hidden, logits = self._run_model(so, received)
+        """(inputs, logits (T or B, V), hidden (T, H), greedy tokens (B,) from the decode step or None)."""
+        inputs, hidden, logits, greedy_tokens = self._run_model(so, received)
         if logits is None:  # a step of decodes only needs no gather: each token is its request's last
             last_only = not all_positions and inputs.attention.num_decodes < hidden.shape[0]
             logits = self.model.compute_logits(hidden[inputs.logits_index] if last_only else hidden)
-        return inputs, (logits.float() if all_positions else logits), hidden  # (T or B, V): the sampler casts
+        return inputs, (logits.float() if all_positions else logits), hidden, greedy_tokens  # the sampler casts
 
     def _stage_forward(self, so: SchedulerOutput, received: StageTensors | None) -> StageTensors:
         """A stage before the last: its layers' output for the next stage (nothing for an empty step)."""
@@ -151,13 +153,16 @@ class ModelRunner:
         if so.is_empty:
             self._update_states(so)
             return ModelRunnerOutput({})
-        inputs, logits, hidden = self._forward(so, received=received)
+        inputs, logits, hidden, greedy_tokens = self._forward(so, received=received)
         if not sample:
             if any(self.requests[rid].sampling_params.prompt_logprobs is not None for rid in inputs.request_ids):
                 self._prompt_logprobs(inputs, hidden)
             return ModelRunnerOutput({})
-        with phase("tokenmill.sample"):
-            sampled = self.sampler(logits, inputs.sampling)
+        if greedy_tokens is not None and inputs.sampling.plain_greedy:  # the decode step's argmax is the sample
+            sampled = SamplerOutput(greedy_tokens)
+        else:
+            with phase("tokenmill.sample"):
+                sampled = self.sampler(logits, inputs.sampling)
         token_ids = sampled.token_ids.tolist()  # the step's one host sync
         logprobs = {}
         if sampled.logprob_token_ids is not None:  # a second sync, only for steps with logprob requests
@@ -185,7 +190,7 @@ class ModelRunner:
         (before the last stage of a pipeline: this stage's output, as ``execute``)."""
         if not self.stage.is_last:
             return self._stage_forward(so, received)
-        inputs, logits, _ = self._forward(so, all_positions=True, received=received)
+        inputs, logits, _, _ = self._forward(so, all_positions=True, received=received)
         starts = [0] + [int(i) + 1 for i in inputs.logits_index[:-1]]
         ends = [int(i) + 1 for i in inputs.logits_index]
         return {rid: logits[s:e] for rid, s, e in zip(inputs.request_ids, starts, ends)}

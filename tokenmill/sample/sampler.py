@@ -22,8 +22,8 @@ _MASK = float("-inf")
 class SamplingMetadata:
     """Per-row sampling settings of one step, as tensors on the logits' device."""
 
-    temperature: torch.Tensor
-    """(B,) float32; 0 for greedy rows."""
+    temperature: torch.Tensor | None
+    """(B,) float32, 0 for greedy rows; None when every row is greedy (``all_greedy``)."""
     top_k: torch.Tensor | None
     """(B,) int64, 0 = off; None when no row uses it."""
     top_p: torch.Tensor | None
@@ -55,6 +55,11 @@ class SamplingMetadata:
     @property
     def all_greedy(self) -> bool:
         return self.step_seeds is None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row greedy, with no processors, logprobs or beams: each token is its logits' argmax."""
+        return self.all_greedy and not self.uses_processors and self.logprob_rows is None
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:

@@ -39,8 +39,9 @@ class DecodeStep {
              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
              torch::Tensor embedding, LinearSpec head);
   // input_ids, positions, slot_mapping (M,) int64, block_tables (M, W) int64, seq_lens (M,) int64 ->
-  // (final-normed hidden (M, H), logits (M, V) or None without a head), both in the model's dtype.
-  std::tuple<torch::Tensor, c10::optional<torch::Tensor>> forward(
+  // (final-normed hidden (M, H), logits (M, V) or None without a head, both in the model's dtype; each row's
+  // greedy token (M,) int64 as greedy_argmax gives it, or None without a head).
+  std::tuple<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>> forward(
       torch::Tensor input_ids, torch::Tensor positions, torch::Tensor slot_mapping, torch::Tensor block_tables,
       torch::Tensor seq_lens) const;
 
