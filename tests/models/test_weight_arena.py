@@ -74,3 +74,23 @@ def test_switched_off_or_too_small_nothing_moves(monkeypatch):
     before = [w.clone() for w in _weights(model)]
     assert weight_arena.gather_weights(model) > 0
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))
+
+
+def test_holders_of_one_storage_keep_sharing_it(monkeypatch):
+    """A Parameter shared by two layers (tied weights) moves once; two buffers over one storage (here of
+    different shapes) move to one place in the region, each keeping its shape."""
+    from tokenmill.layers.norm import RMSNorm
+
+    monkeypatch.delenv("TOKENMILL_NO_HUGE_PAGES", raising=False)
+    monkeypatch.setattr(weight_arena, "MIN_BYTES", 0)
+    model = torch.nn.Sequential(RMSNorm(64, 1e-6), RMSNorm(64, 1e-6))
+    model[1].weight = model[0].weight  # tied
+    table = torch.arange(64.0)
+    model[0].register_buffer("table", table)
+    model[1].register_buffer("table", table.view(8, 8))
+    assert weight_arena.gather_weights(model) > 0
+    assert model[1].weight is model[0].weight
+    assert model[0].table.data_ptr() == model[1].table.data_ptr() and model[1].table.shape == (8, 8)
+    assert torch.equal(model[0].table, torch.arange(64.0))
+    assert any(r[0] <= model[0].weight.data_ptr() < r[1] for r in _advised_regions())
+    assert weight_arena.gather_weights(torch.nn.Sequential()) == 0  # nothing to move

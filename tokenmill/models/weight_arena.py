@@ -48,8 +48,11 @@ def gather_weights(model: nn.Module) -> int:
     pages unsupported or switched off, a model on another device, or under 2 MiB of weights)."""
     if os.environ.get("TOKENMILL_NO_HUGE_PAGES") == "1" or not huge_pages_supported():
         return 0
-    slots = list(_movable_slots(model))
-    total = sum(_aligned(tensor.nbytes) for _, tensor in slots)
+    slots: dict[int, tuple[list[Place], int]] = {}  # storage address -> (its holders, its bytes)
+    for place, tensor in _movable_slots(model):
+        slots.setdefault(tensor.untyped_storage().data_ptr(), ([], tensor.nbytes))[0].append(place)
+    tensor = None  # only the holders keep the old tensors now
+    total = sum(_aligned(nbytes) for _, nbytes in slots.values())
     if total < max(MIN_BYTES, 1):
         return 0
     # Private: a shared anonymous mapping would be shmem, which takes huge pages only where shmem_enabled says.
@@ -61,13 +64,15 @@ def gather_weights(model: nn.Module) -> int:
         return 0
     memory = torch.frombuffer(region, dtype=torch.uint8)  # holds the mapping until its last view goes
     offset = -memory.data_ptr() % HUGE_PAGE
-    order = [(place, tensor.nbytes) for place, tensor in slots]
-    del slots  # the old tensors go as each one is replaced, not at the end
-    for place, nbytes in order:
-        old = place()
-        new = memory[offset:offset + nbytes].view(old.dtype).view(old.shape)
-        new.copy_(old)
-        place(new)
+    for places, nbytes in slots.values():  # in the order first met; each old tensor goes once replaced
+        block = memory[offset:offset + nbytes]
+        for i, place in enumerate(places):  # holders of one storage (tied weights) keep sharing it
+            old = place()
+            new = block.view(old.dtype).view(old.shape)
+            if i == 0:
+                new.copy_(old)
+            place(new)
+        del old
         offset += _aligned(nbytes)
     logger.debug("weights gathered on huge pages: %.1f MB", total / 1e6)
     return total
@@ -78,8 +83,8 @@ Place = Callable[..., torch.Tensor]
 
 
 def _movable_slots(model: nn.Module) -> Iterator[tuple[Place, torch.Tensor]]:
-    """Each movable tensor of the model's linear layers and norms (their submodules included), once,
-    in module order (the order a forward pass reads them)."""
+    """Each movable tensor of the model's linear layers and norms (their submodules included), once per
+    holder, in module order (the order a forward pass reads them)."""
     from tokenmill.layers.linear import Linear
     from tokenmill.layers.norm import LayerNorm, RMSNorm
 
@@ -89,16 +94,14 @@ def _movable_slots(model: nn.Module) -> Iterator[tuple[Place, torch.Tensor]]:
             continue
         for module in owner.modules():
             for param in module.parameters(recurse=False):
-                if id(param) not in seen and _movable(param):
+                if id(param) not in seen and _movable(param):  # a Parameter shared by two layers: once
                     seen.add(id(param))
                     yield _parameter_place(param), param.data
             for name, buffer in module.named_buffers(recurse=False):
-                if id(buffer) not in seen and _movable(buffer):
-                    seen.add(id(buffer))
+                if _movable(buffer):
                     yield _buffer_place(module, name), buffer
             packed = getattr(module, "packed_weight", None)
-            if isinstance(packed, torch.Tensor) and id(packed) not in seen and _movable(packed):
-                seen.add(id(packed))
+            if isinstance(packed, torch.Tensor) and _movable(packed):
                 yield _attribute_place(module, "packed_weight"), packed
 
 
