@@ -76,6 +76,21 @@ def add_bench_commands(sub, engine_args: Callable[[argparse.ArgumentParser], Non
     qual.add_argument("--window", type=int, help="tokens per scoring window (default 512)")
     qual.add_argument("--output-json")
     qual.set_defaults(func=_bench_quality)
+    cmp = bench_sub.add_parser("compare", help="batch-1 decode of several variants (as bench quality names them) "
+                                               "loaded together and timed in turn, round by round")
+    cmp.add_argument("model", help="Hugging Face folder, GGUF, llama2.c .bin, or a named shape (smollm2-135m)")
+    cmp.add_argument("--variants", nargs="+", required=True, metavar="DTYPE[:SCHEME]",
+                     help="e.g. bfloat16 bfloat16:int8 bfloat16:int4-g64 (the first is the baseline)")
+    cmp.add_argument("--rounds", type=int, default=6, help="rounds; each times every variant once (default 6)")
+    cmp.add_argument("--input-len", type=int, default=128)
+    cmp.add_argument("--output-len", type=int, default=128)
+    cmp.add_argument("--tokenizer", help="tokenizer path when not in the model folder (llama2.c tokenizer.bin)")
+    cmp.add_argument("--device", default="cpu")
+    cmp.add_argument("--kv-cache-memory", default="256MiB", help="each variant's KV cache (default 256MiB)")
+    cmp.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--output-json")
+    cmp.set_defaults(func=_bench_compare)
     bsv = bench_sub.add_parser("serve", help="load a running server: TTFT, TPOT, ITL, E2E and throughput")
     bsv.add_argument("--base-url", default="http://127.0.0.1:8000")
     bsv.add_argument("--model", help="model name to send (default: the server's first)")
@@ -128,6 +143,18 @@ def _bench_quality(args) -> None:
 
     args.model = resolve_model(args.model)
     run_quality(args)
+
+
+def _bench_compare(args) -> None:
+    import torch
+
+    from tokenmill.bench.compare import run_compare
+    from tokenmill.models.fetch import resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.model = resolve_model(args.model)
+    run_compare(args)
 
 
 def _bench_serve(args) -> None:

@@ -33,18 +33,32 @@ def measure_read_bandwidth(device: torch.device, num_bytes: int = 1 << 30, repea
     return num_bytes / best
 
 
-def run_latency(llm: LLM, args) -> dict[str, Any]:
+def prepare_request(llm: LLM, seed: int, input_len: int, output_len: int) -> tuple[dict, SamplingParams]:
+    """The benchmark's one request (a seeded synthetic prompt, greedy, exactly ``output_len`` tokens) and its
+    sampling parameters, after a short warm-up generation on ``llm``."""
     vocab = llm.engine.model_config.vocab_size
-    request = synthetic_workload(1, vocab, args.seed, args.input_len, args.output_len)[0]
+    request = synthetic_workload(1, vocab, seed, input_len, output_len)[0]
     prompt = {"prompt_token_ids": request.prompt_token_ids}
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    return prompt, params
+
+
+def time_request(llm: LLM, prompt: dict, params: SamplingParams) -> tuple[float, float]:
+    """(time to first token, time per output token) in seconds of one run of the request, its prompt
+    computed afresh (the prefix cache is emptied first)."""
+    llm.engine.core.kv_cache_manager.pool.reset_prefix_cache()
+    out = llm.generate(prompt, params, use_tqdm=False)[0]
+    return out.time_to_first_token, out.time_per_output_token
+
+
+def run_latency(llm: LLM, args) -> dict[str, Any]:
+    prompt, params = prepare_request(llm, args.seed, args.input_len, args.output_len)
     ttfts, tpots = [], []
     for _ in range(args.num_iters):
-        llm.engine.core.kv_cache_manager.pool.reset_prefix_cache()  # measure a real prefill each time
-        out = llm.generate(prompt, params, use_tqdm=False)[0]
-        ttfts.append(out.time_to_first_token)
-        tpots.append(out.time_per_output_token)
+        ttft, tpot = time_request(llm, prompt, params)
+        ttfts.append(ttft)
+        tpots.append(tpot)
     model = llm.engine.core.runner.model
     num_bytes = decode_read_bytes(model)
     bandwidth = measure_read_bandwidth(llm.engine.device)

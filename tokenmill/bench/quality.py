@@ -1,8 +1,8 @@
 """``tokenmill bench quality``: perplexity of one model under each weight scheme, beside its float32
 baseline, on the held-out text of ``bench perplexity`` (scored through ``prompt_logprobs``).
 
-A variant is ``DTYPE[:SCHEME[+SCHEME]]``: ``float32``, ``bfloat16:int8``, ``float32:int4-g64``,
-``float32:int4-channel``, ``float32:gptq=FOLDER`` for a GPTQ checkpoint of the same model, and
+A variant is ``DTYPE[:SCHEME[+SCHEME]]``: ``float32``, ``bfloat16:int8``, ``float32:int4-g64`` (``int4`` alone:
+the default group size), ``float32:int4-channel``, ``float32:gptq=FOLDER`` for a GPTQ checkpoint of the same model, and
 ``kv-int8`` / ``kv-fp8`` for a quantized KV cache (``float32:kv-int8``, ``bfloat16:int8+kv-fp8``).
 """
 
@@ -34,13 +34,15 @@ def parse_variant(variant: str) -> tuple[str, dict[str, Any], str | None]:
             kwargs["kv_cache_dtype"] = "int8" if scheme == "kv-int8" else "fp8_e4m3"
         elif scheme == "int8":
             kwargs["quantization"] = "int8"
+        elif scheme == "int4":  # the load-time default group size
+            kwargs["quantization"] = "int4"
         elif scheme.startswith("int4-"):
             size = scheme.removeprefix("int4-")
             kwargs.update(quantization="int4", quantization_group_size=-1 if size == "channel" else
                           int(size.removeprefix("g")))
         else:
-            raise ValueError(f"variant {variant!r}: a scheme is int8, int4-gN, int4-channel, gptq=FOLDER, kv-int8 or "
-                             "kv-fp8, joined with +")
+            raise ValueError(f"variant {variant!r}: a scheme is int8, int4, int4-gN, int4-channel, gptq=FOLDER, "
+                             "kv-int8 or kv-fp8, joined with +")
     return dtype, kwargs, folder
 
 
