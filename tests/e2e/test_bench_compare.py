@@ -87,6 +87,9 @@ def test_bad_variants_are_refused_before_any_model_loads(tmp_path):
 def test_int4_alone_takes_the_default_group_size():
     assert parse_variant("bfloat16:int4") == ("bfloat16", {"quantization": "int4"}, None)
     assert parse_variant("float32:int4-g32")[1] == {"quantization": "int4", "quantization_group_size": 32}
+    assert parse_variant("float32:int4-channel")[1] == {"quantization": "int4", "quantization_group_size": -1}
+    with pytest.raises(ValueError, match=r"int4-gN .* got 'int4-gx'"):
+        parse_variant("float32:int4-gx")
 
 
 def test_command_line_runs_real_rounds(checkpoint, tmp_path):

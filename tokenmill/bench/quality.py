@@ -38,8 +38,10 @@ def parse_variant(variant: str) -> tuple[str, dict[str, Any], str | None]:
             kwargs["quantization"] = "int4"
         elif scheme.startswith("int4-"):
             size = scheme.removeprefix("int4-")
-            kwargs.update(quantization="int4", quantization_group_size=-1 if size == "channel" else
-                          int(size.removeprefix("g")))
+            if size != "channel" and not (size.startswith("g") and size[1:].isdigit()):
+                raise ValueError(f"variant {variant!r}: an int4 scheme is int4, int4-gN (N the group size, e.g. "
+                                 f"int4-g64) or int4-channel, got {scheme!r}")
+            kwargs.update(quantization="int4", quantization_group_size=-1 if size == "channel" else int(size[1:]))
         else:
             raise ValueError(f"variant {variant!r}: a scheme is int8, int4, int4-gN, int4-channel, gptq=FOLDER, "
                              "kv-int8 or kv-fp8, joined with +")
