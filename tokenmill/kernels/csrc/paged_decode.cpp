@@ -46,29 +46,6 @@ static inline float dot_qk(const float* q, const at::BFloat16* q_bf16, const cac
   return dot;
 }
 
-// Asks for a chunk's K rows, then its V rows, before they are read: a context's cache lines are cold (a decode
-// step's weights pass through the caches between two layers' attention), and each block's rows are a short run
-// of memory that the hardware prefetcher barely starts on before the next block, elsewhere in the pool. Asked
-// for all at once, the lines arrive at the memory's rate (a chunk is at most a few hundred KB, which L2 holds).
-// Measured on an AVX2 machine (Zen 3, 2 threads, 9 query / 3 KV heads of 64, bf16, 30 layers' caches cold):
-// 192-token contexts took 0.85x the time without it, 512-token ones 0.81x.
-template <typename cache_t>
-static void prefetch_rows(const cache_t* key_cache, const cache_t* value_cache, const std::vector<int64_t>& slots,
-                          int64_t n_tokens, int64_t block_size, int64_t token_stride) {
-#if defined(TOKENMILL_SIMD16)
-  const int64_t row_bytes = token_stride * static_cast<int64_t>(sizeof(cache_t));
-  for (const cache_t* cache : {key_cache, value_cache}) {
-    const char* base = reinterpret_cast<const char*>(cache);
-    for (int64_t start = 0; start < n_tokens; start += block_size) {  // a block's rows are contiguous
-      const char* first = base + slots[start] * row_bytes;
-      const int64_t bytes = std::min(block_size, n_tokens - start) * row_bytes;
-      // As asm: GCC 12 deletes a loop of nothing but _mm_prefetch (a hint, so no side effect to keep).
-      for (int64_t at = 0; at < bytes; at += 64) asm volatile("prefetcht1 %0" : : "m"(first[at]));
-    }
-  }
-#endif
-}
-
 // A sequence's context is cut into chunks of whole blocks, each scored by one work item (one
 // thread): an even number of chunks (one for a context under 2 kMinChunkTokens tokens, at most
 // kMaxChunks) whose block counts differ by at most one, so that at batch 1 two threads get the same
@@ -139,7 +116,6 @@ static void decode_kernel(const scalar_t* q, int64_t q_stride, const cache_t* ke
         const int64_t first_slot = table[(t0 + start) / block_size] * block_size;
         for (int64_t j = 0; j < std::min(block_size, n_tokens - start); ++j) slots[start + j] = first_slot + j;
       }
-      prefetch_rows(key_cache, value_cache, slots, n_tokens, block_size, token_stride);
       std::fill(max_score.begin(), max_score.end(), -INFINITY);
       int64_t scored = 0;  // tokens scored 16 at a time; the rest one by one
 #if defined(TOKENMILL_AVX512) && defined(__AVX512BF16__)
@@ -174,18 +150,6 @@ static void decode_kernel(const scalar_t* q, int64_t q_stride, const cache_t* ke
         }
       }
 #endif
-#if defined(TOKENMILL_SIMD16)
-      if constexpr (!dots_in_bf16<cache_t, HEAD_DIM>() && tokenmill_attention::vector_path<cache_t>(HEAD_DIM, GROUP)) {
-        const auto key_row = [&](int64_t t, int64_t h) { return key_cache + slots[t] * token_stride + h * HEAD_DIM; };
-        const auto key_scale = [&](int64_t t, int64_t h) {
-          return k_scales ? scale * static_cast<float>(k_scales[slots[t] * num_kv_heads + h]) : scale;
-        };
-        tokenmill_attention::score_keys<HEAD_DIM, GROUP, cache_t>(n_tokens, num_kv_heads, key_row, key_scale,
-                                                                  query.data(), scores.data(), n_tokens,
-                                                                  max_score.data());
-        scored = n_tokens;
-      }
-#endif
       for (int64_t t = scored; t < n_tokens; ++t)
         for (int64_t h = 0; h < num_kv_heads; ++h) {
           const cache_t* k = key_cache + slots[t] * token_stride + h * head_dim;
@@ -209,7 +173,7 @@ static void decode_kernel(const scalar_t* q, int64_t q_stride, const cache_t* ke
         part[head * part_size + 1] = total;
       }
 #if defined(TOKENMILL_SIMD16)
-      if constexpr (tokenmill_attention::vector_path<cache_t>(HEAD_DIM, GROUP)) {
+      if constexpr (tokenmill_attention::values_in_registers<cache_t>(HEAD_DIM, GROUP)) {
         // Windows of 16 tokens (their rows stay in L1), each visited one KV head at a time.
         for (int64_t w = 0; w < n_tokens; w += 16) {
           const int64_t w_end = std::min(n_tokens, w + 16);
