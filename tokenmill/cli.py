@@ -58,6 +58,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="CUDA: no CUDA graphs; every decode step runs the Python forward")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --tensor-parallel-size: place whole experts of MoE layers on the ranks")
+    p.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="CPU: up to this many greedy decode steps per call of the C++ decode step while every "
+                        "running request decodes greedily (no sampling, logprobs, penalties or stop strings) "
+                        "and none waits; tokens then arrive in bursts")
 
 
 def _engine_kwargs(args) -> dict:
@@ -72,7 +76,7 @@ def _engine_kwargs(args) -> dict:
                 offload_folder=args.offload_folder, max_weight_memory=args.max_weight_memory,
                 offload_prefetch=not args.no_offload_prefetch, kv_offload_memory=args.kv_offload_memory,
                 kv_offload_folder=args.kv_offload_folder, kv_offload_disk_space=args.kv_offload_disk_space,
-                enforce_eager=args.enforce_eager)
+                enforce_eager=args.enforce_eager, num_scheduler_steps=args.num_scheduler_steps)
 
 
 def _make_llm(args, skip_tokenizer_init: bool = False):

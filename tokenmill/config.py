@@ -279,9 +279,15 @@ class SchedulerConfig:
     """Longest prompt plus output; longer requests are rejected when added. None: the model's context."""
     enable_chunked_prefill: bool = True
     """Split long prompts across steps so that they share steps with decodes."""
+    num_scheduler_steps: int = 1
+    """Decode steps per scheduling round (vLLM's multi-step scheduling): where every running request
+    decodes greedily with nothing that needs the host between tokens (no sampling, logprobs, processors,
+    stop strings or beams), nothing waits, and the runner can loop on its own (the C++ CPU decode step), one
+    call runs up to this many steps, feeding each step's tokens to the next; the scheduler and the Python
+    around the step run once for all of them. Tokens then arrive (and stream) in bursts of that many."""
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_scheduler_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -30,7 +30,8 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
                   pipeline_parallel_size: int = 1, cpu_offload_gb: float = 0.0, offload_folder: str | None = None,
                   max_weight_memory: int | float | str | None = None, offload_prefetch: bool = True,
                   kv_offload_memory: int | float | str | None = None, kv_offload_folder: str | None = None,
-                  kv_offload_disk_space: int | float | str = 4 * 2**30, enforce_eager: bool = False) -> EngineConfig:
+                  kv_offload_disk_space: int | float | str = 4 * 2**30, enforce_eager: bool = False,
+                  num_scheduler_steps: int = 1) -> EngineConfig:
     """An EngineConfig from the flat options of ``LLM`` (and the CLI); see ``LLM`` for their meaning.
     A known model name (``smollm2-135m-instruct``) becomes its local file, fetched on first use."""
     from tokenmill.models.fetch import resolve_model
@@ -44,7 +45,8 @@ def engine_config(model: str, tokenizer: str | None = None, dtype: str = "auto",
                           None if kv_offload_memory is None else parse_memory(kv_offload_memory, "kv_offload_memory"),
                           None if kv_offload_folder is None else str(kv_offload_folder),
                           parse_memory(kv_offload_disk_space, "kv_offload_disk_space")),
-        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill,
+                                  num_scheduler_steps),
         tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel,
         pipeline_parallel_size=pipeline_parallel_size, cpu_offload_gb=cpu_offload_gb,
         offload_folder=None if offload_folder is None else str(offload_folder),
@@ -91,6 +93,9 @@ class LLM:
         kv_offload_folder, kv_offload_disk_space: a KV tier on disk (after the memory tier), one
             checksummed file per block, within that many bytes (default 4 GiB).
         enforce_eager: CUDA: no CUDA graphs (each decode step runs the Python forward).
+        num_scheduler_steps: CPU: up to this many greedy decode steps per call of the C++ decode step
+            while every running request decodes greedily with no sampling, logprobs, processors or stop
+            strings and nothing waits (multi-step scheduling; see ``SchedulerConfig``). Default 1.
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",
@@ -104,14 +109,14 @@ class LLM:
                  offload_folder: str | None = None, max_weight_memory: int | float | str | None = None,
                  offload_prefetch: bool = True, kv_offload_memory: int | float | str | None = None,
                  kv_offload_folder: str | None = None, kv_offload_disk_space: int | float | str = 4 * 2**30,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, num_scheduler_steps: int = 1):
         config = engine_config(model, tokenizer, dtype, kv_cache_memory, block_size, max_num_seqs,
                                max_num_batched_tokens, max_model_len, enable_prefix_caching, enable_chunked_prefill,
                                seed, attention_backend, skip_tokenizer_init, device, quantization,
                                quantization_group_size, quantize_lm_head, kv_cache_dtype, tensor_parallel_size,
                                enable_expert_parallel, pipeline_parallel_size, cpu_offload_gb, offload_folder,
                                max_weight_memory, offload_prefetch, kv_offload_memory, kv_offload_folder,
-                               kv_offload_disk_space, enforce_eager)
+                               kv_offload_disk_space, enforce_eager, num_scheduler_steps)
         self.engine = LLMEngine(config)
 
     @classmethod

@@ -58,6 +58,9 @@ class SchedulerOutput:
     """(block id, prefix hash) of evicted cached blocks to save to the KV tiers, first of all."""
     kv_loads: list[tuple[int, object]] = field(default_factory=list)
     """(block id, the block's bytes from a KV tier) to write into the cache after the saves, before the forward."""
+    num_steps: int = 1
+    """Greedy decode steps to run back to back (multi-step scheduling; every request then decodes one token
+    a step, its slots for all the steps allocated): the runner returns up to this many tokens per request."""
 
     @property
     def is_empty(self) -> bool:
@@ -67,7 +70,7 @@ class SchedulerOutput:
 @dataclass
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, list[int]]
-    """Request id -> tokens sampled this step (one each; a list so speculative decoding fits later)."""
+    """Request id -> tokens sampled this step: one each, or one per step of a multi-step decode."""
     logprobs: dict[str, list[tuple[list[int], list[float]]]] = field(default_factory=dict)
     """Request id -> per sampled token: (token ids, logprobs), the sampled token first (requests that ask only)."""
     prompt_logprobs: dict[str, tuple[int, list[tuple[list[int], list[float]]]]] = field(default_factory=dict)

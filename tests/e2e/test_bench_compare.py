@@ -16,7 +16,7 @@ from tokenmill.bench.quality import parse_variant
 
 def _args(model, tmp_path, variants, rounds=3) -> argparse.Namespace:
     return argparse.Namespace(model=str(model), variants=variants, rounds=rounds, input_len=8, output_len=4,
-                              tokenizer=None, device="cpu", kv_cache_memory="8MiB", seed=0,
+                              tokenizer=None, device="cpu", kv_cache_memory="8MiB", seed=0, num_scheduler_steps=1,
                               output_json=str(tmp_path / "compare.json"))
 
 
@@ -82,6 +82,19 @@ def test_bad_variants_are_refused_before_any_model_loads(tmp_path):
         compare.run_compare(_args(missing, tmp_path, ["float32"]))
     with pytest.raises(ValueError, match="--rounds must be at least 1, got 0"):
         compare.run_compare(_args(missing, tmp_path, ["float32", "bfloat16"], rounds=0))
+    with pytest.raises(ValueError, match="after '@' must be a positive integer, got '0'"):
+        compare.run_compare(_args(missing, tmp_path, ["float32", "bfloat16@0"]))
+    args = _args(missing, tmp_path, ["float32", "bfloat16"])
+    args.num_scheduler_steps = 0
+    with pytest.raises(ValueError, match="--num-scheduler-steps must be at least 1, got 0"):
+        compare.run_compare(args)
+
+
+def test_at_k_gives_a_variant_its_decode_steps_per_call():
+    assert compare.split_steps("bfloat16:int4-g32@8", 1) == ("bfloat16:int4-g32", 8)
+    assert compare.split_steps("bfloat16", 4) == ("bfloat16", 4)
+    with pytest.raises(ValueError, match="'bfloat16@x'.* got 'x'"):
+        compare.split_steps("bfloat16@x", 1)
 
 
 def test_int4_alone_takes_the_default_group_size():
@@ -96,12 +109,13 @@ def test_command_line_runs_real_rounds(checkpoint, tmp_path):
     out = tmp_path / "cmp.json"
     result = subprocess.run(
         [sys.executable, "-m", "tokenmill", "bench", "compare", str(checkpoint("llama3")), "--variants", "float32",
-         "bfloat16:int8", "--rounds", "2", "--input-len", "8", "--output-len", "4", "--kv-cache-memory", "8MiB",
+         "bfloat16:int8@4", "--rounds", "2", "--input-len", "8", "--output-len", "4", "--kv-cache-memory", "8MiB",
          "--threads", "1", "--output-json", str(out)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert [len(r["tpot_ms_rounds"]) for r in data["results"]] == [2, 2]
+    assert [r["num_scheduler_steps"] for r in data["results"]] == [1, 4]  # @4: four decode steps per call
     assert all(t > 0 for r in data["results"] for t in r["tpot_ms_rounds"])
     assert "vs first" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "tokenmill", "bench", "compare", str(checkpoint("llama3")),

@@ -371,3 +371,22 @@ def test_kv_tiers_show_in_usage_metrics_and_the_start_up_line(start_server):
     assert srv.metric("kv_offload_stores_total") >= 6
     assert 'tier="cpu"' in httpx.get(srv.url + "/metrics", timeout=10).text
     assert "KV offload tiers: cpu (CPU memory): 0.2 MiB = 64 blocks of 4 KiB" in srv.output()
+
+
+def test_multi_step_scheduling_serves_and_streams_the_same_text(server, start_server):
+    """``--num-scheduler-steps 4``: greedy tokens come four decode steps per call, in bursts; the text, whole
+    or streamed, equals the one-step server's."""
+    multi = start_server("--num-scheduler-steps", "4")
+    body = {"prompt": PROMPT, "max_tokens": 23, "temperature": 0, "ignore_eos": True}
+    one = httpx.post(server.url + "/v1/completions", json={"model": server.name, **body}, timeout=60).json()
+    full = httpx.post(multi.url + "/v1/completions", json={"model": multi.name, **body}, timeout=60).json()
+    assert full["choices"][0]["text"] == one["choices"][0]["text"] and full["usage"]["completion_tokens"] == 23
+    streamed = ""
+    with httpx.stream("POST", multi.url + "/v1/completions", json={"model": multi.name, **body, "stream": True},
+                      timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                streamed += json.loads(line[6:])["choices"][0]["text"]
+    assert streamed == one["choices"][0]["text"]
+    multi.wait_idle()
+    assert "multi-step scheduling: up to 4 greedy decode steps per call" in multi.output()

@@ -79,8 +79,9 @@ def add_bench_commands(sub, engine_args: Callable[[argparse.ArgumentParser], Non
     cmp = bench_sub.add_parser("compare", help="batch-1 decode of several variants (as bench quality names them) "
                                                "loaded together and timed in turn, round by round")
     cmp.add_argument("model", help="Hugging Face folder, GGUF, llama2.c .bin, or a named shape (smollm2-135m)")
-    cmp.add_argument("--variants", nargs="+", required=True, metavar="DTYPE[:SCHEME]",
-                     help="e.g. bfloat16 bfloat16:int8 bfloat16:int4-g64 (the first is the baseline)")
+    cmp.add_argument("--variants", nargs="+", required=True, metavar="DTYPE[:SCHEME][@K]",
+                     help="e.g. bfloat16 bfloat16:int8 bfloat16:int4-g64 bfloat16:int4@8 (the first is the baseline; "
+                          "@K: K decode steps per call)")
     cmp.add_argument("--rounds", type=int, default=6, help="rounds; each times every variant once (default 6)")
     cmp.add_argument("--input-len", type=int, default=128)
     cmp.add_argument("--output-len", type=int, default=128)
@@ -88,6 +89,9 @@ def add_bench_commands(sub, engine_args: Callable[[argparse.ArgumentParser], Non
     cmp.add_argument("--device", default="cpu")
     cmp.add_argument("--kv-cache-memory", default="256MiB", help="each variant's KV cache (default 256MiB)")
     cmp.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    cmp.add_argument("--num-scheduler-steps", type=int, default=1,
+                     help="greedy decode steps per call of the C++ decode step for variants without '@K' "
+                          "(default 1); e.g. --variants bfloat16 bfloat16@8 times both")
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--output-json")
     cmp.set_defaults(func=_bench_compare)

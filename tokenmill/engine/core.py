@@ -146,7 +146,15 @@ class EngineCore:
             self.runner.attach_block_store(self.block_store)
         self.kv_cache_manager = KVCacheManager(self.num_blocks, block_size, cache.enable_prefix_caching,
                                                self.block_store)
-        scheduler_config = replace(config.scheduler, max_model_len=self.max_model_len)
+        num_steps = config.scheduler.num_scheduler_steps
+        if num_steps > 1 and not (executor is None and self.runner.runs_steps):
+            logger.info("num_scheduler_steps %d: one decode step per call here (only the C++ CPU decode step, in "
+                        "one process and with the LM head in it, runs several)", num_steps)
+            num_steps = 1
+        elif num_steps > 1:
+            logger.info("multi-step scheduling: up to %d greedy decode steps per call of the C++ decode step",
+                        num_steps)
+        scheduler_config = replace(config.scheduler, max_model_len=self.max_model_len, num_scheduler_steps=num_steps)
         self.max_concurrent_batches = getattr(self.runner, "max_concurrent_batches", 1)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache_manager, self.max_concurrent_batches)
         self._in_flight: deque[tuple[SchedulerOutput, object]] = deque()  # (step, its PendingResult)

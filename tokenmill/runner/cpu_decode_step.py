@@ -34,8 +34,9 @@ class CpuDecodeStep:
     tokens (M,) or None)`` for decode-only steps: token ids in, every row's logits and greedy token out
     (None where the model's own ``compute_logits`` must run)."""
 
-    def __init__(self, step):
+    def __init__(self, step, has_head: bool):
         self._step = step
+        self.runs_steps = has_head  # forward_steps feeds each step's greedy tokens (from the head) to the next
 
     @classmethod
     def build(cls, model: nn.Module, backend_name: str, kv_caches: list) -> CpuDecodeStep | None:
@@ -56,11 +57,11 @@ class CpuDecodeStep:
         if reason is not None:
             logger.debug("C++ decode step off: %s", reason)
             return None
-        cfg, rotary = model.config, model.model.rotary
+        cfg, rotary, head = model.config, model.model.rotary, _head(kernels, model)
         step = kernels.DecodeStep(layers, model.model.norm.weight, rotary.cos, rotary.sin, cfg.num_attention_heads,
                                   cfg.num_key_value_heads, cfg.head_dim, model.model.norm.eps, cfg.head_dim ** -0.5,
-                                  model.model.embed_tokens.weight, _head(kernels, model))
-        return cls(step)
+                                  model.model.embed_tokens.weight, head)
+        return cls(step, bool(head.kind))
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -69,6 +70,14 @@ class CpuDecodeStep:
         dtype, and each row's greedy token (M,) int64 (or None), the sampler's ``greedy_argmax`` of them."""
         return self._step.forward(input_ids, positions, metadata.slot_mapping, metadata.decode_block_tables,
                                   metadata.decode_seq_lens)
+
+    def steps(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+              num_steps: int) -> torch.Tensor:
+        """``num_steps`` greedy decode steps in one call (``runs_steps`` only): step s runs at positions + s on
+        step s - 1's greedy tokens, writing K/V into slots the block tables must already hold -> the tokens
+        (num_steps, M) int64, each row what ``__call__``'s greedy tokens would be step after step."""
+        return self._step.forward_steps(input_ids, positions, metadata.decode_block_tables, metadata.decode_seq_lens,
+                                        num_steps)
 
 
 def _unsupported(model: nn.Module, backend_name: str) -> str | None:

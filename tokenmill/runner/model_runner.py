@@ -46,6 +46,11 @@ class ModelRunner:
         self.kv_transfer = KVBlockTransfer(self.kv_caches, device)
         self.block_store = None  # the KV tiers, once attached
 
+    @property
+    def runs_steps(self) -> bool:
+        """Whether this runner can run several greedy decode steps in one call (``SchedulerOutput.num_steps``)."""
+        return getattr(self.decode_step, "runs_steps", False)  # the C++ step's, with the LM head in it
+
     def attach_block_store(self, store) -> None:
         """Saves evicted blocks to ``store`` (a TieredBlockStore) from now on, as SchedulerOutputs ask."""
         self.block_store = store
@@ -153,6 +158,8 @@ class ModelRunner:
         if so.is_empty:
             self._update_states(so)
             return ModelRunnerOutput({})
+        if so.num_steps > 1:
+            return self._execute_steps(so)
         inputs, logits, hidden, greedy_tokens = self._forward(so, received=received)
         if not sample:
             if any(self.requests[rid].sampling_params.prompt_logprobs is not None for rid in inputs.request_ids):
@@ -182,6 +189,21 @@ class ModelRunner:
             prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         return ModelRunnerOutput({rid: [tok] for rid, tok in zip(inputs.request_ids, token_ids)}, logprobs,
                                  prompt_logprobs, beam_candidates)
+
+    def _execute_steps(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """``so.num_steps`` greedy decode steps in one call of the C++ step: each request's tokens, one a step."""
+        self._update_states(so)
+        states = [self.requests[request_id] for request_id in so.num_scheduled_tokens]
+        inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device,
+                                   self.model.config.vocab_size)
+        if not (self.runs_steps and inputs.attention.num_decodes == len(states) and inputs.sampling.plain_greedy):
+            raise RuntimeError(f"a {so.num_steps}-step decode was scheduled for a batch that needs the host between "
+                               "tokens (prompt chunks, sampling, processors or logprobs) or a runner without the C++ "
+                               "decode step's greedy loop")
+        with phase("tokenmill.decode_steps"):
+            tokens = self.decode_step.steps(inputs.input_ids, inputs.positions, inputs.attention, so.num_steps)
+        by_row = tokens.t().tolist()  # (M, num_steps): the step's one host sync
+        return ModelRunnerOutput(dict(zip(inputs.request_ids, by_row)))
 
     @torch.inference_mode()
     def execute_logits(self, so: SchedulerOutput,

@@ -158,6 +158,11 @@ class KVCacheManager:
             blocks.extend(self.pool.get_new_blocks(num_new_blocks))
         return True
 
+    def num_new_blocks(self, request: Request, num_new_tokens: int) -> int:
+        """How many blocks ``allocate_slots(request, num_new_tokens)`` would take (no prefix hits, no copy)."""
+        held = len(self.req_blocks.get(request.request_id, []))
+        return max(0, -(-(request.num_computed_tokens + num_new_tokens) // self.block_size) - held)
+
     def fork(self, parent: Request, child: Request) -> None:
         """Gives ``child`` the parent's blocks (shared, by reference count) and prefix hashes."""
         blocks = self.req_blocks[parent.request_id]

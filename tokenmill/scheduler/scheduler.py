@@ -85,6 +85,7 @@ class Scheduler:
         cached_reqs: dict[str, CachedRequestData] = {}
         preempted = False
         max_seqs = self._max_seqs_per_batch()
+        num_steps = self._num_steps_possible(budget, max_seqs)  # > 1: every running request, that many steps
 
         index = 0
         while index < len(self.running) and budget > 0 and len(num_scheduled) < max_seqs:
@@ -94,6 +95,8 @@ class Scheduler:
                 index += 1  # siblings, or a request whose last step is still in the pipeline
                 continue
             num_blocks_before = len(self.kv.block_ids(request.request_id))
+            if num_steps > 1 and not self.kv.allocate_slots(request, num_steps):  # no room for the steps ahead:
+                num_steps = 1  # one step (requests before keep the blocks they took: theirs for the next steps)
             while not self.kv.allocate_slots(request, num_new):
                 unit, freed_budget = self._preempt_last(request, num_scheduled, new_reqs, cached_reqs)
                 preempted = True
@@ -138,8 +141,27 @@ class Scheduler:
         self._in_flight.update(num_scheduled)
         finished, self._finished_req_ids = self._finished_req_ids, set()
         kv_saves, kv_loads = self.kv.take_kv_transfers()
+        if len(num_scheduled) < len(self.running):  # not everyone made it into the step after all
+            num_steps = 1
         return SchedulerOutput(list(new_reqs.values()), list(cached_reqs.values()), num_scheduled,
-                               sum(num_scheduled.values()), finished, self.kv.take_copies(), kv_saves, kv_loads)
+                               sum(num_scheduled.values()), finished, self.kv.take_copies(), kv_saves, kv_loads,
+                               num_steps)
+
+    def _num_steps_possible(self, budget: int, max_seqs: int) -> int:
+        """How many decode steps the next batch may run in one call (multi-step scheduling): up to
+        num_scheduler_steps where every running request is a plain greedy decode (``runs_unattended``) that
+        fits in this step and has that many tokens left to make, and nothing waits (it would wait for all
+        the steps); else 1."""
+        num_steps = self.config.num_scheduler_steps
+        if num_steps == 1 or self.waiting or not self.running or len(self.running) > min(budget, max_seqs):
+            return 1
+        for request in self.running:
+            if not runs_unattended(request) or request.request_id in self._in_flight:
+                return 1
+            num_steps = min(num_steps, request.max_tokens - request.num_output_tokens)
+        if sum(self.kv.num_new_blocks(r, num_steps) for r in self.running) > self.kv.num_free_blocks:
+            return 1  # no room for every request's steps ahead: no lookahead at all (none preempts for it)
+        return max(num_steps, 1)
 
     def _max_seqs_per_batch(self) -> int:
         """With several batches in flight, each takes its share of the live sequences (so that the
@@ -253,14 +275,20 @@ class Scheduler:
                 self.kv.cache_blocks(request)
                 reported[request.group.group_id] = request.group
                 continue
-            token = runner_output.sampled_token_ids[request_id][0]
-            request.output_token_ids.append(token)
+            tokens, status = [], None  # one token a step; those after a stop (multi-step) are dropped
+            for token in runner_output.sampled_token_ids[request_id]:
+                if tokens:  # the token before went into this step as its input
+                    request.num_computed_tokens += 1
+                request.output_token_ids.append(token)
+                tokens.append(token)
+                status = self._check_stop(request, token)
+                if status is not None:
+                    break
             self.kv.cache_blocks(request)
-            status = self._check_stop(request, token)
             if status is not None:
                 self.running.remove(request)
                 self._finish(request, status)
-            outputs.append(EngineCoreOutput(request_id, [token], status.finish_reason if status else None,
+            outputs.append(EngineCoreOutput(request_id, tokens, status.finish_reason if status else None,
                                             request.stop_reason, runner_output.logprobs.get(request_id),
                                             prompt_logprobs, num_cached_tokens=request.num_cached_tokens))
         for group in reported.values():
@@ -338,3 +366,15 @@ class Scheduler:
             states = {beam.status for beam in group.beams}
             assert len(states) == 1, f"beam group {group_id}: beams in states {states}, not one unit"
             assert all(self.requests.get(b.request_id) is b for b in group.beams), f"beam group {group_id}: lost a beam"
+
+
+def runs_unattended(request: Request) -> bool:
+    """Whether the request's next tokens need nothing from the host between them: a decode (one token to
+    compute) whose every token is its logits' argmax (temperature 0, no penalties, bias, bans, n-gram rule
+    or min_tokens still to reach), with no logprobs, no stop strings (the detokenizer finds those) and no
+    beams. Such requests may run several steps in one call (``num_scheduler_steps``)."""
+    p = request.sampling_params
+    return (request.num_tokens - request.num_computed_tokens == 1 and request.group is None
+            and p.temperature == 0.0 and not p.use_beam_search and p.logprobs is None and p.prompt_logprobs is None
+            and not p.stop and not p.uses_penalties and not p.logit_bias and not p.no_repeat_ngram_size
+            and not p.bad_words and not p.bad_words_token_ids and request.num_output_tokens >= p.min_tokens)

@@ -149,6 +149,34 @@ std::tuple<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Ten
   return {out, logits, greedy_argmax(logits)};
 }
 
+torch::Tensor DecodeStep::forward_steps(torch::Tensor input_ids, torch::Tensor positions, torch::Tensor block_tables,
+                                        torch::Tensor seq_lens, int64_t num_steps) const {
+  TORCH_CHECK(!head_.kind.empty(), "forward_steps needs the LM head in the step (its greedy tokens feed the next)");
+  TORCH_CHECK(num_steps >= 1, "num_steps must be at least 1, got ", num_steps);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == input_ids.size(0), "block_tables must be (M, W)");
+  const int64_t M = input_ids.size(0), width = block_tables.size(1), block_size = key_caches_[0].size(1);
+  const auto options = torch::TensorOptions().dtype(at::kLong);
+  block_tables = block_tables.to(at::kLong).contiguous();
+  auto ids = input_ids.to(at::kLong).clone();  // (M,): each step's inputs, then its greedy tokens
+  auto pos = positions.to(at::kLong).clone(), lens = seq_lens.to(at::kLong).clone(), slots = torch::empty({M}, options);
+  auto tokens = torch::empty({num_steps, M}, options);
+  const int64_t* table = block_tables.data_ptr<int64_t>();
+  int64_t *p = pos.data_ptr<int64_t>(), *len = lens.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>();
+  for (int64_t s = 0; s < num_steps; ++s) {
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t block = p[m] / block_size;
+      TORCH_CHECK(p[m] >= 0 && block < width, "row ", m, ": position ", p[m], " is past its ", width,
+                  " blocks of ", block_size, " tokens (allocate the slots of every step first)");
+      slot[m] = table[m * width + block] * block_size + p[m] % block_size;
+    }
+    auto stepped = forward(ids, pos, slots, block_tables, lens);
+    ids = *std::get<2>(stepped);  // (M,) int64: the next step's inputs
+    std::copy_n(ids.data_ptr<int64_t>(), M, tokens.data_ptr<int64_t>() + s * M);
+    for (int64_t m = 0; m < M; ++m) ++p[m], ++len[m];
+  }
+  return tokens;
+}
+
 void bind_decode_step(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<LinearSpec>(m, "LinearSpec")
@@ -175,5 +203,6 @@ void bind_decode_step(pybind11::module& m) {
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init<std::vector<DecodeLayer>, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t,
                     double, double, torch::Tensor, LinearSpec>())
-      .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>())
+      .def("forward_steps", &DecodeStep::forward_steps, py::call_guard<py::gil_scoped_release>());
 }

@@ -44,6 +44,12 @@ class DecodeStep {
   std::tuple<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>> forward(
       torch::Tensor input_ids, torch::Tensor positions, torch::Tensor slot_mapping, torch::Tensor block_tables,
       torch::Tensor seq_lens) const;
+  // num_steps greedy decode steps in one call (multi-step scheduling): step s runs at positions + s, its
+  // input being step s - 1's greedy tokens (step 0's: input_ids), its K/V written at the slots block_tables
+  // gives those positions (they must already be allocated) -> the tokens (num_steps, M) int64, row s
+  // bit-identical to what forward's greedy tokens would be, step after step. Needs the LM head.
+  torch::Tensor forward_steps(torch::Tensor input_ids, torch::Tensor positions, torch::Tensor block_tables,
+                              torch::Tensor seq_lens, int64_t num_steps) const;
 
  private:
   // The step's buffers, one per intermediate activation (the layers share them).
