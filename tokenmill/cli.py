@@ -60,7 +60,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="with --tensor-parallel-size: place whole experts of MoE layers on the ranks")
     p.add_argument("--num-scheduler-steps", type=int, default=1,
                    help="CPU: up to this many greedy decode steps per call of the C++ decode step while every "
-                        "running request decodes greedily (no sampling, logprobs, penalties or stop strings) "
+                        "running request decodes greedily (no sampling, logprobs or penalties) "
                         "and none waits; tokens then arrive in bursts")
 
 

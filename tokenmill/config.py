@@ -281,8 +281,8 @@ class SchedulerConfig:
     """Split long prompts across steps so that they share steps with decodes."""
     num_scheduler_steps: int = 1
     """Decode steps per scheduling round (vLLM's multi-step scheduling): where every running request
-    decodes greedily with nothing that needs the host between tokens (no sampling, logprobs, processors,
-    stop strings or beams), nothing waits, and the runner can loop on its own (the C++ CPU decode step), one
+    decodes greedily with nothing that needs the host between tokens (no sampling, logprobs, processors
+    or beams), nothing waits, and the runner can loop on its own (the C++ CPU decode step), one
     call runs up to this many steps, feeding each step's tokens to the next; the scheduler and the Python
     around the step run once for all of them. Tokens then arrive (and stream) in bursts of that many."""
 

@@ -94,8 +94,8 @@ class LLM:
             checksummed file per block, within that many bytes (default 4 GiB).
         enforce_eager: CUDA: no CUDA graphs (each decode step runs the Python forward).
         num_scheduler_steps: CPU: up to this many greedy decode steps per call of the C++ decode step
-            while every running request decodes greedily with no sampling, logprobs, processors or stop
-            strings and nothing waits (multi-step scheduling; see ``SchedulerConfig``). Default 1.
+            while every running request decodes greedily with no sampling, logprobs or processors and
+            nothing waits (multi-step scheduling; see ``SchedulerConfig``). Default 1.
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",

@@ -49,6 +49,7 @@ def test_bench_throughput_and_latency_write_json(checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(lat.read_text())
     assert data["tpot_ms"] > 0 and data["bandwidth_floor_ms"] > 0 and data["weight_bytes"] > 0
+    assert data["num_scheduler_steps"] == 1 and "decode steps per call" in result.stdout
     # --profile: a trace, the profiler's table, and time per output token by operator and engine phase
     assert json.loads((tmp_path / "prof" / "trace.json").read_text())["traceEvents"]
     assert "Self CPU" in (tmp_path / "prof" / "ops.txt").read_text()

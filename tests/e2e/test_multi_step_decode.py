@@ -114,3 +114,35 @@ def test_steps_past_the_allocated_blocks_are_refused(checkpoint, make_llm):
     assert tokens.shape == (1, 1) and tokens.dtype == torch.int64
     with pytest.raises(RuntimeError, match="row 0: position 4 is past its 1 blocks of 4 tokens"):
         step.steps(torch.tensor([5]), torch.tensor([3]), metadata, 2)
+
+
+def test_a_stop_string_inside_a_burst_ends_the_request_there(checkpoint, make_llm):
+    """Stop strings are found by the detokenizer after the burst: the text, the token ids (those after the
+    token completing the stop string dropped) and the finish reason equal one step at a time."""
+    prompts = _prompts(3, seed=5)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    one = make_llm(checkpoint("llama"), dtype="float32")
+    texts = [o.outputs[0].text for o in one.generate(prompts, greedy, use_tqdm=False)]
+    stops = [_clean_pair_near_middle(text) for text in texts]  # the random model's text has broken bytes too
+    assert all(stops), texts
+    params = [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=[s]) for s in stops]
+    expected = one.generate(prompts, params, use_tqdm=False)
+    multi = make_llm(checkpoint("llama"), dtype="float32", num_scheduler_steps=4)
+    calls = _count_calls(multi.engine.core.runner)
+    outputs = multi.generate(prompts, params, use_tqdm=False)
+    assert calls["steps"], "requests with stop strings run several steps a call"
+    for got, want in zip(outputs, expected):
+        assert want.outputs[0].finish_reason == "stop"
+        assert (got.outputs[0].text, got.outputs[0].token_ids, got.outputs[0].finish_reason,
+                got.outputs[0].stop_reason) == (want.outputs[0].text, want.outputs[0].token_ids, "stop",
+                                                want.outputs[0].stop_reason)
+    assert any(len(o.outputs[0].token_ids) % 4 != 1 for o in expected), "a stop string should fall inside a burst"
+
+
+def _clean_pair_near_middle(text: str) -> str | None:
+    """Two printable, whole characters of ``text`` nearest its middle (a stop string there), or None."""
+    starts = [i for i in range(len(text) - 1) if text[i:i + 2].isprintable() and "\ufffd" not in text[i:i + 2]]
+    if not starts:
+        return None
+    start = min(starts, key=lambda i: abs(i - len(text) // 2))
+    return text[start:start + 2]

@@ -375,7 +375,7 @@ def test_kv_tiers_show_in_usage_metrics_and_the_start_up_line(start_server):
 
 def test_multi_step_scheduling_serves_and_streams_the_same_text(server, start_server):
     """``--num-scheduler-steps 4``: greedy tokens come four decode steps per call, in bursts; the text, whole
-    or streamed, equals the one-step server's."""
+    or streamed, and where a stop string cuts it, equals the one-step server's."""
     multi = start_server("--num-scheduler-steps", "4")
     body = {"prompt": PROMPT, "max_tokens": 23, "temperature": 0, "ignore_eos": True}
     one = httpx.post(server.url + "/v1/completions", json={"model": server.name, **body}, timeout=60).json()
@@ -388,5 +388,13 @@ def test_multi_step_scheduling_serves_and_streams_the_same_text(server, start_se
             if line.startswith("data: ") and line != "data: [DONE]":
                 streamed += json.loads(line[6:])["choices"][0]["text"]
     assert streamed == one["choices"][0]["text"]
+    text = one["choices"][0]["text"]  # a stop string from its middle: found inside a burst, cut the same way
+    middle = next(i for i in sorted(range(len(text) - 1), key=lambda i: abs(i - len(text) // 2))
+                  if text[i:i + 2].isprintable() and "\ufffd" not in text[i:i + 2])
+    stop = {**body, "stop": [text[middle:middle + 2]]}
+    want = httpx.post(server.url + "/v1/completions", json={"model": server.name, **stop}, timeout=60).json()
+    got = httpx.post(multi.url + "/v1/completions", json={"model": multi.name, **stop}, timeout=60).json()
+    assert want["choices"][0]["finish_reason"] == "stop" and got["choices"][0] == want["choices"][0]
+    assert got["usage"] == want["usage"]
     multi.wait_idle()
     assert "multi-step scheduling: up to 4 greedy decode steps per call" in multi.output()

@@ -43,6 +43,24 @@ def test_stop_string_split_across_tokens_is_cut_and_held_back(tokenizer):
     assert not any("brown" in d for d in deltas)
 
 
+def test_a_burst_of_tokens_is_read_up_to_the_stop_string(tokenizer):
+    """Several tokens at once (a multi-step burst): reading stops at the token completing the stop string,
+    and ``num_tokens_taken`` says how many were read, so the caller drops the rest."""
+    ids = tokenizer.encode("the quick brown fox jumps over", add_special_tokens=False)
+    one = IncrementalDetokenizer(tokenizer, tokenizer.encode("Say: "), SamplingParams(stop=["brown f"]))
+    for taken, token in enumerate(ids, 1):
+        one.update([token], finished=False)
+        if one.stop_string:
+            break
+    assert taken < len(ids)
+    burst = IncrementalDetokenizer(tokenizer, tokenizer.encode("Say: "), SamplingParams(stop=["brown f"]))
+    delta = burst.update(ids, finished=False)
+    assert burst.stop_string == "brown f" and burst.num_tokens_taken == taken and delta == "the quick "
+    plain = IncrementalDetokenizer(tokenizer, [], SamplingParams())
+    plain.update(ids, finished=False)
+    assert plain.num_tokens_taken == len(ids)
+
+
 def test_earliest_stop_string_wins(tokenizer):
     _, detok = _stream(tokenizer, "alpha beta gamma", SamplingParams(stop=["gamma", "beta"]))
     assert detok.stop_string == "beta" and detok.text == "alpha "

@@ -80,7 +80,7 @@ def test_steps_stop_at_max_tokens():
 
 
 @pytest.mark.parametrize("params", [dict(temperature=0.7), dict(logprobs=1), dict(prompt_logprobs=0),
-                                    dict(stop=["x"]), dict(repetition_penalty=1.2), dict(logit_bias={5: 1.0}),
+                                    dict(repetition_penalty=1.2), dict(logit_bias={5: 1.0}),
                                     dict(no_repeat_ngram_size=2), dict(bad_words_token_ids=[[5]]),
                                     dict(min_tokens=3)])
 def test_one_step_when_a_request_needs_the_host_between_tokens(params):
@@ -133,6 +133,9 @@ def test_runs_unattended_needs_a_plain_greedy_decode():
     assert not runs_unattended(r)  # its prompt is still to compute
     _step(s)
     assert runs_unattended(r)
+    stop = _add(s, "stop", stop=["x"])  # stop strings: the detokenizer cuts a burst at one (tokens after dropped)
+    _step(s)
+    assert runs_unattended(stop)
     beam = Request("beam", [3, 4], SamplingParams(temperature=0.0, beam_width=2), frozenset({EOS}), max_tokens=4,
                    seed=0)
     beam.num_computed_tokens = beam.num_tokens - 1

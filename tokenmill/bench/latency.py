@@ -69,9 +69,11 @@ def run_latency(llm: LLM, args) -> dict[str, Any]:
         "output_len": args.output_len, "ttft_ms": 1000 * statistics.median(ttfts), "tpot_ms": tpot_ms,
         "decode_tokens_per_s": 1000 / tpot_ms, "weight_bytes": weight_bytes(model), "decode_read_bytes": num_bytes, "read_bandwidth_gb_s": bandwidth / 1e9,
         "bandwidth_floor_ms": floor_ms, "fraction_of_floor": floor_ms / tpot_ms,
+        "num_scheduler_steps": llm.engine.core.scheduler.config.num_scheduler_steps,
     }
     print_table(f"latency, batch 1: {args.model} ({result['dtype']})", [
         ("prompt / output tokens", f"{args.input_len} / {args.output_len}"),
+        ("decode steps per call", result["num_scheduler_steps"]),
         ("time to first token (ms)", result["ttft_ms"]), ("ms per output token", tpot_ms),
         ("decode tokens/s", result["decode_tokens_per_s"]),
         ("weights held (MB)", result["weight_bytes"] / 1e6), ("weights read per token (MB)", num_bytes / 1e6),

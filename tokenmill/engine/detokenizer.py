@@ -28,13 +28,19 @@ class IncrementalDetokenizer:
         """All output text decoded so far (stop string removed once found)."""
         self.num_emitted_chars = 0
         self.stop_string: str | None = None
+        self.num_tokens_taken = 0
+        """How many of the last ``update``'s tokens were read: all, or up to the one completing a stop string
+        (a burst of several tokens, as multi-step decoding gives, may run past it)."""
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def update(self, new_token_ids: list[int], finished: bool) -> str:
-        """Feeds new tokens; returns the newly final text. Sets ``stop_string`` when one was found."""
+        """Feeds new tokens; returns the newly final text. Sets ``stop_string`` when one was found (the
+        tokens after the one that completed it are not read: ``num_tokens_taken``)."""
+        self.num_tokens_taken = 0
         for token in new_token_ids:
+            self.num_tokens_taken += 1
             self.ids.append(token)
             prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
             full = self._decode(self.ids[self.prefix_offset:])

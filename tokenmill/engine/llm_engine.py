@@ -227,6 +227,9 @@ class EngineFrontend:
             if tracked.detokenizer is not None:
                 tracked.delta_text = tracked.detokenizer.update(out.new_token_ids, finish_reason is not None)
                 if tracked.detokenizer.stop_string is not None:
+                    unread = len(out.new_token_ids) - tracked.detokenizer.num_tokens_taken
+                    if unread:  # a multi-step burst went past the stop string: its tokens after it are dropped
+                        del tracked.output_token_ids[-unread:]
                     if finish_reason is None:
                         self.core.stop_requests([out.request_id])
                     finish_reason, stop_reason = "stop", tracked.detokenizer.stop_string

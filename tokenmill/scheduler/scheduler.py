@@ -371,10 +371,11 @@ class Scheduler:
 def runs_unattended(request: Request) -> bool:
     """Whether the request's next tokens need nothing from the host between them: a decode (one token to
     compute) whose every token is its logits' argmax (temperature 0, no penalties, bias, bans, n-gram rule
-    or min_tokens still to reach), with no logprobs, no stop strings (the detokenizer finds those) and no
-    beams. Such requests may run several steps in one call (``num_scheduler_steps``)."""
+    or min_tokens still to reach), with no logprobs and no beams. Such requests may run several steps in
+    one call (``num_scheduler_steps``); a stop string inside a burst is found by the detokenizer, which
+    drops the burst's tokens after it."""
     p = request.sampling_params
     return (request.num_tokens - request.num_computed_tokens == 1 and request.group is None
             and p.temperature == 0.0 and not p.use_beam_search and p.logprobs is None and p.prompt_logprobs is None
-            and not p.stop and not p.uses_penalties and not p.logit_bias and not p.no_repeat_ngram_size
+            and not p.uses_penalties and not p.logit_bias and not p.no_repeat_ngram_size
             and not p.bad_words and not p.bad_words_token_ids and request.num_output_tokens >= p.min_tokens)
