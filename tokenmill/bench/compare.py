@@ -64,7 +64,8 @@ def run_compare(args) -> dict[str, Any]:
     for index, llm, _, _ in engines:
         speedups = [b / t for b, t in zip(tpots[0], tpots[index])]  # within each round
         results.append({
-            "variant": args.variants[index], "num_scheduler_steps": llm.engine.core.scheduler.config.num_scheduler_steps,
+            "variant": args.variants[index],
+            "num_scheduler_steps": llm.engine.core.scheduler.config.num_scheduler_steps,
             "tpot_ms": statistics.median(tpots[index]),
             "tpot_ms_rounds": tpots[index], "speedup_vs_first": statistics.median(speedups),
             "speedup_vs_first_rounds": speedups, "decode_read_bytes": decode_read_bytes(llm.engine.core.runner.model)})
