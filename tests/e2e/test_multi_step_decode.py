@@ -146,3 +146,15 @@ def _clean_pair_near_middle(text: str) -> str | None:
         return None
     start = min(starts, key=lambda i: abs(i - len(text) // 2))
     return text[start:start + 2]
+
+
+def test_the_runner_refuses_steps_for_a_batch_that_needs_the_sampler(checkpoint, make_llm, monkeypatch):
+    """A scheduler bug that gave a sampled request several steps would be an error, not wrong tokens."""
+    llm = make_llm(checkpoint("llama"), dtype="float32", num_scheduler_steps=4)
+    core = llm.engine.core
+    core.add_request("sampled", [1, 5, 9, 14], SamplingParams(temperature=0.8, seed=1, max_tokens=8))
+    core.step()  # its prompt
+    monkeypatch.setattr(core.scheduler, "_num_steps_possible", lambda budget, max_seqs: 4)
+    with pytest.raises(RuntimeError, match="a 4-step decode was scheduled for a batch that needs the host"):
+        core.step()
+    core.abort_requests(["sampled"])

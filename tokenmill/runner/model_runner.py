@@ -90,11 +90,7 @@ class ModelRunner:
         """(inputs, hidden (T, H), logits (T, V) or None, greedy tokens (T,) or None), or this stage's
         StageTensors for the next stage of a pipeline. Logits come only from a decode step (C++ or CUDA
         graphs: each of its rows is a request's last token), greedy tokens only from the C++ one."""
-        self._update_states(so)
-        states = [self.requests[request_id] for request_id in so.num_scheduled_tokens]
-        with phase("tokenmill.step_inputs"):
-            inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device,
-                                       self.model.config.vocab_size)
+        inputs = self._step_inputs(so)
         if self.decode_step is not None and not inputs.attention.prefills:
             with phase("tokenmill.decode_step"):
                 stepped = self.decode_step(inputs.input_ids, inputs.positions, inputs.attention)
@@ -103,6 +99,14 @@ class ModelRunner:
         with forward_context(inputs.attention), phase("tokenmill.forward"):
             hidden = self.model(inputs.input_ids, inputs.positions, received)  # (T, H)
         return inputs, hidden, None, None
+
+    def _step_inputs(self, so: SchedulerOutput):
+        """Applies the step's request updates (and KV moves), then packs its inputs (``StepInputs``)."""
+        self._update_states(so)
+        states = [self.requests[request_id] for request_id in so.num_scheduled_tokens]
+        with phase("tokenmill.step_inputs"):
+            return build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device,
+                                     self.model.config.vocab_size)
 
     def _forward(self, so: SchedulerOutput, all_positions: bool = False, received: StageTensors | None = None):
         """(inputs, logits (T or B, V), hidden (T, H), greedy tokens (B,) from the decode step or None)."""
@@ -192,11 +196,8 @@ class ModelRunner:
 
     def _execute_steps(self, so: SchedulerOutput) -> ModelRunnerOutput:
         """``so.num_steps`` greedy decode steps in one call of the C++ step: each request's tokens, one a step."""
-        self._update_states(so)
-        states = [self.requests[request_id] for request_id in so.num_scheduled_tokens]
-        inputs = build_step_inputs(states, so.num_scheduled_tokens, self.block_size, self.device,
-                                   self.model.config.vocab_size)
-        if not (self.runs_steps and inputs.attention.num_decodes == len(states) and inputs.sampling.plain_greedy):
+        inputs = self._step_inputs(so)
+        if not (self.runs_steps and not inputs.attention.prefills and inputs.sampling.plain_greedy):
             raise RuntimeError(f"a {so.num_steps}-step decode was scheduled for a batch that needs the host between "
                                "tokens (prompt chunks, sampling, processors or logprobs) or a runner without the C++ "
                                "decode step's greedy loop")
