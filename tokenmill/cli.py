@@ -10,6 +10,7 @@ import torch
 
 from tokenmill.analysis.commands import add_analyze_command
 from tokenmill.bench.commands import add_bench_commands
+from tokenmill.config import QUANTIZATION_CHOICES
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -28,9 +29,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", help="auto, torch (portable) or cpu (C++ decode kernel)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quantization", choices=["int8", "int4", "gptq"],
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES,
                    help="quantize a float checkpoint's weights at load: int8 (per channel) or int4 (groups); "
-                        "GPTQ checkpoints are recognised without it")
+                        "GPTQ checkpoints and GGUF Q8_0/Q4_0 matrices run as stored without it (gptq, gguf); "
+                        "none dequantizes a GGUF file")
     p.add_argument("--quantization-group-size", type=int, help="int4: 32, 64 (default), 128 or -1 (per channel)")
     p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the LM head in the model dtype")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"],

@@ -18,6 +18,9 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.moe_config import MoEConfig
 from tokenmill.layers.quantization.config import LOAD_TIME_METHODS, QuantizationConfig
 
+QUANTIZATION_CHOICES = (*LOAD_TIME_METHODS, "gptq", "gguf", "none")
+"""What ``quantization`` may name (see EngineConfig.quantization)."""
+
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -318,7 +321,8 @@ class EngineConfig:
     """Load no tokenizer: prompts must be token ids and outputs carry no text (benchmarks)."""
     quantization: str | None = None
     """Weight quantization: ``int8`` (per channel) or ``int4`` (groups) of a float checkpoint, at load;
-    ``gptq`` (or None) for a GPTQ checkpoint, which is recognised from its config."""
+    ``gptq`` (or None) for a GPTQ checkpoint, which is recognised from its config; ``gguf`` (or None) for
+    a GGUF file's Q8_0 / Q4_0 matrices, which run as stored; ``none`` dequantizes those to the dtype."""
     quantization_group_size: int | None = None
     """int4 only: inputs per scale and zero point, 32, 64 (default), 128 or -1 (per channel)."""
     quantize_lm_head: bool = True
@@ -371,9 +375,9 @@ class EngineConfig:
                              f"{self.pipeline_parallel_size}")
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}")
-        if self.quantization not in (None, "gptq", *LOAD_TIME_METHODS):
+        if self.quantization not in (None, *QUANTIZATION_CHOICES):
             raise ValueError(f"quantization {self.quantization!r} is not supported; "
-                             f"choose one of {', '.join(LOAD_TIME_METHODS)} or gptq")
+                             f"choose one of {', '.join(QUANTIZATION_CHOICES)}")
         if self.quantization in LOAD_TIME_METHODS:
             self.load_time_quantization()  # validates the group size
         elif self.quantization_group_size is not None:

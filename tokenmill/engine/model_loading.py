@@ -22,7 +22,7 @@ def load_for_engine(config: EngineConfig, device: torch.device) -> tuple[nn.Modu
     model, model_config = load_model(config.model, config.dtype, device, seed=config.seed,
                                      quantization=config.quantization,
                                      load_time_quantization=config.load_time_quantization(),
-                                     prepack=config.prepack_weights)
+                                     prepack=config.prepack_weights, quantize_lm_head=config.quantize_lm_head)
     apply_weight_offload(model, config, device)
     if device.type == "cpu" and getattr(model, "weight_streamer", None) is None:
         gather_weights(model)  # one huge-page region for what every decode step streams

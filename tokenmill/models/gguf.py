@@ -2,6 +2,10 @@
 Hugging Face names, dequantized to float32 at load (the loader casts them to the run dtype).
 Architectures: ``llama`` (Llama, Mistral, SmolLM), ``qwen2``, ``qwen3`` and ``gpt2``.
 
+Q8_0 and Q4_0 matrices of the Llama family can run as they are stored (``NATIVE_TYPES``): the reader
+then yields, instead of the dequantized weight, its blocks' codes and scales (``<layer>.gguf_codes``,
+``<layer>.gguf_scales``), which the layer's GGUF linear method holds (``layers/quantization/methods.py``).
+
 Read with the ``gguf`` package (llama.cpp's own reader). GGUF lists a matrix's dimensions
 innermost first, so a (out, in) weight is stored as [in, out]. llama.cpp's converter reorders the
 rows of Llama-family Q and K projections per head, for its interleaved rotary layout; the same
@@ -15,12 +19,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from tokenmill.config import ModelConfig, RopeScaling
 from tokenmill.errors import ModelLoadError
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+NATIVE_TYPES = {"Q8_0": 8, "Q4_0": 4}
+"""Block types a quantized matrix holds exactly (bits per code): blocks of 32 inputs with a float16 scale d;
+Q8_0 ``w = d * q`` (q int8), Q4_0 ``w = d * (q - 8)`` (q a nibble). Q4_1 (``d * q + m``) has a zero point
+that is not a whole number, and K-quants have two levels of scales: both are dequantized."""
+NATIVE_BLOCK = 32
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "gpt2": "GPT2LMHeadModel"}
@@ -64,11 +74,28 @@ def metadata(reader) -> dict[str, Any]:
 
 
 def read_gguf(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
-    """The model config and the weights (under Hugging Face names) of a GGUF checkpoint."""
+    """The model config and the weights (under Hugging Face names, all dequantized) of a GGUF checkpoint."""
     reader = open_gguf(path)
-    meta = metadata(reader)
-    config = gguf_model_config(meta, {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}, path)
-    return config, _weights(reader, config, path)
+    config = reader_config(reader, path)
+    return config, gguf_weights(reader, config, path)
+
+
+def reader_config(reader, path: str | Path = "") -> ModelConfig:
+    """The ModelConfig of an open GGUF file."""
+    return gguf_model_config(metadata(reader), {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors},
+                             path)
+
+
+def matrix_bits(reader, config: ModelConfig) -> dict[str, int | None]:
+    """Hugging Face name -> code bits of every 2-D tensor: its ``NATIVE_TYPES`` bits, or None (another type,
+    or GPT-2, whose matrices are transposed for its Conv1D layers and so are dequantized)."""
+    gpt2 = config.architecture == "GPT2LMHeadModel"
+    bits = {}
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name, gpt2)
+        if name is not None and len(tensor.shape) == 2:
+            bits[name] = None if gpt2 else NATIVE_TYPES.get(tensor.tensor_type.name)
+    return bits
 
 
 def gguf_model_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
@@ -132,8 +159,13 @@ def gguf_model_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, 
 
 
 def _file_dtype(meta: dict[str, Any]) -> str:
-    """``dtype="auto"``: float16/bfloat16 files run as such; quantized ones as float32."""
-    return {1: "float16", 32: "bfloat16"}.get(meta.get("general.file_type"), "float32")
+    """``dtype="auto"``: float16/bfloat16 files run as such; Q8_0 and Q4_0 files of the Llama family as
+    bfloat16, so that their matrices run as stored (as llama.cpp runs them, 8-bit activations in integer
+    dot products); other quantized ones as float32."""
+    file_type = meta.get("general.file_type")
+    if file_type in (2, 7) and meta.get("general.architecture") != "gpt2":  # MOSTLY_Q4_0, MOSTLY_Q8_0
+        return "bfloat16"
+    return {1: "float16", 32: "bfloat16"}.get(file_type, "float32")
 
 
 def dequantize(tensor, path: str | Path = "") -> torch.Tensor:
@@ -160,7 +192,30 @@ def _hf_name(gguf_name: str, gpt2: bool) -> str | None:
     return None if mapped is None else f"{mapped}.{suffix}"
 
 
-def _weights(reader, config: ModelConfig, path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+def block_codes(tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 or Q4_0 matrix as stored: codes (rows, inputs) uint8 (Q8_0: q + 128; Q4_0: the nibble q, a
+    block's 16 low nibbles its first 16 inputs, its high ones the next 16) and the blocks' float16 scales d
+    as float32 (rows, inputs / 32)."""
+    rows, in_features = (int(d) for d in reversed(tensor.shape))
+    blocks = tensor.data.reshape(rows * in_features // NATIVE_BLOCK, -1)  # (blocks, bytes) uint8: d, then q
+    d = blocks[:, :2].copy().view("float16").astype("float32")
+    if tensor.tensor_type.name == "Q8_0":
+        codes = blocks[:, 2:].view("int8").astype("int16") + 128
+    else:
+        codes = np.concatenate([blocks[:, 2:] & 0xF, blocks[:, 2:] >> 4], axis=1)
+    return (torch.from_numpy(codes.astype("uint8").reshape(rows, in_features)),
+            torch.from_numpy(d.reshape(rows, in_features // NATIVE_BLOCK)))
+
+
+def tensor_codes(reader, gguf_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block_codes`` of the tensor named ``gguf_name`` (``token_embd.weight``: a tied LM head's)."""
+    return block_codes(next(t for t in reader.tensors if t.name == gguf_name))
+
+
+def gguf_weights(reader, config: ModelConfig, path: str | Path,
+                 native: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors under Hugging Face names, dequantized to float32; those named in ``native`` (weights
+    of ``matrix_bits``) as their codes and scales instead (``<layer>.gguf_codes``, ``<layer>.gguf_scales``)."""
     from tokenmill.models.llama2c import interleaved_to_halves
 
     unpermute = config.architecture == "LlamaForCausalLM"
@@ -169,11 +224,18 @@ def _weights(reader, config: ModelConfig, path: str | Path) -> Iterator[tuple[st
         name = _hf_name(tensor.name, gpt2)
         if name is None:
             raise ModelLoadError(f"{path}: unexpected tensor {tensor.name!r} for {config.architecture}")
-        weight = dequantize(tensor, path)
-        if gpt2 and weight.dim() == 2 and name.startswith("transformer.h."):
-            weight = weight.t()  # back to GPT-2's Conv1D (in, out) layout, which the model's loader expects
+        if name in native:
+            rows = dict(zip(("gguf_codes", "gguf_scales"), block_codes(tensor)))
+        else:
+            weight = dequantize(tensor, path)
+            if gpt2 and weight.dim() == 2 and name.startswith("transformer.h."):
+                weight = weight.t()  # back to GPT-2's Conv1D (in, out) layout, which the model's loader expects
+            rows = {"weight" if name.endswith(".weight") else "bias": weight}
         if unpermute and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
             num_heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
-            rows = weight if weight.dim() == 2 else weight[:, None]  # a bias is reordered like the rows
-            weight = interleaved_to_halves(rows, num_heads).reshape(weight.shape)
-        yield name, weight
+            for key, value in rows.items():  # a bias, the codes and the scales are reordered like the rows
+                rows[key] = interleaved_to_halves(value if value.dim() == 2 else value[:, None],
+                                                  num_heads).reshape(value.shape)
+        stem = name.rpartition(".")[0]
+        for key, value in rows.items():
+            yield f"{stem}.{key}", value

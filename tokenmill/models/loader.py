@@ -1,7 +1,8 @@
 """Builds a model and fills its parameters from a checkpoint.
 
 Sources of ``(name, tensor)`` pairs: Hugging Face safetensors (single or sharded, memory-mapped),
-GGUF files (dequantized), llama2.c ``.bin`` files, or a seeded random init for named shapes. Every source ends in
+GGUF files (dequantized, or Q8_0 / Q4_0 matrices as stored), llama2.c ``.bin`` files, or a seeded random
+init for named shapes. Every source ends in
 ``load_weights``, which routes each tensor through its parameter's ``weight_loader`` and
 checks that nothing is missing.
 """
@@ -189,28 +190,31 @@ def map_checkpoint_tensor(file: Path, name: str) -> torch.Tensor:
 
 def load_model(model: str, dtype: str, device: torch.device, seed: int = 0,
                quantization: str | None = None, load_time_quantization: QuantizationConfig | None = None,
-               prepack: bool = True) -> tuple[nn.Module, ModelConfig]:
+               prepack: bool = True, quantize_lm_head: bool = True) -> tuple[nn.Module, ModelConfig]:
     """Loads a Hugging Face folder (float or GPTQ), a GGUF file, a llama2.c ``.bin`` checkpoint or a
     named random shape; ``load_time_quantization`` (int8, int4) rounds a float checkpoint's linear
-    layers as they load. ``quantization`` is what the user asked for (checked against the checkpoint).
+    layers as they load. ``quantization`` is what the user asked for (checked against the checkpoint;
+    ``none`` dequantizes a GGUF file's Q8_0 / Q4_0 matrices, which otherwise run as stored).
 
     ``dtype="auto"`` keeps the checkpoint's dtype, except float16 on CPU, which runs as float32.
     """
-    module, config, weights, _ = open_model(model, dtype, device, quantization, load_time_quantization)
+    module, config, weights, _ = open_model(model, dtype, device, quantization, load_time_quantization,
+                                            quantize_lm_head=quantize_lm_head)
     fill_weights(module, weights, seed)
     process_weights_after_loading(module, prepack)
     return module, config
 
 
 def open_model(model: str, dtype: str, device: torch.device, quantization: str | None = None,
-               load_time_quantization: QuantizationConfig | None = None, build_device: torch.device | None = None
+               load_time_quantization: QuantizationConfig | None = None, build_device: torch.device | None = None,
+               quantize_lm_head: bool = True
                ) -> tuple[nn.Module, ModelConfig, Iterable[tuple[str, torch.Tensor]] | None, Path]:
     """``load_model``'s first half: (the model built with uninitialised weights and its quantized layers
     assigned, its config, the checkpoint's tensors to load (None: a named random shape), the path).
     ``build_device``: where to build it when not on ``device`` (the CPU, for a model that moves to the
     GPU unit by unit)."""
     from tokenmill.config import parse_dtype
-    from tokenmill.models.gguf import is_gguf_file, read_gguf
+    from tokenmill.models.gguf import gguf_weights, is_gguf_file, open_gguf, reader_config
     from tokenmill.models.llama2c import is_llama2c_checkpoint, read_llama2c
     from tokenmill.models.shapes import SHAPES
 
@@ -218,7 +222,8 @@ def open_model(model: str, dtype: str, device: torch.device, quantization: str |
     if model in SHAPES and not path.exists():
         config, weights = SHAPES[model], None
     elif is_gguf_file(path):
-        config, weights = read_gguf(path)
+        reader = open_gguf(path)
+        config, weights = reader_config(reader, path), None  # the weights once the layers' methods are known
     elif is_llama2c_checkpoint(path):
         config, weights = read_llama2c(path)
     elif path.is_dir():
@@ -235,6 +240,13 @@ def open_model(model: str, dtype: str, device: torch.device, quantization: str |
     else:
         torch_dtype = parse_dtype(dtype)
     module = build_model(config, torch_dtype, build_device or device)
+    if is_gguf_file(path):
+        # By default the blocks run as stored for 16-bit activations; float32 runs dequantize them, as float32
+        # panels multiply faster than the exact float32 product over blocks of 32 inputs.
+        keep = quantization == "gguf" or (quantization is None and torch_dtype in (torch.bfloat16, torch.float16))
+        native = _gguf_native_layers(module, reader, config, keep, load_time_quantization, quantize_lm_head,
+                                     required=quantization == "gguf")
+        weights = gguf_weights(reader, config, path, native)
     _quantize_layers(module, config, path, quantization, load_time_quantization)
     return module, config, weights, path
 
@@ -248,10 +260,57 @@ def fill_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]] 
         load_weights(module, weights, on_loaded)
 
 
+def _gguf_native_layers(module: nn.Module, reader, config: ModelConfig, keep: bool, load_time: QuantizationConfig | None,
+                        lm_head: bool, required: bool = False) -> frozenset[str]:
+    """With ``keep``, gives the GGUF linear method to each linear layer whose matrices are all Q8_0, or all
+    Q4_0 (a merged q/k/v or gate/up whose parts differ stays float, and so does a head split over
+    tensor-parallel ranks); returns the checkpoint names of those matrices, which then load as codes and
+    scales. Without it (``none``, ``int8``, ``int4``, or a float32 run) everything loads dequantized.
+    ``required`` (``quantization="gguf"``): ModelLoadError if no layer can keep its blocks."""
+    from tokenmill.layers.linear import Linear
+    from tokenmill.layers.quantization.methods import GGUFLinearMethod
+    from tokenmill.models.gguf import matrix_bits, tensor_codes
+
+    if not keep or load_time is not None:
+        return frozenset()
+    # Layers that can hold whole blocks: not a vocabulary-parallel head, whole blocks per tensor-parallel rank.
+    linears = {name for name, m in module.named_modules() if isinstance(m, Linear) and m.parallel != "vocab"
+               and m.in_features % GGUFLinearMethod.group_size == 0 and m.in_start % GGUFLinearMethod.group_size == 0}
+    parts: dict[str, dict[str, int | None]] = {}  # layer -> {checkpoint name: bits, None for other types}
+    stored = matrix_bits(reader, config)
+    for ckpt, bits in stored.items():
+        param = parameter_name(module, ckpt)[0]
+        layer = None if param is None else param.removesuffix(".weight")
+        if layer in linears and (lm_head or layer.split(".")[-1] != "lm_head"):
+            parts.setdefault(layer, {})[ckpt] = bits
+    native: set[str] = set()
+    tied_bits = stored.get("model.embed_tokens.weight")
+    tied_head = bool(config.tie_word_embeddings and lm_head and tied_bits and "lm_head" in linears
+                     and "lm_head" not in parts)
+    if tied_head:
+        # The head is the embedding matrix: it takes that matrix's blocks (the embedding loads dequantized).
+        head = GGUFLinearMethod(tied_bits, "lm_head", tensor_codes(reader, "token_embd.weight"))
+        module.get_submodule("lm_head").set_quant_method(head)
+        logger.info("GGUF: the tied LM head runs as stored in the embedding's %d-bit blocks", tied_bits)
+    for bits, kind in ((8, "Q8_0"), (4, "Q4_0")):
+        layers = {layer for layer, found in parts.items() if set(found.values()) == {bits}}
+        count = apply_quantization(module, QuantizationConfig.gguf(bits), lambda name: name in layers)
+        if count:
+            logger.info("GGUF: %d linear layers run as stored in %s blocks (%d-bit codes, groups of 32)",
+                        count, kind, bits)
+        native.update(ckpt for layer in layers for ckpt in parts[layer])
+    if required and not native and not tied_head:
+        raise ModelLoadError(f"quantization='gguf' needs Q8_0 or Q4_0 matrices in a Llama-family GGUF file; "
+                             f"{config.architecture} here has none")
+    return frozenset(native)
+
+
 def _quantize_layers(module: nn.Module, config: ModelConfig, path: Path, requested: str | None,
                      load_time: QuantizationConfig | None) -> None:
     """Assigns quantized linear methods before loading: a GPTQ checkpoint's to the layers it holds
-    ``qweight`` for, or a load-time scheme to every linear layer."""
+    ``qweight`` for, or a load-time scheme to every linear layer (GGUF files: ``_gguf_native_layers``)."""
+    from tokenmill.models.gguf import is_gguf_file
+
     checkpoint = config.quantization
     if checkpoint is not None:
         if requested not in (None, checkpoint.method):
@@ -263,6 +322,8 @@ def _quantize_layers(module: nn.Module, config: ModelConfig, path: Path, request
         logger.info("GPTQ checkpoint: %d linear layers quantized, %s", len(quantized), checkpoint.describe())
     elif requested == "gptq":
         raise ModelLoadError(f"quantization='gptq' needs a GPTQ checkpoint; {path} has no quantization_config")
+    elif requested == "gguf" and not is_gguf_file(path):
+        raise ModelLoadError(f"quantization='gguf' needs a GGUF file; {path} is not one")
     elif load_time is not None:
         count = apply_quantization(module, load_time)
         logger.info("quantizing %d linear layers to %s at load", count, load_time.describe())

@@ -82,6 +82,8 @@ class UnitAssembler:
             self._complete(complete)
 
     def _complete(self, indices: list[int]) -> None:
+        if not indices:
+            return
         # Every unit first: a tied head and embedding complete together and are both stored before
         # either frees the table they share.
         for index in indices:
@@ -142,6 +144,8 @@ class UnitAssembler:
         incomplete = [self.units[i][0] for i, needed in enumerate(self.needed) if needed]
         if incomplete:
             raise RuntimeError(f"units {incomplete} never received all their weights")
+        # Units that had nothing to load (a tied GGUF head holds the embedding's blocks, read at build).
+        self._complete([i for i in range(len(self.units)) if i not in self.keyed])
         self.model.to(self.tier.device)  # what is in no unit (norms, rotary tables) and the placeholders
         process_weights_after_loading(self.model, self.prepack, skip=self.processed)
         names = [name for name, _ in self.units]
@@ -181,7 +185,8 @@ def load_within_budget(config, device: torch.device):
     check_cpu_offload_device(config, device)
     cpu = torch.device("cpu")
     module, model_config, weights, path = open_model(config.model, config.dtype, device, config.quantization,
-                                                     config.load_time_quantization(), build_device=cpu)
+                                                     config.load_time_quantization(), build_device=cpu,
+                                                     quantize_lm_head=config.quantize_lm_head)
     disk, pinned = config.offload_folder is not None, int(config.cpu_offload_gb * 2**30)
     if disk and pinned:
         tier = SplitTier(HostTier(device), DiskTier(config.offload_folder, device), pinned)

@@ -12,7 +12,8 @@ from typing import Callable
 from torch import nn
 
 from tokenmill.layers.quantization.config import QuantizationConfig
-from tokenmill.layers.quantization.methods import GPTQLinearMethod, RTNLinearMethod, UnquantizedLinearMethod
+from tokenmill.layers.quantization.methods import (GGUFLinearMethod, GPTQLinearMethod, RTNLinearMethod,
+                                                    UnquantizedLinearMethod)
 
 
 
@@ -33,6 +34,7 @@ _METHODS: dict[str, Callable[[QuantizationConfig, str, int, int], object]] = {
     "int8": _round_to_nearest,
     "int4": _round_to_nearest,
     "gptq": lambda cfg, name, bits, in_features: GPTQLinearMethod(cfg, name),
+    "gguf": lambda cfg, name, bits, in_features: GGUFLinearMethod(bits, name),
 }
 
 

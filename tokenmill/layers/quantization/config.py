@@ -19,7 +19,8 @@ class QuantizationConfig:
     """One quantization scheme for every quantized linear layer of a model."""
 
     method: str
-    """``int8`` / ``int4`` (quantized at load, round to nearest) or ``gptq`` (a GPTQ checkpoint)."""
+    """``int8`` / ``int4`` (quantized at load, round to nearest), ``gptq`` (a GPTQ checkpoint) or ``gguf``
+    (a GGUF file's Q8_0 / Q4_0 blocks, as stored)."""
     bits: int
     group_size: int
     """Inputs sharing one scale and zero; -1: one group per output channel."""
@@ -74,6 +75,11 @@ class QuantizationConfig:
             raise ModelLoadError(f"{source}: per-module 'dynamic' GPTQ settings are not supported")
         return cls("gptq", bits=bits, group_size=group_size, sym=bool(hf.get("sym", True)),
                    desc_act=bool(hf.get("desc_act", False)), checkpoint_format=fmt, lm_head=bool(hf.get("lm_head", False)))
+
+    @classmethod
+    def gguf(cls, bits: int, lm_head: bool = True) -> "QuantizationConfig":
+        """A GGUF file's Q8_0 (8-bit) or Q4_0 (4-bit) matrices: blocks of 32 inputs, the zero mid-range."""
+        return cls("gguf", bits=bits, group_size=32, sym=True, lm_head=lm_head)
 
     @property
     def lm_head_bits(self) -> int:

@@ -6,8 +6,9 @@
   or int4 (groups, asymmetric).
 - ``GPTQLinearMethod``: loads a GPTQ checkpoint's ``qweight``/``qzeros``/``scales``/``g_idx`` as
   they are and unpacks them once.
+- ``GGUFLinearMethod``: a GGUF file's Q8_0 or Q4_0 matrix, as its blocks hold it.
 
-The last two end in a :class:`QuantizedMatrix`. A layer whose shape a scheme cannot hold (inputs
+The last three end in a :class:`QuantizedMatrix`. A layer whose shape a scheme cannot hold (inputs
 not a multiple of the group size, or of the packing) keeps its float weight, with a warning.
 """
 
@@ -177,6 +178,48 @@ class RTNLinearMethod(_QuantizedMethod):
         layer.qmatrix = QuantizedMatrix(codes, scales, zeros, self.bits, self.group_size,
                                         int8_activations=_int8_activations(layer)).to(weight.device)
         layer.weight = None  # a tied LM head keeps the embedding's parameter alive for the embedding only
+
+
+class GGUFLinearMethod(_QuantizedMethod):
+    """A GGUF Q8_0 or Q4_0 matrix held as its blocks hold it: groups of 32 inputs, each block's float16
+    scale d, the stored codes (``gguf_codes`` (N, K) uint8, ``gguf_scales`` (N, K / 32), as the GGUF
+    reader gives them): Q8_0 ``w = d * (c - 128)``, Q4_0 ``w = d * (c - 8)``, exactly llama.cpp's weights."""
+
+    group_size = 32
+
+    def __init__(self, bits: int, layer_name: str = "", stored: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``stored``: the codes and scales, read already (a tied LM head's, from the embedding matrix,
+        which itself loads dequantized for its row lookups); otherwise they load as parameters."""
+        self.bits, self.layer_name, self.stored = bits, layer_name, stored
+        self.name = {8: "gguf-q8_0", 4: "gguf-q4_0"}[bits]
+
+    def create_weights(self, layer: nn.Module) -> None:
+        where = self.layer_name or "a linear layer"
+        if layer.parallel == "vocab":
+            raise ModelLoadError(f"{where}: a GGUF-quantized LM head does not split over tensor-parallel ranks "
+                                 "(padded vocabulary); use tensor_parallel_size 1 or quantization='none'")
+        if layer.in_features % self.group_size or layer.in_start % self.group_size:
+            raise ModelLoadError(f"{where}: {layer.in_features} inputs per tensor-parallel rank do not hold whole "
+                                 f"GGUF blocks of {self.group_size}; use quantization='none'")
+        layer.weight = None  # a tied LM head's: the embedding keeps the parameter for its lookups
+        if self.stored is not None:
+            return
+        groups = layer.in_features // self.group_size
+        for name, shape, dtype, unit in (("gguf_codes", (layer.out_features, layer.in_features), torch.uint8, 1),
+                                         ("gguf_scales", (layer.out_features, groups), torch.float32, self.group_size)):
+            param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+            param.output_dim, param.pack_factor, param.input_dim, param.input_unit = 0, 1, 1, unit
+            layer.register_parameter(name, param)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if self.stored is not None:
+            (codes, scales), self.stored = self.stored, None
+        else:
+            codes, scales = layer.gguf_codes.data, layer.gguf_scales.data
+            del layer.gguf_codes, layer.gguf_scales
+        zeros = torch.full_like(scales, float(2 ** (self.bits - 1)))
+        layer.qmatrix = QuantizedMatrix(codes.to(torch.int32), scales, zeros, self.bits, self.group_size,
+                                        int8_activations=_int8_activations(layer)).to(codes.device)
 
 
 def _check_split(layer: nn.Module, cfg: QuantizationConfig, where: str) -> None:
