@@ -260,8 +260,9 @@ def fill_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]] 
         load_weights(module, weights, on_loaded)
 
 
-def _gguf_native_layers(module: nn.Module, reader, config: ModelConfig, keep: bool, load_time: QuantizationConfig | None,
-                        lm_head: bool, required: bool = False) -> frozenset[str]:
+def _gguf_native_layers(module: nn.Module, reader, config: ModelConfig, keep: bool,
+                        load_time: QuantizationConfig | None, lm_head: bool, required: bool = False
+                        ) -> frozenset[str]:
     """With ``keep``, gives the GGUF linear method to each linear layer whose matrices are all Q8_0, or all
     Q4_0 (a merged q/k/v or gate/up whose parts differ stays float, and so does a head split over
     tensor-parallel ranks); returns the checkpoint names of those matrices, which then load as codes and
