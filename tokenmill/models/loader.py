@@ -194,7 +194,7 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int = 0,
     """Loads a Hugging Face folder (float or GPTQ), a GGUF file, a llama2.c ``.bin`` checkpoint or a
     named random shape; ``load_time_quantization`` (int8, int4) rounds a float checkpoint's linear
     layers as they load. ``quantization`` is what the user asked for (checked against the checkpoint;
-    ``none`` dequantizes a GGUF file's Q8_0 / Q4_0 matrices, which otherwise run as stored).
+    a GGUF file's Q8_0 / Q4_0 matrices run as stored in 16-bit runs or with ``gguf``, ``none`` dequantizes them).
 
     ``dtype="auto"`` keeps the checkpoint's dtype, except float16 on CPU, which runs as float32.
     """
