@@ -244,8 +244,7 @@ def open_model(model: str, dtype: str, device: torch.device, quantization: str |
         # By default the blocks run as stored for 16-bit activations; float32 runs dequantize them, as float32
         # panels multiply faster than the exact float32 product over blocks of 32 inputs.
         keep = quantization == "gguf" or (quantization is None and torch_dtype in (torch.bfloat16, torch.float16))
-        native = _gguf_native_layers(module, reader, config, keep, load_time_quantization, quantize_lm_head,
-                                     required=quantization == "gguf")
+        native = _gguf_native_layers(module, reader, config, keep, quantize_lm_head, required=quantization == "gguf")
         weights = gguf_weights(reader, config, path, native)
     _quantize_layers(module, config, path, quantization, load_time_quantization)
     return module, config, weights, path
@@ -260,9 +259,8 @@ def fill_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]] 
         load_weights(module, weights, on_loaded)
 
 
-def _gguf_native_layers(module: nn.Module, reader, config: ModelConfig, keep: bool,
-                        load_time: QuantizationConfig | None, lm_head: bool, required: bool = False
-                        ) -> frozenset[str]:
+def _gguf_native_layers(module: nn.Module, reader, config: ModelConfig, keep: bool, lm_head: bool,
+                        required: bool = False) -> frozenset[str]:
     """With ``keep``, gives the GGUF linear method to each linear layer whose matrices are all Q8_0, or all
     Q4_0 (a merged q/k/v or gate/up whose parts differ stays float, and so does a head split over
     tensor-parallel ranks); returns the checkpoint names of those matrices, which then load as codes and
@@ -272,11 +270,9 @@ def _gguf_native_layers(module: nn.Module, reader, config: ModelConfig, keep: bo
     from tokenmill.layers.quantization.methods import GGUFLinearMethod
     from tokenmill.models.gguf import matrix_bits, tensor_codes
 
-    if not keep or load_time is not None:
+    if not keep:
         return frozenset()
-    # Layers that can hold whole blocks: not a vocabulary-parallel head, whole blocks per tensor-parallel rank.
-    linears = {name for name, m in module.named_modules() if isinstance(m, Linear) and m.parallel != "vocab"
-               and m.in_features % GGUFLinearMethod.group_size == 0 and m.in_start % GGUFLinearMethod.group_size == 0}
+    linears = {name for name, m in module.named_modules() if isinstance(m, Linear) and GGUFLinearMethod.holds(m)}
     parts: dict[str, dict[str, int | None]] = {}  # layer -> {checkpoint name: bits, None for other types}
     stored = matrix_bits(reader, config)
     for ckpt, bits in stored.items():

@@ -144,13 +144,10 @@ def quantize_model(model: str, out: str | Path, options: QuantizeOptions, calibr
     from dataclasses import replace
 
     from tokenmill.llm import LLM, engine_config
-    from tokenmill.models.gguf import is_gguf_file
     from tokenmill.quantize.writer import write_gptq_checkpoint
 
-    # A GGUF file's Q8_0 / Q4_0 matrices would otherwise keep their blocks: GPTQ starts from the float weights.
-    dequantized = "none" if is_gguf_file(model) else None
+    # float32: a GGUF file's Q8_0 / Q4_0 matrices load dequantized too (GPTQ starts from the float weights).
     config = engine_config(model, tokenizer=tokenizer, dtype="float32", device="cpu", enable_prefix_caching=False,
-                           quantization=dequantized,
                            max_num_seqs=max(1, options.num_samples), max_num_batched_tokens=max(2048, options.seq_len),
                            kv_cache_memory="512MiB")
     llm = LLM.from_engine_config(replace(config, prepack_weights=False))  # GPTQ reads and rewrites plain weights

@@ -193,14 +193,18 @@ class GGUFLinearMethod(_QuantizedMethod):
         self.bits, self.layer_name, self.stored = bits, layer_name, stored
         self.name = {8: "gguf-q8_0", 4: "gguf-q4_0"}[bits]
 
+    @classmethod
+    def holds(cls, layer: nn.Module) -> bool:
+        """Whether ``layer`` can hold whole blocks: not a vocabulary-parallel head (padded rows), and whole
+        blocks of inputs on this tensor-parallel rank."""
+        return layer.parallel != "vocab" and layer.in_features % cls.group_size == 0 \
+            and layer.in_start % cls.group_size == 0
+
     def create_weights(self, layer: nn.Module) -> None:
-        where = self.layer_name or "a linear layer"
-        if layer.parallel == "vocab":
-            raise ModelLoadError(f"{where}: a GGUF-quantized LM head does not split over tensor-parallel ranks "
-                                 "(padded vocabulary); use tensor_parallel_size 1 or quantization='none'")
-        if layer.in_features % self.group_size or layer.in_start % self.group_size:
-            raise ModelLoadError(f"{where}: {layer.in_features} inputs per tensor-parallel rank do not hold whole "
-                                 f"GGUF blocks of {self.group_size}; use quantization='none'")
+        if not self.holds(layer):
+            raise ModelLoadError(f"{self.layer_name or 'a linear layer'}: GGUF blocks of {self.group_size} inputs "
+                                 f"do not fit this layer on this rank ({layer.in_features} inputs from "
+                                 f"{layer.in_start}, parallel={layer.parallel!r}); use quantization='none'")
         layer.weight = None  # a tied LM head's: the embedding keeps the parameter for its lookups
         if self.stored is not None:
             return
